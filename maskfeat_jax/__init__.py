@@ -1,0 +1,1 @@
+"""MaskFeat in JAX/Flax: masked HOG feature prediction for ViT and MViTv2."""

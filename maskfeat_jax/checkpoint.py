@@ -1,0 +1,121 @@
+"""Orbax checkpoints of the train state, the data iterator and the config, together.
+
+Saves are atomic: Orbax writes into a temporary directory and renames it when complete,
+so an interrupted save is never listed as the latest; leftovers are cleaned at start-up.
+Restore order (written once, here): the latest checkpoint in ``WORKDIR/checkpoints``,
+then ``config.init_from`` (weights only, see ``init_from``), then scratch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, cleanup_tmp_directories=True, create=True,
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(max(int(every_steps), 1)),
+                policies.PreemptionCheckpointingPolicy()]))
+        self.mngr = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data_iter", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, state, data_iter, config, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config.to_dict()))
+        return self.mngr.save(step, args=args, force=force)
+
+    def saved_config(self, step: int) -> dict:
+        return self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore(self, step: int, abstract_state, data_iter=None):
+        """Restores ``state`` (onto the shardings in ``abstract_state``) and the iterator in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        logging.info("restored step %d from %s", step, self.directory)
+        return restored["state"]
+
+    def wait(self):
+        self.mngr.wait_until_finished()
+
+    def close(self):
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings) for a tree of arrays."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _flat(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): x for path, x in leaves}
+
+
+def _resolve(path: str) -> tuple[str, int]:
+    """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, step)."""
+    path = os.path.abspath(path)
+    if os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+    if not steps:
+        raise ValueError(f"config.init_from={path!r}: no checkpoint found there")
+    return path, max(steps)
+
+
+def read_params(path: str) -> dict:
+    """The parameter tree of a checkpoint, as host numpy arrays (any mesh, any task)."""
+    import numpy as np
+    directory, step = _resolve(path)
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "data_iter", "config"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    meta = mngr.item_metadata(step)["state"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
+    mngr.close()
+    return state["params"]
+
+
+def init_from(path: str, params, mesh=None):
+    """Copies the encoder weights of a checkpoint into ``params`` (a fine-tuning model).
+
+    Keys present in both are loaded (shape mismatch is an error naming the key); keys
+    only in ``params`` (the new head) keep their fresh init; keys only in the checkpoint
+    (mask token, HOG head, optimizer) are ignored. The report is logged and returned."""
+    src = _flat(read_params(path))
+    dst = _flat(params)
+    loaded, new = [], []
+    out = {}
+    for key, x in dst.items():
+        if key.startswith("encoder/") and key in src:
+            if tuple(src[key].shape) != tuple(x.shape):
+                raise ValueError(f"config.init_from: parameter {key} has shape {tuple(src[key].shape)} in "
+                                 f"{path}, but the model expects {tuple(x.shape)}")
+            out[key] = jax.device_put(src[key].astype(x.dtype), x.sharding)
+            loaded.append(key)
+        else:
+            out[key] = x
+            new.append(key)
+    ignored = sorted(set(src) - set(loaded))
+    logging.info("init_from %s: loaded %d tensors; new: %s; ignored: %s", path, len(loaded), new, ignored)
+    print(f"init_from {path}: loaded {len(loaded)} tensors, new {new}, ignored {ignored}", flush=True)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in dst])

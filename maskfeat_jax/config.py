@@ -1,0 +1,170 @@
+"""The base config every file in ``configs/`` starts from, and its validation.
+
+Each field is commented once here; the config files only change values. Validation
+runs before any data is read or anything is compiled, and every message names the key.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+
+import ml_collections
+
+KNOWN_DATASETS = ("digits", "synthetic")  # plus any TFDS name, or "folder:<root>"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "pretrain"                 # "pretrain" (MaskFeat) or "finetune" (classification)
+    c.seed = 0                          # seeds parameters, data order, masks and drop path
+    c.epochs = 300                      # training length in epochs of the train split ...
+    c.total_steps = -1                  # ... or, when > 0, in optimizer steps (overrides epochs)
+    c.log_every_steps = 50              # metrics to metrics.jsonl, TensorBoard and the console
+    c.nonfinite = "error"               # non-finite loss/grad norm: "error" stops, "skip" skips the update
+    c.init_from = ""                    # fine-tuning: a pre-training workdir or checkpoint step dir (weights only)
+    c.peak_flops = 0.0                  # per-device peak FLOP/s for MFU; 0 = table by device kind (CPU: measured)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "vit"                # model family
+    c.model.variant = "B/16"            # size/patch from models.vit.SIZES (mu, demo, Ti, S, B, L, H)
+    c.model.drop_path = 0.0             # stochastic depth at the last block (linear from 0)
+    c.model.num_classes = 1000          # classifier outputs (fine-tuning)
+    c.model.dtype = "float32"           # compute dtype: "float32" or "bfloat16" (params stay float32)
+    c.model.attention = "auto"          # "auto", "xla", "cudnn" or "einsum"
+    c.model.remat = "none"              # rematerialisation per block: "none", "dots_saveable", "full"
+
+    c.mask = ml_collections.ConfigDict()
+    c.mask.ratio = 0.4                  # fraction of the patch grid to mask (block-wise, spec 4.1)
+    c.mask.min_aspect = 0.3             # block aspect ratio drawn log-uniform in [min, 1/min]
+    c.mask.tries = 10                   # attempts per block before giving up
+
+    c.hog = ml_collections.ConfigDict()
+    c.hog.nbins = 9                     # orientation bins over 180 degrees
+    c.hog.cell_size = 8                 # pixels per HOG cell side
+    c.hog.gaussian_window = 0           # 0 = off, as in the official runs
+
+    c.input = ml_collections.ConfigDict()
+    c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic" or "folder:<root>"
+    c.input.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (None: TFDS default)
+    c.input.train_split = "train"       # split to train on
+    c.input.eval_split = "validation"   # held-out split for evaluation
+    c.input.image_size = 224            # square input side in pixels
+    c.input.global_batch_size = 2048    # images per step over all devices and hosts
+    c.input.worker_count = 0            # grain worker processes per host (0: in the main process)
+    c.input.prefetch = 2                # batches buffered per worker
+    c.input.synthetic_size = 4096       # examples in the "synthetic" dataset
+    c.input.mean = (0.485, 0.456, 0.406)  # per-channel normalisation, applied on device
+    c.input.std = (0.229, 0.224, 0.225)
+
+    c.augment = ml_collections.ConfigDict()  # fine-tuning only (pre-training: crop + flip)
+    c.augment.randaug_ops = 2           # RandAugment ops per image (rand-m9-mstd0.5-inc1)
+    c.augment.randaug_magnitude = 9.0   # RandAugment magnitude (std 0.5, increasing op set)
+    c.augment.erase_prob = 0.25         # random erasing probability, pixel mode, applied on device
+    c.augment.mixup_alpha = 0.8         # on device, in the step; 0 disables
+    c.augment.cutmix_alpha = 1.0        # on device, in the step; 0 disables
+    c.augment.switch_prob = 0.5         # chance of cutmix instead of mixup when both are on
+    c.augment.label_smoothing = 0.1     # folded into the mixed targets
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 2e-4              # peak lr per reference_batch images
+    c.optim.reference_batch = 256       # lr = base_lr * global_batch_size / reference_batch
+    c.optim.warmup_start_lr = 1e-6      # lr at step 0 (scaled like base_lr)
+    c.optim.end_lr = 1e-6               # lr at the end of the cosine (scaled like base_lr)
+    c.optim.warmup_epochs = 30.0        # linear warm-up length
+    c.optim.weight_decay = 0.05         # decoupled; biases and 1-D parameters exempt
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 0.02            # global L2 norm clip; 0 disables
+    c.optim.layer_decay = 1.0           # layer-wise lr decay (fine-tuning); 1.0 = off
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every_steps = 1000          # fine-tuning: top-1/top-5 on input.eval_split (and at the end)
+    c.evals.batch_size = 1024           # global evaluation batch (the last one is padded, never dropped)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                    # data-parallel axis (-1: all remaining devices)
+    c.mesh.fsdp = 1                     # parameter/optimizer sharding axis
+    c.mesh.tensor = 1                   # tensor-parallel axis (heads, MLP)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000     # periodic save interval (a final save always happens)
+    c.checkpoint.max_to_keep = 3        # older checkpoints are deleted
+    c.checkpoint.allow_config_change = False  # resume even if shape-changing keys differ
+    return c
+
+
+SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input.image_size",
+              "hog.nbins", "hog.cell_size")
+
+
+def _get(config, dotted):
+    for k in dotted.split("."):
+        config = config[k]
+    return config
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Checks the config before anything is built; raises ValueError naming the key."""
+    from maskfeat_jax.models import vit  # local: keeps config import light
+
+    if config.task not in ("pretrain", "finetune"):
+        raise ValueError(f"config.task={config.task!r}: expected 'pretrain' or 'finetune'")
+    from maskfeat_jax import sharding
+    vsize, patch = vit.parse_variant(config.model.variant)
+    _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
+    if vsize.heads % tensor or vsize.mlp % tensor:
+        raise ValueError(f"config.mesh.tensor={tensor} does not divide the {vsize.heads} heads / {vsize.mlp} "
+                         f"MLP units of config.model.variant={config.model.variant!r}")
+    if vsize.width % fsdp:
+        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the width {vsize.width} of "
+                         f"config.model.variant={config.model.variant!r}")
+    size = config.input.image_size
+    if size % patch:
+        raise ValueError(f"config.input.image_size={size} is not a multiple of the patch size {patch} "
+                         f"(config.model.variant={config.model.variant!r})")
+    if patch % config.hog.cell_size:
+        raise ValueError(f"config.hog.cell_size={config.hog.cell_size} does not divide the patch size "
+                         f"{patch} (config.model.variant={config.model.variant!r})")
+    if not 0.0 < config.mask.ratio < 1.0:
+        raise ValueError(f"config.mask.ratio={config.mask.ratio} must be in (0, 1)")
+    gb = config.input.global_batch_size
+    if gb <= 0 or gb % num_devices:
+        raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_devices} devices")
+    if gb % num_processes:
+        raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_processes} processes")
+    if config.nonfinite not in ("error", "skip"):
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
+    ds = config.input.dataset
+    if ds.startswith("folder:"):
+        root = ds[len("folder:"):]
+        if not os.path.isdir(root):
+            raise ValueError(f"config.input.dataset={ds!r}: folder {root!r} does not exist")
+    elif ds not in KNOWN_DATASETS:
+        _check_tfds(ds, config.input.data_dir)
+
+
+def _check_tfds(name, data_dir):
+    import tensorflow_datasets as tfds
+    base = name.split(":")[0].split("/")[0]
+    builders = tfds.list_builders(with_community_datasets=False)  # no network, no TensorFlow
+    if base not in builders:
+        close = difflib.get_close_matches(base, list(builders) + list(KNOWN_DATASETS), n=3)
+        raise ValueError(f"config.input.dataset={name!r} is not a known dataset; did you mean {close}? "
+                         f"(built in: {list(KNOWN_DATASETS)}, 'folder:<root>', or any TFDS name)")
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise ValueError(f"config.input.data_dir={data_dir!r} does not exist")
+
+
+def shape_differences(saved: dict, config) -> list[str]:
+    """Keys that change parameter shapes and differ between a saved and a new config."""
+    out = []
+    for key in SHAPE_KEYS:
+        try:
+            old = _get(ml_collections.ConfigDict(saved), key)
+        except (KeyError, AttributeError):
+            continue
+        new = _get(config, key)
+        if old != new:
+            out.append(f"{key}: saved {old!r}, now {new!r}")
+    return out

@@ -1,0 +1,137 @@
+"""grain input pipelines.
+
+Training: ``source -> seed/shuffle (reshuffled each epoch) -> repeat -> this process's
+slice -> decode + augment + mask (random_map, in workers) -> batch -> mp_prefetch``.
+Images leave the workers as uint8 and are normalised on device; HOG targets are
+computed on device too. Every element carries ``valid``: False for an example that
+could not be decoded (it is replaced by a blank image and weighted out of the loss).
+
+Evaluation: every example of the split exactly once, this process's slice, in batches
+padded to the full size with ``valid=False`` rows.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from maskfeat_jax import masking
+from maskfeat_jax.data import transforms as T
+
+_warned: set = set()
+
+
+def decode(image) -> tuple[np.ndarray, bool]:
+    """An HxWx3 uint8 array from an array, encoded bytes or a path; (blank, False) on failure."""
+    try:
+        if isinstance(image, np.ndarray):
+            arr = image
+        else:
+            src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+            with Image.open(src) as im:
+                arr = np.asarray(im.convert("RGB"))
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] < 3 or min(arr.shape[:2]) < 1:
+            raise ValueError(f"unexpected image shape {arr.shape}")
+        return np.ascontiguousarray(arr[..., :3].astype(np.uint8)), True
+    except Exception as e:  # noqa: BLE001 - any undecodable input is skipped, never fatal
+        name = image if isinstance(image, str) else f"<{type(image).__name__} of {len(image) if hasattr(image, '__len__') else '?'}>"
+        if name not in _warned:
+            _warned.add(name)
+            logging.warning("skipping undecodable image %s: %s", name, e)
+        return np.zeros((8, 8, 3), np.uint8), False
+
+
+class TrainMap(grain.transforms.RandomMap):
+    """Decode, augment, and (pre-training) draw the block mask of one example."""
+
+    def __init__(self, config, grid: tuple[int, int]):
+        self.task, self.size, self.grid = config.task, config.input.image_size, grid
+        self.ratio, self.min_aspect, self.tries = config.mask.ratio, config.mask.min_aspect, config.mask.tries
+        self.erase_p = config.augment.erase_prob
+        self.randaug = {"num_ops": config.augment.randaug_ops, "magnitude": config.augment.randaug_magnitude}
+
+    def random_map(self, element, rng: np.random.Generator):
+        img, ok = decode(element["image"])
+        out = {"label": np.int32(element["label"]), "valid": np.bool_(ok)}
+        if self.task == "pretrain":
+            out["image"] = T.pretrain_transform(img, rng, self.size)
+            out["mask"] = masking.block_mask(rng, self.grid, self.ratio, min_aspect=self.min_aspect,
+                                             tries=self.tries).reshape(-1)
+        else:
+            img = T.random_flip(T.random_resized_crop(img, rng, self.size, scale=(0.08, 1.0)), rng)
+            if self.randaug["num_ops"] > 0:
+                img = T.rand_augment(img, rng, magnitude_std=0.5, increasing=True, fill=T.IMAGENET_FILL,
+                                     **self.randaug)
+            out["image"] = img
+            out["erase_box"] = erase_box(rng, self.size, self.erase_p)
+        return out
+
+
+def erase_box(rng, size: int, p: float, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)) -> np.ndarray:
+    """Random-erasing rectangle ``(top, left, h, w)`` (h = 0: none), applied on device."""
+    if p <= 0 or rng.random() >= p:
+        return np.zeros(4, np.int32)
+    for _ in range(10):
+        area = size * size * rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        h, w = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+        if 0 < h < size and 0 < w < size:
+            return np.array([rng.integers(0, size - h + 1), rng.integers(0, size - w + 1), h, w], np.int32)
+    return np.zeros(4, np.int32)
+
+
+class EvalMap(grain.transforms.Map):
+    def __init__(self, size: int):
+        self.size = size
+
+    def map(self, element):
+        img, ok = decode(element["image"])
+        return {"image": T.eval_transform(img, self.size), "label": np.int32(element["label"]),
+                "valid": np.bool_(ok)}
+
+
+def per_host_batch(config) -> int:
+    return config.input.global_batch_size // jax.process_count()
+
+
+def train_dataset(config, source, grid, *, process_index=None, process_count=None) -> grain.IterDataset:
+    """The infinite, shuffled, per-process training stream (see the module docstring)."""
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+    # Augment/mask before slicing: random_map keys its RNG on the index of its own input,
+    # so after the slice every host would draw the same crops and masks for its k-th example.
+    ds = ds.random_map(TrainMap(config, grid))[pi::pc]
+    ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if config.input.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.worker_count,
+                                                         per_worker_buffer_size=config.input.prefetch))
+    return it
+
+
+def eval_batches(config, source, batch_size: int, *, process_index=None, process_count=None):
+    """Yields padded batches covering this process's slice of ``source`` exactly once.
+
+    Every process yields the same number of batches (collectives stay in step)."""
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    n_batches = math.ceil(math.ceil(len(source) / pc) / batch_size)
+    ds = grain.MapDataset.source(source)[pi::pc].map(EvalMap(config.input.image_size))
+    ds = ds.batch(batch_size, drop_remainder=False)
+    size = config.input.image_size
+    for b in range(n_batches):
+        batch = ds[b] if b < len(ds) else {"image": np.zeros((0, size, size, 3), np.uint8),
+                                          "label": np.zeros((0,), np.int32), "valid": np.zeros((0,), bool)}
+        pad = batch_size - len(batch["label"])
+        yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
+               for k, v in batch.items()}

@@ -1,0 +1,349 @@
+"""Host-side image augmentations (numpy + Pillow), spec section 9.
+
+Images are ``(H, W, 3)`` ``uint8`` numpy arrays in and out unless stated
+otherwise. Every random function takes an explicit
+:class:`numpy.random.Generator`, so a pipeline is reproducible from a seed.
+The sampling rules follow torchvision (random resized crop, resize, centre
+crop) and timm (RandAugment ``rand-m9-mstd0.5-inc1``, random erasing); the
+random streams differ from those libraries, the distributions do not.
+
+Pipelines:
+
+* :func:`pretrain_transform` -- RRC scale (0.5, 1), bicubic, h-flip.
+* :func:`finetune_transform` -- RRC scale (0.08, 1), bicubic, h-flip,
+  RandAugment; :func:`random_erasing` is applied later, after
+  :func:`normalize`.
+* :func:`eval_transform` -- short side to ``round(size / 0.875)``, centre crop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ImageNet mean as uint8, ``round(255 * m)``: the fill timm uses for RandAugment
+#: inside ``transforms_imagenet_train`` (its ``img_mean`` hparam).
+IMAGENET_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
+
+RAND_INCREASING_OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+    "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel",
+)
+_SIGNED_OPS = {"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+               "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+_INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+           "nearest": Image.Resampling.NEAREST}
+_MAX_LEVEL = 10.0
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+
+def _check_img(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+        raise ValueError(f"img must be a non-empty (H, W, 3) uint8 array, got {img.dtype} {img.shape}")
+    return img
+
+
+def _pil(img: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(_check_img(img)))
+
+
+def _resample(interpolation: str) -> int:
+    try:
+        return _INTERP[interpolation]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}") from None
+
+
+def _hw(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
+    h, w = (size, size) if np.isscalar(size) else tuple(size)
+    if int(h) != h or int(w) != w or h < 1 or w < 1:
+        raise ValueError(f"{name} must be a positive int or (h, w), got {size!r}")
+    return int(h), int(w)
+
+
+def _uniform(rng: np.random.Generator, a: float, b: float) -> float:
+    return a + (b - a) * float(rng.random())
+
+
+# ----------------------------------------------------------------------------
+# geometry
+# ----------------------------------------------------------------------------
+
+def rrc_params(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
+               ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: returns ``(top, left, h, w)``.
+
+    10 attempts of area fraction ``~U(scale)`` and log-uniform aspect
+    ``w / h ~ ratio``; fallback is the centre crop with the aspect clamped
+    to ``ratio``.
+    """
+    if not (0 < scale[0] <= scale[1]):
+        raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1], got {scale!r}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio!r}")
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(rng, *scale)
+        aspect = math.exp(_uniform(rng, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h, endpoint=True))
+            left = int(rng.integers(0, width - w, endpoint=True))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int | Sequence[int],
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        interpolation: str = "bicubic") -> np.ndarray:
+    """Random crop (:func:`rrc_params`) resized to ``size`` (int or ``(h, w)``) with PIL."""
+    out_h, out_w = _hw(size)
+    resample = _resample(interpolation)
+    pil = _pil(img)
+    top, left, h, w = rrc_params(pil.height, pil.width, rng, scale, ratio)
+    crop = pil.crop((left, top, left + w, top + h))
+    return np.array(crop.resize((out_w, out_h), resample))
+
+
+def random_flip(img: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    """Horizontal flip with probability ``p``; always returns a new array."""
+    img = _check_img(img)
+    if float(rng.random()) < p:
+        return np.ascontiguousarray(img[:, ::-1])
+    return img.copy()
+
+
+def resize_short(img: np.ndarray, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """torchvision ``Resize(int)``: short side to ``size``, long side ``int(size * long / short)``."""
+    pil = _pil(img)
+    w, h = pil.size
+    short, long_ = min(w, h), max(w, h)
+    new_long = int(size * long_ / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return np.array(pil.resize((new_w, new_h), _resample(interpolation)))
+
+
+def center_crop(img: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """torchvision ``CenterCrop``: offsets ``round((H - h) / 2)``; zero-pads when too small."""
+    img = _check_img(img)
+    ch, cw = _hw(size)
+    h, w = img.shape[:2]
+    if ch > h or cw > w:
+        pt, pl = max(ch - h, 0) // 2, max(cw - w, 0) // 2
+        pb, pr = (max(ch - h, 0) + 1) // 2, (max(cw - w, 0) + 1) // 2
+        img = np.pad(img, ((pt, pb), (pl, pr), (0, 0)))
+        h, w = img.shape[:2]
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return img[top:top + ch, left:left + cw].copy()
+
+
+def resize_short_and_center_crop(img: np.ndarray, resize: int = 256, crop: int | Sequence[int] = 224,
+                                 interpolation: str = "bicubic") -> np.ndarray:
+    """Evaluation geometry: :func:`resize_short` to ``resize`` then :func:`center_crop`."""
+    return center_crop(resize_short(img, resize, interpolation), crop)
+
+
+# ----------------------------------------------------------------------------
+# RandAugment (timm "rand-m9-mstd0.5-inc1")
+# ----------------------------------------------------------------------------
+
+def _op_arg(name: str, level: float, negate: bool, translate_pct: float):
+    """timm's level -> argument mapping of the "increasing" op set (level in [0, 10])."""
+    frac = level / _MAX_LEVEL
+    sign = -1.0 if negate else 1.0
+    if name == "Rotate":
+        return sign * frac * 30.0
+    if name == "PosterizeIncreasing":
+        return 4 - int(frac * 4)
+    if name == "SolarizeIncreasing":
+        return 256 - int(frac * 256)
+    if name == "SolarizeAdd":
+        return int(frac * 110)
+    if name.endswith("Increasing"):  # Color / Contrast / Brightness / Sharpness
+        return max(0.1, 1.0 + sign * frac * 0.9)
+    if name in ("ShearX", "ShearY"):
+        return sign * frac * 0.3
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * frac * translate_pct
+    return None
+
+
+def apply_op(img: np.ndarray, name: str, magnitude: float, rng: np.random.Generator | None = None, *,
+             negate: bool | None = None, fill: Sequence[int] = (128, 128, 128),
+             interpolation: str = "bicubic", translate_pct: float = 0.45) -> np.ndarray:
+    """Apply one RandAugment op (always, no probability gate) at ``magnitude`` in [0, 10].
+
+    Signed ops negate their argument with probability 1/2 drawn from ``rng``
+    unless ``negate`` is given. ``interpolation="random"`` picks bilinear or
+    bicubic per call, as timm does when no interpolation is configured.
+    """
+    if name not in RAND_INCREASING_OPS:
+        raise ValueError(f"name must be one of {RAND_INCREASING_OPS}, got {name!r}")
+    pil = _pil(img)
+    if negate is None:
+        if name in _SIGNED_OPS and rng is None:
+            raise ValueError(f"rng is required for {name} unless negate is given")
+        negate = name in _SIGNED_OPS and float(rng.random()) > 0.5
+    if interpolation == "random":
+        resample = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[int(rng.integers(2))]
+    else:
+        resample = _resample(interpolation)
+    fill = tuple(int(c) for c in fill)
+    arg = _op_arg(name, float(np.clip(magnitude, 0.0, _MAX_LEVEL)), negate, translate_pct)
+    if name == "AutoContrast":
+        out = ImageOps.autocontrast(pil)
+    elif name == "Equalize":
+        out = ImageOps.equalize(pil)
+    elif name == "Invert":
+        out = ImageOps.invert(pil)
+    elif name == "Rotate":
+        out = pil.rotate(arg, resample=resample, fillcolor=fill)
+    elif name == "PosterizeIncreasing":  # LUT: recent ImageOps.posterize rejects bits=0
+        keep = 0xFF & ~(2 ** (8 - arg) - 1)
+        out = pil.point([i & keep for i in range(256)] * 3)
+    elif name == "SolarizeIncreasing":
+        out = ImageOps.solarize(pil, arg)
+    elif name == "SolarizeAdd":
+        out = pil.point([min(255, i + arg) if i < 128 else i for i in range(256)] * 3)
+    elif name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+        matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
+                  "TranslateXRel": (1, 0, arg * pil.width, 0, 1, 0),
+                  "TranslateYRel": (1, 0, 0, 0, 1, arg * pil.height)}[name]
+        out = pil.transform(pil.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
+    else:
+        enhancer = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
+                    "BrightnessIncreasing": ImageEnhance.Brightness,
+                    "SharpnessIncreasing": ImageEnhance.Sharpness}[name]
+        out = enhancer(pil).enhance(arg)
+    return np.array(out)
+
+
+def rand_augment(img: np.ndarray, rng: np.random.Generator, num_ops: int = 2, magnitude: float = 9,
+                 magnitude_std: float = 0.5, increasing: bool = True, *, prob: float = 0.5,
+                 fill: Sequence[int] = (128, 128, 128), interpolation: str = "bicubic") -> np.ndarray:
+    """timm RandAugment: ``num_ops`` ops drawn uniformly *with replacement*
+    from :data:`RAND_INCREASING_OPS`; each is applied with probability
+    ``prob``, with magnitude ``~N(magnitude, magnitude_std)`` clipped to
+    [0, 10] (``magnitude_std=inf`` means ``U(0, magnitude)``).
+
+    Only the "increasing" op set (``inc1``) is implemented.
+    """
+    if not increasing:
+        raise NotImplementedError("only the 'increasing' (inc1) op set is implemented")
+    img = _check_img(img)
+    for idx in rng.integers(0, len(RAND_INCREASING_OPS), size=int(num_ops)):
+        if prob < 1.0 and float(rng.random()) > prob:
+            continue
+        mag = float(magnitude)
+        if magnitude_std == float("inf"):
+            mag = _uniform(rng, 0.0, mag)
+        elif magnitude_std > 0:
+            mag = float(rng.normal(mag, magnitude_std))
+        mag = min(_MAX_LEVEL, max(0.0, mag))
+        img = apply_op(img, RAND_INCREASING_OPS[int(idx)], mag, rng, fill=fill, interpolation=interpolation)
+    return img
+
+
+# ----------------------------------------------------------------------------
+# normalisation and random erasing (float images)
+# ----------------------------------------------------------------------------
+
+def normalize(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """``(img / 255 - mean) / std`` as float32, channels last."""
+    img = _check_img(img)
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    return ((img.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+def random_erasing(img: np.ndarray, rng: np.random.Generator, p: float = 0.25,
+                   scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), mode: str = "pixel") -> np.ndarray:
+    """timm ``RandomErasing`` (count 1) on a normalised float ``(H, W, C)`` image.
+
+    With probability ``p``, up to 10 attempts draw area ``~U(scale) * H * W``
+    and log-uniform aspect in ``ratio``; the first rectangle with
+    ``h < H`` and ``w < W`` is filled with N(0, 1) noise per pixel
+    (``"pixel"``), per channel (``"rand"``) or zeros (``"const"``).
+    Returns a new array; the input is not modified.
+    """
+    img = np.array(img, copy=True)
+    if img.ndim != 3 or not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(f"img must be a float (H, W, C) array, got {img.dtype} {img.shape}")
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+    if float(rng.random()) > p:
+        return img
+    height, width, chans = img.shape
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = _uniform(rng, *scale) * height * width
+        aspect = math.exp(_uniform(rng, *log_ratio))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < width and h < height:
+            top = int(rng.integers(0, height - h, endpoint=True))
+            left = int(rng.integers(0, width - w, endpoint=True))
+            if mode == "pixel":
+                noise = rng.standard_normal((h, w, chans))
+            elif mode == "rand":
+                noise = rng.standard_normal((1, 1, chans))
+            else:
+                noise = np.zeros((1, 1, chans))
+            img[top:top + h, left:left + w] = noise.astype(img.dtype)
+            break
+    return img
+
+
+# ----------------------------------------------------------------------------
+# pipelines
+# ----------------------------------------------------------------------------
+
+def pretrain_transform(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """MaskFeat pre-training: RRC scale (0.5, 1), ratio (3/4, 4/3), bicubic; h-flip 0.5. uint8."""
+    img = random_resized_crop(img, rng, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
+                              interpolation="bicubic")
+    return random_flip(img, rng, 0.5)
+
+
+def finetune_transform(img: np.ndarray, rng: np.random.Generator, size: int = 224, *,
+                       fill: Sequence[int] = IMAGENET_FILL) -> np.ndarray:
+    """Fine-tuning: RRC (0.08, 1) bicubic, h-flip 0.5, RandAugment m9-mstd0.5-inc1. uint8.
+
+    The RandAugment fill defaults to :data:`IMAGENET_FILL`, as timm's
+    ``transforms_imagenet_train`` passes ``img_mean``; random erasing is
+    applied separately after normalisation.
+    """
+    img = random_resized_crop(img, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                              interpolation="bicubic")
+    img = random_flip(img, rng, 0.5)
+    return rand_augment(img, rng, num_ops=2, magnitude=9, magnitude_std=0.5, increasing=True,
+                        fill=fill, interpolation="bicubic")
+
+
+def eval_transform(img: np.ndarray, size: int = 224, resize: int | None = None) -> np.ndarray:
+    """Evaluation: short side to ``resize`` (default ``round(size / 0.875)``, 256 for 224)
+    with bicubic, then centre crop ``size``. uint8."""
+    if resize is None:
+        resize = int(round(size / 0.875))
+    return resize_short_and_center_crop(img, resize, size, "bicubic")

@@ -1,0 +1,53 @@
+"""Entry point: ``python -m maskfeat_jax.main --config=configs/<file>.py --workdir=DIR``.
+
+Overrides: ``--config.a.b=value``. Multi-host: ``jax.distributed.initialize`` runs
+automatically on TPU pods and SLURM (or with the explicit coordinator flags below).
+Exit code 75 means the run was preempted (SIGTERM/SIGINT) after saving: rerun it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool("distributed", None, "Force (True) or skip (False) jax.distributed.initialize; "
+                  "default: on TPU pods / SLURM jobs / when a coordinator is given.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _maybe_initialize_distributed(jax):
+    auto = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    want = FLAGS.distributed if FLAGS.distributed is not None else (auto or FLAGS.coordinator_address is not None)
+    if want:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def main(argv):
+    del argv
+    import jax  # imported after flag parsing so XLA flags from the environment apply
+
+    _maybe_initialize_distributed(jax)
+    from maskfeat_jax import train
+
+    logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ValueError as e:  # config/input errors name their key: one clear line, no traceback
+        if not str(e).startswith("config."):
+            raise
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,83 @@
+"""Metric writing: ``WORKDIR/metrics.jsonl`` (one JSON object per logged step), TensorBoard
+(tensorboardX, no TensorFlow), and a console line. Only process 0 writes.
+
+Names are grouped: ``train/``, ``eval/<name>/``, ``perf/``, ``opt/``, ``data/``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+
+class Writer:
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._jsonl = self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                self._tb = None
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def write_text(self, tag: str, text: str) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, 0)
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class Progress:
+    """One console line per logged step (a live bar when attached to a terminal)."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int):
+        self.total, self.spe, self.start = total_steps, max(steps_per_epoch, 1), start_step
+        self.t0 = time.time()
+        self.tty = sys.stdout.isatty()
+        self.enabled = jax.process_index() == 0
+
+    def update(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = datetime.timedelta(seconds=int((self.total - step) / rate)) if rate > 0 else "?"
+        parts = [f"step {step}/{self.total}", f"ep {step / self.spe:.2f}"]
+        for key, fmt in (("train/loss", "loss {:.4f}"), ("opt/lr", "lr {:.3e}"),
+                         ("perf/images_per_sec", "img/s {:.1f}"), ("perf/mfu", "mfu {:.1%}")):
+            if key in scalars:
+                parts.append(fmt.format(scalars[key]))
+        parts.append(f"eta {eta}")
+        line = " | ".join(parts)
+        if self.tty:
+            width = 20
+            fill = int(width * step / max(self.total, 1))
+            sys.stdout.write("\r[" + "#" * fill + "." * (width - fill) + "] " + line)
+            sys.stdout.flush()
+            if step >= self.total:
+                sys.stdout.write("\n")
+        else:
+            print(line, flush=True)

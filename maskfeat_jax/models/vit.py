@@ -1,0 +1,131 @@
+"""ViT as MaskFeat uses it (spec 7.1, 7.2): conv patch embedding, cls token, one learned
+absolute position table (cls included), pre-norm blocks, no final norm in pre-training.
+
+The mask token replaces masked patch embeddings after the patch projection and before
+the cls token and position embedding are added (spec 4.3): masked tokens still get
+their position. All tokens go through the encoder (no MAE-style dropping).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maskfeat_jax import sharding
+from maskfeat_jax.models import layers
+from maskfeat_jax.models.layers import Dense, LayerNorm, Mlp, param
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+    width: int
+    depth: int
+    heads: int
+    mlp: int
+
+
+SIZES = {
+    "mu": ViTSize(32, 2, 2, 64),        # tests and smoke runs
+    "demo": ViTSize(128, 6, 4, 512),     # the embedded-data demo on a laptop CPU
+    "Ti": ViTSize(192, 12, 3, 768),
+    "S": ViTSize(384, 12, 6, 1536),
+    "B": ViTSize(768, 12, 12, 3072),
+    "L": ViTSize(1024, 24, 16, 4096),
+    "H": ViTSize(1280, 32, 16, 5120),
+}
+
+
+def parse_variant(variant: str) -> tuple[ViTSize, int]:
+    """'B/16' -> (size, patch)."""
+    try:
+        name, patch = variant.split("/")
+        return SIZES[name], int(patch)
+    except (ValueError, KeyError):
+        raise ValueError(f"config.model.variant={variant!r}: expected '<size>/<patch>' with size in "
+                         f"{sorted(SIZES)}, e.g. 'B/16'") from None
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim, heads, *, rngs, dtype, impl):
+        hd = dim // heads
+        self.qkv_kernel = param(rngs, layers.normal_02, (dim, 3, heads, hd), ("embed", None, "heads", "kv"))
+        self.qkv_bias = param(rngs, layers.const_02, (3, heads, hd), (None, "heads", "kv"))
+        self.proj_kernel = param(rngs, layers.normal_02, (heads, hd, dim), ("heads", "kv", "embed"))
+        self.proj_bias = param(rngs, layers.const_02, (dim,), ("embed",))
+        self.dtype, self.impl = dtype, impl
+
+    def __call__(self, x_BxNxD):
+        dt = self.dtype
+        qkv = jnp.einsum("bnd,dthk->tbnhk", x_BxNxD.astype(dt), self.qkv_kernel[...].astype(dt))
+        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        out_BxNxHxK = layers.attention(qkv[0], qkv[1], qkv[2], self.impl)
+        out_BxNxHxK = sharding.constrain(out_BxNxHxK, ("batch", "length", "act_heads", "kv"))
+        y = jnp.einsum("bnhk,hkd->bnd", out_BxNxHxK, self.proj_kernel[...].astype(dt))
+        return y + self.proj_bias[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then the same for the MLP."""
+
+    def __init__(self, dim, heads, mlp, drop_path, *, rngs, dtype, impl):
+        self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, impl=impl)
+        self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, mlp, dim, rngs=rngs, dtype=dtype)
+        self.drop_path = drop_path
+
+    def __call__(self, x, rng=None):
+        r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
+        x = x + layers.drop_path(self.attn(self.norm1(x)), self.drop_path, r1)
+        x = x + layers.drop_path(self.mlp(self.norm2(x)), self.drop_path, r2)
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
+class ViT(nnx.Module):
+    """The encoder. ``__call__`` returns a dict with ``tokens_BxNxD`` (cls first)."""
+
+    def __init__(self, *, variant="B/16", image_size=224, in_chans=3, drop_path=0.0,
+                 mask_token=False, dtype=jnp.float32, attention="auto", remat="none",
+                 rngs: nnx.Rngs):
+        size, p = parse_variant(variant)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if h % p or w % p:
+            raise ValueError(f"config.input.image_size={image_size} is not a multiple of the patch size {p}")
+        self.size, self.patch, self.grid = size, p, (h // p, w // p)
+        n, d = self.grid[0] * self.grid[1], size.width
+        fan_in = p * p * in_chans  # PyTorch's default conv-bias init: U(+-1/sqrt(fan_in))
+        self.patch_kernel = param(rngs, layers.normal_02, (p, p, in_chans, d),
+                                  ("conv_in", "conv_in", "conv_in", "embed"))
+        self.patch_bias = param(rngs, nnx.initializers.uniform(2 / fan_in ** 0.5), (d,), ("embed",))
+        self.cls_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed"))
+        self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
+        self.mask_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed")) if mask_token else None
+        rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]
+        self.blocks = nnx.List([Block(d, size.heads, size.mlp, r, rngs=rngs, dtype=dtype, impl=attention)
+                                for r in rates])
+        self.dtype, self.remat = dtype, remat
+
+    def embed(self, images_BxHxWxC, mask_BxN=None):
+        dt = self.dtype
+        patches = einops.rearrange(images_BxHxWxC.astype(dt), "b (h p) (w q) c -> b (h w) (p q c)",
+                                   p=self.patch, q=self.patch)
+        kernel = self.patch_kernel[...].astype(dt).reshape(-1, self.size.width)
+        x_BxNxD = patches @ kernel + self.patch_bias[...].astype(dt)
+        if mask_BxN is not None:
+            m = mask_BxN[..., None].astype(dt)
+            x_BxNxD = x_BxNxD * (1 - m) + self.mask_token[...].astype(dt) * m
+        cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x_BxNxD.shape[0], 1, self.size.width))
+        x = jnp.concatenate([cls, x_BxNxD], axis=1) + self.pos_embed[...].astype(dt)
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+    def __call__(self, images_BxHxWxC, mask_BxN=None, *, rng=None):
+        x = self.embed(images_BxHxWxC, mask_BxN)
+        policy = layers.REMAT_POLICIES[self.remat]
+        run = (lambda blk, x, r: blk(x, r)) if self.remat == "none" else nnx.remat(
+            lambda blk, x, r: blk(x, r), policy=policy)
+        for i, blk in enumerate(self.blocks):
+            x = run(blk, x, None if rng is None else jax.random.fold_in(rng, i))
+        return {"tokens_BxNxD": x}

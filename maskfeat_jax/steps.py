@@ -1,0 +1,150 @@
+"""The pure step functions: ``step(state, batch) -> (state, metrics)``, one per task.
+
+Each is jitted once by the trainer with explicit shardings and donation of ``state``.
+Randomness is a pure function of (seed, step), so a resumed run repeats it exactly.
+A non-finite loss or gradient norm never reaches the parameters: the update is
+skipped and counted in ``state.nonfinite`` (the trainer stops or goes on, per config).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from maskfeat_jax.targets import hog
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array      # number of skipped non-finite updates
+
+
+def normalize(images_u8, mean, std):
+    """uint8 images to float32 ``(x / 255 - mean) / std`` (on device)."""
+    x = images_u8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _apply(tx, state: TrainState, loss, grads, metrics):
+    gnorm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state),
+                       nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
+    metrics = dict(metrics, **{"train/loss": loss, "opt/grad_norm": gnorm,
+                               "train/nonfinite_steps": state.nonfinite})
+    return state, metrics
+
+
+def make_pretrain_step(graphdef, tx, schedule, config, patch: int):
+    """MaskFeat: HOG targets of the intact input, masked-token MSE with explicit denominator."""
+    base_key = jax.random.key(config.seed)
+    mean, std, h = config.input.mean, config.input.std, config.hog
+
+    def step(state: TrainState, batch):
+        images = normalize(batch["image"], mean, std)
+        targets_BxNxK = jax.lax.stop_gradient(hog.hog_targets(
+            images, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
+            gaussian_window=h.gaussian_window))
+        mask_BxN = batch["mask"] & batch["valid"][:, None]
+        weight_BxN = mask_BxN.astype(jnp.float32)
+        rng = jax.random.fold_in(base_key, state.step)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            out = model(images, batch["mask"], rng=rng)
+            err_BxN = jnp.square(out["pred_BxNxK"] - targets_BxNxK).mean(-1)
+            return (err_BxN * weight_BxN).sum() / jnp.maximum(weight_BxN.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": batch["mask"].mean(),
+                   "data/invalid_examples": (~batch["valid"]).sum()}
+        return _apply(tx, state, loss, grads, metrics)
+
+    return step
+
+
+def mix(rng, images, labels, num_classes, a):
+    """Mixup / CutMix (timm batch mode, pairing each example with the reversed batch)
+    with label smoothing folded into the targets. Returns (images, soft targets)."""
+    k_lam, k_switch, k_box = jax.random.split(rng, 3)
+    off = a.label_smoothing / num_classes
+    onehot = jax.nn.one_hot(labels, num_classes) * (1.0 - a.label_smoothing) + off
+    use_cutmix = (a.cutmix_alpha > 0) & ((a.mixup_alpha <= 0) | (jax.random.uniform(k_switch) < a.switch_prob))
+    alpha = jnp.where(use_cutmix, max(a.cutmix_alpha, 1e-6), max(a.mixup_alpha, 1e-6))
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    b, hh, ww = images.shape[:3]
+    cut = jnp.sqrt(1.0 - lam)
+    ch, cw = (hh * cut).astype(jnp.int32), (ww * cut).astype(jnp.int32)
+    cy, cx = jax.random.randint(k_box, (2,), 0, jnp.array([hh, ww]))
+    y0, y1 = jnp.clip(cy - ch // 2, 0, hh), jnp.clip(cy + ch // 2, 0, hh)
+    x0, x1 = jnp.clip(cx - cw // 2, 0, ww), jnp.clip(cx + cw // 2, 0, ww)
+    rows, cols = jnp.arange(hh)[:, None], jnp.arange(ww)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (hh * ww)
+    flipped = images[::-1]
+    mixed = jnp.where(use_cutmix, jnp.where(box[None, :, :, None], flipped, images),
+                      lam * images + (1 - lam) * flipped)
+    lam = jnp.where(use_cutmix, lam_cut, lam)
+    enabled = (a.mixup_alpha > 0) | (a.cutmix_alpha > 0)
+    if not enabled:
+        return images, onehot
+    return mixed, lam * onehot + (1 - lam) * onehot[::-1]
+
+
+def erase(rng, images, boxes_Bx4):
+    """Random erasing, pixel mode: the (top, left, h, w) box of each example gets N(0, 1) noise."""
+    b, hh, ww, _ = images.shape
+    rows, cols = jnp.arange(hh)[None, :, None], jnp.arange(ww)[None, None, :]
+    t, l, h, w = (boxes_Bx4[:, i, None, None] for i in range(4))
+    inside = (rows >= t) & (rows < t + h) & (cols >= l) & (cols < l + w)
+    return jnp.where(inside[..., None], jax.random.normal(rng, images.shape, images.dtype), images)
+
+
+def make_finetune_step(graphdef, tx, schedule, config):
+    base_key = jax.random.key(config.seed)
+    num_classes = config.model.num_classes
+
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(base_key, state.step)
+        k_erase, k_mix, k_drop = jax.random.split(rng, 3)
+        images = erase(k_erase, normalize(batch["image"], config.input.mean, config.input.std),
+                       batch["erase_box"])
+        images, targets = mix(k_mix, images, batch["label"], num_classes, config.augment)
+        valid = batch["valid"].astype(jnp.float32)
+
+        def loss_fn(params):
+            out = nnx.merge(graphdef, params)(images, rng=k_drop)
+            ce = -(targets * jax.nn.log_softmax(out["logits_BxC"])).sum(-1)
+            return (ce * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        metrics = {"opt/lr": schedule(state.step), "data/invalid_examples": (~batch["valid"]).sum()}
+        return _apply(tx, state, loss, grads, metrics)
+
+    return step
+
+
+def make_eval_step(graphdef, config):
+    """Sums of top-1 / top-5 hits and of valid examples over a padded batch."""
+    def step(params, batch):
+        images = normalize(batch["image"], config.input.mean, config.input.std)
+        logits = nnx.merge(graphdef, params)(images)["logits_BxC"]
+        valid = batch["valid"]
+        k = min(5, logits.shape[-1])
+        topk = jax.lax.top_k(logits, k)[1]
+        hit = topk == batch["label"][:, None]
+        return {"top1": (hit[:, 0] & valid).sum(), "top5": (hit.any(-1) & valid).sum(),
+                "count": valid.sum()}
+
+    return step

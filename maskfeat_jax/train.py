@@ -1,0 +1,239 @@
+"""The trainer: pre-training (MaskFeat) and fine-tuning share this one recipe.
+
+Sections, top to bottom: config check, mesh, data, model and optimizer, shard, step
+functions, restore, evaluators, loop. The loop dispatches step N before it reads the
+metrics of step N-1, so the host never waits on the device except to log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from maskfeat_jax import checkpoint, config as config_lib, metrics as metrics_lib, models, optim, perf
+from maskfeat_jax import sharding, steps
+from maskfeat_jax.data import pipeline, sources
+from maskfeat_jax.evaluators import classification
+
+PREEMPTED_EXIT_CODE = 75   # documented: the run saved a checkpoint after SIGTERM/SIGINT; rerun to resume
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs that depends only on the config and the mesh."""
+    model: nnx.Module            # abstract (shapes only)
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Any
+    state_sharding: steps.TrainState
+    abstract_state: steps.TrainState   # ShapeDtypeStructs carrying their shardings
+    init: Any                    # jitted () -> TrainState, created already sharded
+    step_fn: Any                 # pure (state, batch) -> (state, metrics), not yet jitted
+
+
+def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
+    """Model and optimizer built abstractly, the sharded state's layout, and the step."""
+    repl = sharding.replicated(mesh)
+    with jax.set_mesh(mesh), sharding.rules():
+        model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+        graphdef, abs_params = nnx.split(model)
+        param_sh = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh))
+    tx, schedule = optim.make(config, nnx.to_pure_dict(abs_params), steps_per_epoch, total_steps,
+                              model.encoder.size.depth)
+
+    def init_state():
+        with sharding.rules():
+            params = nnx.to_pure_dict(nnx.state(models.build(config, nnx.Rngs(config.seed))))
+        return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                nonfinite=jnp.zeros((), jnp.int32))
+
+    with jax.set_mesh(mesh):
+        abs_state = jax.eval_shape(init_state)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_state.opt_state, param_sh,
+                                   transform_non_params=lambda _: repl)
+    state_sh = steps.TrainState(step=repl, params=param_sh, opt_state=opt_sh, nonfinite=repl)
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
+    if config.task == "pretrain":
+        step_fn = steps.make_pretrain_step(graphdef, tx, schedule, config, model.encoder.patch)
+    else:
+        step_fn = steps.make_finetune_step(graphdef, tx, schedule, config)
+
+    def init():
+        with jax.set_mesh(mesh):
+            return jax.jit(init_state, out_shardings=state_sh)()
+
+    return Setup(model, graphdef, tx, schedule, state_sh, abs_state, init, step_fn)
+
+
+def jit_step(s: Setup, mesh, batch):
+    """The train step jitted with explicit shardings, donating the old state."""
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    return jax.jit(s.step_fn, in_shardings=(s.state_sharding, batch_sh),
+                   out_shardings=(s.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    # ---- config check (before anything is read or compiled)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+
+    # ---- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    repl = sharding.replicated(mesh)
+
+    # ---- data
+    train_source = sources.make(config, config.input.train_split)
+    gb = config.input.global_batch_size
+    steps_per_epoch = max(len(train_source) // gb, 1)
+    total_steps = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
+
+    # ---- model and optimizer, sharded state, step functions
+    st = setup(config, mesh, steps_per_epoch, total_steps)
+    model = st.model
+    train_iter = iter(pipeline.train_dataset(config, train_source, model.encoder.grid))
+
+    # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
+    latest = ckpt.latest_step()
+    with jax.set_mesh(mesh):
+        if latest is not None:
+            _check_resume_config(ckpt, latest, config)
+            state = ckpt.restore(latest, st.abstract_state, train_iter)
+            logging.info("resuming from step %d", latest)
+        else:
+            state = st.init()
+            if config.get("init_from"):
+                state = state.replace(params=checkpoint.init_from(config.init_from, state.params, mesh))
+    start_step = int(jax.device_get(state.step))
+
+    # ---- evaluators
+    writer = metrics_lib.Writer(workdir)
+    evaluator = classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params) if config.task == "finetune" else None
+    flops_per_image = perf.model_flops_per_image(model, config)
+    peak, peak_src = perf.peak_flops_per_device(config.get("peak_flops", 0.0))
+    _log_summary(config, mesh, model, st.abstract_state.params, state, total_steps, steps_per_epoch, flops_per_image,
+                 peak_src)
+
+    # ---- loop
+    stop = {"signal": None}
+    handlers = {s: signal.signal(s, lambda signum, _: stop.__setitem__("signal", signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
+    train_step = None
+    pending, last = None, {}
+    t_log, steps_since_log, data_wait = time.time(), 0, 0.0
+    step = start_step
+    try:
+        while step < total_steps:
+            t0 = time.time()
+            local = next(train_iter)
+            data_wait += time.time() - t0
+            batch = sharding.global_batch(mesh, local)
+            if train_step is None:   # jit once, with explicit shardings, donating the old state
+                train_step = jit_step(st, mesh, batch)
+                t_compile = time.time()
+                with jax.set_mesh(mesh):
+                    train_step = train_step.lower(state, batch).compile()
+                writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
+                t_log = time.time()
+            with jax.set_mesh(mesh):
+                state, step_metrics = train_step(state, batch)
+            step += 1
+            steps_since_log += 1
+            if pending is not None:   # read step N-1's metrics after dispatching step N
+                last = _flush(pending, config, writer, progress)
+                pending = None
+            is_last = step == total_steps
+            if step % config.log_every_steps == 0 or is_last:
+                elapsed = time.time() - t_log
+                perf_m = {"perf/images_per_sec": gb * steps_since_log / elapsed,
+                          "perf/step_seconds": elapsed / steps_since_log,
+                          "perf/data_wait_fraction": data_wait / elapsed,
+                          "perf/tflops_per_device": flops_per_image * gb * steps_since_log / elapsed
+                          / jax.device_count() / 1e12,
+                          "train/epoch": step / steps_per_epoch}
+                perf_m["perf/mfu"] = perf_m["perf/tflops_per_device"] * 1e12 / peak
+                pending = (step, step_metrics, perf_m)
+                if is_last or stop["signal"] is not None:
+                    last = _flush(pending, config, writer, progress)
+                    pending = None
+                t_log, steps_since_log, data_wait = time.time(), 0, 0.0
+            if evaluator is not None and (step % config.evals.every_steps == 0 or is_last):
+                res = evaluator.run(state.params)
+                writer.write(step, res)
+                last.update(res)
+            ckpt.save(step, state, train_iter, config, force=is_last or stop["signal"] is not None)
+            if stop["signal"] is not None:
+                ckpt.wait()
+                logging.warning("signal %s: saved step %d, exiting with code %d", stop["signal"], step,
+                                PREEMPTED_EXIT_CODE)
+                raise Preempted()
+        if pending is not None:
+            last = _flush(pending, config, writer, progress)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        ckpt.close()
+        writer.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+    return last
+
+
+def _flush(pending, config, writer, progress) -> dict:
+    """Fetches a logged step's metrics (already computed), writes and prints them."""
+    step, device_metrics, perf_m = pending
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    m.update(perf_m)
+    writer.write(step, m)
+    progress.update(step, m)
+    if m.get("train/nonfinite_steps", 0) > 0 and config.nonfinite == "error":
+        raise FloatingPointError(
+            f"non-finite loss or gradient norm by step {step} (config.nonfinite='error'); the update was "
+            f"not applied and no non-finite state was saved. Set config.nonfinite='skip' to skip such steps.")
+    return m
+
+
+def _check_resume_config(ckpt, step, config):
+    diffs = config_lib.shape_differences(ckpt.saved_config(step), config)
+    if diffs and not config.checkpoint.allow_config_change:
+        raise ValueError("the workdir holds a checkpoint whose config differs in shape-changing keys:\n  "
+                         + "\n  ".join(diffs) + "\nUse another --workdir, or set "
+                         "--config.checkpoint.allow_config_change=True to override.")
+
+
+def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_epoch, flops_per_image,
+                 peak_src):
+    if jax.process_index() != 0:
+        return
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
+    per_module = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in abs_params.items()}
+    lrs = optim.scaled_lrs(config)
+    gb = config.input.global_batch_size
+    lines = [
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on {jax.process_count()} process(es)",
+        f"mesh: {dict(mesh.shape)}",
+        f"batch: global {gb}, per device {gb // jax.device_count()}, per host {gb // jax.process_count()}",
+        f"lr: peak {lrs['peak']:.3e} = base {config.optim.base_lr:g} x {gb}/{config.optim.reference_batch}"
+        f" (start {lrs['start']:.2e}, end {lrs['end']:.2e}), layer decay {config.optim.layer_decay}",
+        f"steps: {total_steps} ({steps_per_epoch} per epoch), starting at {int(jax.device_get(state.step))}",
+        f"parameters: {n_params:,} ({', '.join(f'{k} {v:,}' for k, v in per_module.items())})",
+        f"FLOPs per step: {flops_per_image * gb:.3e} (analytic, training); peak from {peak_src}",
+        f"per-device bytes: params {sharding.bytes_per_device(state.params):,}, "
+        f"optimizer {sharding.bytes_per_device(state.opt_state):,}",
+    ]
+    for line in lines:
+        logging.info(line)
+        print(line, flush=True)

@@ -1,0 +1,30 @@
+"""maskfeat_jax: MaskFeat (masked HOG feature prediction) pre-training and fine-tuning in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="maskfeat_jax",
+    version="0.1.0",
+    description="MaskFeat self-supervised pre-training of ViT and MViTv2 in JAX/Flax",
+    packages=find_packages(include=["maskfeat_jax", "maskfeat_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml-collections>=1.1,<2",
+        "einops>=0.8,<0.9",
+        "numpy>=1.26,<3",
+        "pillow>=10",
+        "scikit-learn>=1.3",   # the embedded digits dataset
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "video": ["av>=12"],
+        "convert": ["torch>=2.1"],
+    },
+)

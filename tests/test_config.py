@@ -1,0 +1,89 @@
+"""Config validation: every bad value stops before compile with a message naming the key."""
+import importlib.util
+import pathlib
+
+import pytest
+
+from maskfeat_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cfg(**kw):
+    c = config_lib.base_config()
+    c.model.variant, c.input.image_size, c.input.dataset, c.input.global_batch_size = "mu/16", 32, "digits", 8
+    for k, v in kw.items():
+        obj = c
+        *head, last = k.split(".")
+        for h in head:
+            obj = obj[h]
+        obj[last] = v
+    return c
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"input.image_size": 40}, "config.input.image_size"),
+    ({"hog.cell_size": 6}, "config.hog.cell_size"),
+    ({"input.global_batch_size": 12}, "config.input.global_batch_size"),
+    ({"mask.ratio": 1.0}, "config.mask.ratio"),
+    ({"mask.ratio": 0.0}, "config.mask.ratio"),
+    ({"model.variant": "Q/16"}, "config.model.variant"),
+    ({"input.dataset": "imagenet2013"}, "config.input.dataset"),
+    ({"input.dataset": "folder:/does/not/exist"}, "config.input.dataset"),
+    ({"input.dataset": "imagenet2012", "input.data_dir": "/does/not/exist"}, "config.input.data_dir"),
+    ({"task": "distill"}, "config.task"),
+    ({"mesh.tensor": 4, "mesh.data": 2}, "config.mesh.tensor"),
+    ({"mesh.fsdp": 8, "mesh.data": 1, "model.variant": "demo/16"}, None),
+    ({"mesh.data": 3}, "config.mesh"),
+])
+def test_validation_names_the_key(overrides, key):
+    if key is None:   # valid
+        config_lib.validate(_cfg(**overrides), num_devices=8)
+        return
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        config_lib.validate(_cfg(**overrides), num_devices=8)
+
+
+def test_valid_config_passes():
+    config_lib.validate(_cfg(), num_devices=8)
+
+
+def test_unknown_dataset_suggests_close_names():
+    with pytest.raises(ValueError, match="imagenet2012"):
+        config_lib.validate(_cfg(**{"input.dataset": "imagenet2021"}), num_devices=8)
+
+
+def test_mesh_shape_must_fit_devices():
+    from maskfeat_jax import sharding
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="config.mesh"):
+        sharding.mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="config.mesh"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_shape_differences_lists_changed_keys():
+    saved = _cfg().to_dict()
+    now = _cfg(**{"model.variant": "demo/16", "optim.base_lr": 1.0})
+    diffs = config_lib.shape_differences(saved, now)
+    assert len(diffs) == 1 and "model.variant" in diffs[0]
+
+
+@pytest.mark.parametrize("name", ["demo", "vit_b_in1k", "vit_l_in1k"])
+def test_shipped_configs_load_and_hold_their_launch_command(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert f"--config=configs/{name}.py" in mod.__doc__
+    c = mod.get_config()
+    assert c.task == "pretrain" and c.mask.ratio == 0.4 and c.hog.gaussian_window == 0
+
+
+def test_paper_config_values():
+    spec = importlib.util.spec_from_file_location("b", ROOT / "configs" / "vit_b_in1k.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert (c.optim.base_lr, c.optim.reference_batch, c.optim.warmup_epochs) == (2e-4, 256, 30)
+    assert (c.optim.weight_decay, c.optim.grad_clip, c.optim.b2, c.optim.eps) == (0.05, 0.02, 0.999, 1e-8)
+    assert (c.optim.warmup_start_lr, c.optim.end_lr) == (1e-6, 1e-6)

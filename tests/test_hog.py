@@ -1,0 +1,223 @@
+"""Tests of maskfeat_jax.targets.hog against an independent loop-level float64 reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskfeat_jax.targets.hog import hog_cells, hog_dim, hog_targets
+
+KX = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
+KY = [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]
+
+
+def _reflect(i, n):
+    """Index into a length-n axis after torch/numpy 'reflect' padding (edge not repeated)."""
+    if i < 0:
+        return -i
+    if i > n - 1:
+        return 2 * (n - 1) - i
+    return i
+
+
+def ref_hog_cells(img, nbins=9, cell=8, gaussian_window=0):
+    """HOGLayerC, written with explicit pixel loops. img (H, W, C) -> (H//cell, W//cell, C, nbins)."""
+    img = np.asarray(img, np.float64)
+    height, width, chans = img.shape
+    nh, nw = height // cell, width // cell
+    if gaussian_window:
+        g = gaussian_window
+        sigma = g // 2
+        w1 = [math.exp(-0.5 * ((n - (g - 1) / 2.0) / sigma) ** 2) for n in range(g)]
+        tot = sum(a * b for a in w1 for b in w1)
+        gauss = [[a * b / tot for b in w1] for a in w1]
+    hist = np.zeros((nh, nw, chans, nbins))
+    for c in range(chans):
+        for r in range(nh * cell):
+            for col in range(nw * cell):
+                gx = gy = 0.0
+                for di in range(3):
+                    for dj in range(3):
+                        v = img[_reflect(r + di - 1, height), _reflect(col + dj - 1, width), c]
+                        gx += KX[di][dj] * v
+                        gy += KY[di][dj] * v
+                mag = math.sqrt(gx * gx + gy * gy)
+                if gaussian_window:
+                    mag *= gauss[r % g][col % g]
+                k = math.floor(math.atan2(gx, gy) / math.pi * nbins) % nbins
+                hist[r // cell, col // cell, c, k] += mag
+    for i in range(nh):
+        for j in range(nw):
+            for c in range(chans):
+                n = math.sqrt(sum(v * v for v in hist[i, j, c]))
+                hist[i, j, c] /= max(n, 1e-12)
+    return hist
+
+
+def ref_tokens(cells, q):
+    """Official per-token layout from reference cells (nh, nw, C, nbins), with explicit loops."""
+    nh, nw, chans, nbins = cells.shape
+    th, tw = nh // q, nw // q
+    out = np.zeros((th * tw, chans * nbins * q * q))
+    for ty in range(th):
+        for tx in range(tw):
+            for c in range(chans):
+                for k in range(nbins):
+                    for i in range(q):
+                        for j in range(q):
+                            out[ty * tw + tx, c * nbins * q * q + k * q * q + i * q + j] = \
+                                cells[ty * q + i, tx * q + j, c, k]
+    return out
+
+
+def _rand(shape, seed=0):
+    return np.random.RandomState(seed).uniform(0.0, 1.0, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("hw", [(16, 24), (32, 32), (24, 40), (20, 28)])
+def test_cells_match_loop_reference(hw):
+    x = _rand((2, *hw, 3), seed=hw[0] * 100 + hw[1])
+    got = np.asarray(hog_cells(jnp.asarray(x)))
+    assert got.shape == (2, hw[0] // 8, hw[1] // 8, 3, 9)
+    assert got.dtype == np.float32
+    for b in range(2):
+        np.testing.assert_allclose(got[b], ref_hog_cells(x[b]), atol=1e-5, rtol=0)
+
+
+def test_cells_gaussian_window_matches_reference():
+    x = _rand((1, 32, 32, 3), seed=7)
+    got = np.asarray(hog_cells(jnp.asarray(x), gaussian_window=8))
+    want = ref_hog_cells(x[0], gaussian_window=8)
+    np.testing.assert_allclose(got[0], want, atol=1e-5, rtol=0)
+    # The window really changes the result.
+    assert np.abs(want - ref_hog_cells(x[0])).max() > 1e-3
+
+
+def test_cells_other_nbins_and_cell_size():
+    x = _rand((1, 12, 16, 2), seed=3)
+    got = np.asarray(hog_cells(jnp.asarray(x), nbins=6, cell_size=4))
+    np.testing.assert_allclose(got[0], ref_hog_cells(x[0], nbins=6, cell=4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hw,patch,cell", [((32, 48), 16, 8), ((24, 40), 8, 8), ((24, 48), 24, 8)])
+def test_targets_token_layout_matches_reference(hw, patch, cell):
+    x = _rand((2, *hw, 3), seed=11)
+    q = patch // cell
+    got = np.asarray(hog_targets(jnp.asarray(x), patch_size=patch, cell_size=cell))
+    n_tok = (hw[0] // patch) * (hw[1] // patch)
+    assert got.shape == (2, n_tok, hog_dim(patch, 9, cell, 3))
+    for b in range(2):
+        want = ref_tokens(ref_hog_cells(x[b], cell=cell), q)
+        np.testing.assert_allclose(got[b], want, atol=1e-5, rtol=0)
+
+
+def test_token_layout_explicit_index():
+    # Each token vector entry c*36 + k*4 + i*2 + j is cell (2*ty+i, 2*tx+j), channel c, bin k.
+    x = jnp.asarray(_rand((1, 32, 48, 3), seed=5))
+    cells = np.asarray(hog_cells(x))[0]
+    tok = np.asarray(hog_targets(x))[0]
+    for ty, tx, c, k, i, j in [(0, 0, 0, 0, 0, 0), (1, 2, 2, 8, 1, 1), (0, 1, 1, 3, 1, 0),
+                               (1, 0, 0, 5, 0, 1), (1, 1, 2, 0, 1, 0)]:
+        assert tok[ty * 3 + tx, c * 36 + k * 4 + i * 2 + j] == cells[2 * ty + i, 2 * tx + j, c, k]
+
+
+@pytest.mark.parametrize("ramp,expected_bin", [
+    (lambda y, x: x, 4), (lambda y, x: y, 0), (lambda y, x: x + y, 2), (lambda y, x: x - y, 6)])
+def test_ramps_land_in_official_bins(ramp, expected_bin):
+    yy, xx = np.mgrid[0:32, 0:40].astype(np.float32)
+    img = np.repeat(ramp(yy, xx)[None, :, :, None], 3, axis=-1)
+    cells = np.asarray(hog_cells(jnp.asarray(img)))[0]  # (4, 5, 3, 9)
+    onehot = np.eye(9, dtype=np.float32)[expected_bin]
+    interior = cells[1:-1, 1:-1]
+    np.testing.assert_allclose(interior, np.broadcast_to(onehot, interior.shape), atol=1e-6)
+    np.testing.assert_allclose(cells, ref_hog_cells(img[0]), atol=1e-5)
+
+
+def test_constant_image_gives_zeros():
+    out = np.asarray(hog_targets(jnp.full((2, 32, 32, 3), 0.7, jnp.float32)))
+    assert out.shape == (2, 4, 108)
+    assert np.all(out == 0.0)
+
+
+def test_cell_norms_are_one_or_zero_and_values_in_unit_interval():
+    x = _rand((2, 48, 48, 3), seed=9)
+    x[:, :24, :24, :] = 0.3  # flat block: its inner cells get no gradient
+    cells = np.asarray(hog_cells(jnp.asarray(x)))
+    norms = np.linalg.norm(cells, axis=-1)
+    assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0))
+    assert np.any(norms == 0) and np.any(norms > 0.5)
+    assert cells.min() >= 0.0 and cells.max() <= 1.0 + 1e-6
+
+
+def test_invariant_to_per_channel_affine_normalisation():
+    x = _rand((2, 32, 48, 3), seed=13)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    a = np.asarray(hog_targets(jnp.asarray(x)))
+    b = np.asarray(hog_targets(jnp.asarray((x - mean) / std)))
+    c = np.asarray(hog_targets(jnp.asarray(x * 255.0)))
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a, c, atol=1e-5, rtol=0)
+    assert np.abs(a).max() > 0.1
+
+
+def test_negated_image_gives_same_hog():
+    # Negating an image keeps every gradient's unsigned orientation: identical HOG.
+    x = _rand((1, 32, 32, 3), seed=17)
+    np.testing.assert_allclose(np.asarray(hog_cells(jnp.asarray(x))),
+                               np.asarray(hog_cells(jnp.asarray(-x))), atol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [6, 7])
+def test_video_equals_per_frame_hog(frames):
+    v = _rand((2, frames, 16, 32, 3), seed=frames)
+    got = np.asarray(hog_targets(jnp.asarray(v), temporal_stride=2))
+    nt = frames // 2
+    per_frame = [np.asarray(hog_targets(jnp.asarray(v[:, 2 * t]))) for t in range(nt)]
+    assert got.shape == (2, nt * 2, 108)
+    np.testing.assert_allclose(got, np.concatenate(per_frame, axis=1), atol=1e-6, rtol=0)
+    # (t, h, w) order: the first 2 tokens are frame 0, the next 2 frame 2.
+    np.testing.assert_allclose(got[:, 2:4], per_frame[1], atol=1e-6)
+    assert np.abs(got[:, :2] - got[:, 2:4]).max() > 1e-3
+
+
+def test_jit_grad_and_dtypes():
+    x = jnp.asarray(_rand((2, 32, 32, 3), seed=21))
+    eager = hog_targets(x)
+    jitted = jax.jit(lambda im: hog_targets(im) * 1.0)(x)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), atol=1e-6)
+    grad = jax.grad(lambda im: jnp.sum(hog_targets(im) ** 2))(x)
+    assert grad.shape == x.shape and float(jnp.abs(grad).max()) == 0.0
+    ints = (np.asarray(x) * 255).astype(np.uint8)
+    out8 = hog_targets(jnp.asarray(ints))
+    assert out8.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out8), np.asarray(hog_targets(jnp.asarray(ints, jnp.float32))),
+                               atol=1e-6)
+    assert hog_targets(x.astype(jnp.bfloat16)).dtype == jnp.float32
+
+
+def test_hog_dim():
+    assert hog_dim() == 108
+    assert hog_dim(32) == 432
+    assert hog_dim(8, channels=1) == 9
+    with pytest.raises(ValueError):
+        hog_dim(12)
+
+
+def test_errors_for_bad_sizes():
+    x = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="multiple of cell_size"):
+        hog_targets(x, patch_size=12)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        hog_targets(jnp.zeros((1, 32, 40, 3)))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        hog_targets(jnp.zeros((1, 24, 32, 3)))
+    with pytest.raises(ValueError, match="temporal_stride"):
+        hog_targets(jnp.zeros((1, 4, 32, 32, 3)))
+    with pytest.raises(ValueError):
+        hog_targets(jnp.zeros((32, 32, 3)))
+    with pytest.raises(ValueError):
+        hog_cells(jnp.zeros((1, 2, 32, 32, 3)))
+    with pytest.raises(ValueError, match="gaussian_window"):
+        hog_cells(jnp.zeros((1, 24, 24, 3)), gaussian_window=16)

@@ -1,0 +1,120 @@
+"""End to end through ``python -m maskfeat_jax.main`` in subprocesses: logging, checkpoints,
+resume after SIGKILL (bit-exact), SIGTERM preemption, bad overrides."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from maskfeat_jax import checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
+         "--config.input.global_batch_size=16", "--config.log_every_steps=2", "--config.optim.warmup_epochs=0.1"]
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "maskfeat_jax.main", f"--workdir={workdir}", *SMALL, *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(workdir, *extra, check=True):
+    p = subprocess.run(_cmd(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stdout[-3000:] + p.stderr[-3000:])
+    return p
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+
+
+def _params(workdir):
+    import jax
+    return jax.tree.leaves(checkpoint.read_params(str(workdir)))
+
+
+def test_pretraining_logs_learns_and_checkpoints(tmp_path):
+    _run(tmp_path, "--config.total_steps=40", "--config.checkpoint.every_steps=20",
+         "--config.optim.base_lr=4e-3")
+    rows = [r for r in _metrics(tmp_path) if "train/loss" in r]
+    assert rows[-1]["step"] == 40 and all("opt/lr" in r and "perf/mfu" in r for r in rows)
+    first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
+    assert last < 0.8 * first, (first, last)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=300):
+    t = time.time()
+    while time.time() - t < timeout:
+        d = pathlib.Path(workdir) / "checkpoints"
+        if d.is_dir() and any(p.name.isdigit() for p in d.iterdir()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read()[-3000:])
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_rerun_resumes_bit_exact(tmp_path):
+    args = ("--config.total_steps=16", "--config.checkpoint.every_steps=3")
+    _run(tmp_path / "straight", *args)
+    proc = subprocess.Popen(_cmd(tmp_path / "killed", *args), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(tmp_path / "killed", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = _run(tmp_path / "killed", *args)
+    assert "resuming from step" in p.stdout + p.stderr
+    for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "killed")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path, "--config.total_steps=100000", "--config.checkpoint.every_steps=2"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(steps) > 0 and "saved step" in out
+
+
+def test_unknown_override_key_fails_naming_it(tmp_path):
+    p = _run(tmp_path, "--config.model.widht=3", check=False)
+    assert p.returncode != 0 and "widht" in p.stderr
+
+
+def test_bad_value_fails_before_compile_naming_the_key(tmp_path):
+    p = _run(tmp_path, "--config.input.image_size=40", check=False)
+    assert p.returncode == 2 and "config.input.image_size" in p.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_refuses_a_shape_changing_config(tmp_path):
+    _run(tmp_path, "--config.total_steps=2")
+    p = _run(tmp_path, "--config.total_steps=4", "--config.model.variant=demo/16", check=False)
+    assert p.returncode != 0 and "model.variant" in p.stderr
+
+
+def test_vit_b16_runs_on_cpu_with_synthetic_data(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={tmp_path}",
+                        "--config=configs/vit_b_in1k.py", "--config.input.dataset=synthetic",
+                        "--config.input.global_batch_size=8", "--config.total_steps=2",
+                        "--config.input.worker_count=0", "--config.log_every_steps=1"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "85,882,476" in p.stdout
+    assert [r["step"] for r in _metrics(tmp_path) if "train/loss" in r] == [1, 2]

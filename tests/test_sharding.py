@@ -1,0 +1,77 @@
+"""Data parallel, FSDP and FSDP + tensor parallel on 8 fake CPU devices agree with one device."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskfeat_jax import config as config_lib, sharding, train
+
+
+def _config(task="pretrain"):
+    c = config_lib.base_config()
+    c.task, c.model.variant, c.input.image_size = task, "mu/16", 32
+    c.input.global_batch_size, c.model.num_classes = 8, 10
+    c.optim.warmup_epochs, c.optim.base_lr = 0.0, 1e-2
+    return c
+
+
+def _batch(task, n=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    b = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+         "label": rng.integers(0, 10, (n,)).astype(np.int32), "valid": np.ones((n,), bool)}
+    if task == "pretrain":
+        b["mask"] = rng.random((n, (size // 16) ** 2)) < 0.5
+    else:
+        b["erase_box"] = np.zeros((n, 4), np.int32)
+    return b
+
+
+def _run(config, mesh_cfg, devices, steps=3):
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_cfg
+    mesh = sharding.make_mesh(config.mesh, devices)
+    s = train.setup(config, mesh, steps_per_epoch=10, total_steps=100)
+    state = s.init()
+    fn = None
+    losses = []
+    with jax.set_mesh(mesh):
+        for i in range(steps):
+            batch = sharding.global_batch(mesh, _batch(config.task, seed=i))
+            fn = fn or train.jit_step(s, mesh, batch)
+            state, m = fn(state, batch)
+            losses.append(float(m["train/loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_strategies_match_single_device(task):
+    ref_state, ref_losses = _run(_config(task), (1, 1, 1), jax.devices()[:1])
+    ref = jax.tree.leaves(jax.device_get(ref_state.params))
+    for mesh_cfg in [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]:
+        state, losses = _run(_config(task), mesh_cfg, jax.devices())
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=1e-6, err_msg=str(mesh_cfg))
+        for a, b in zip(ref, jax.tree.leaves(jax.device_get(state.params))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(mesh_cfg))
+
+
+def test_fsdp_holds_an_eighth_of_parameters_and_optimizer_state_per_device():
+    c = _config()
+    c.model.variant = "Ti/16"   # wide enough that every 2-D weight splits 8 ways
+    c.mesh.data, c.mesh.fsdp = 1, 8
+    fsdp = train.setup(c, sharding.make_mesh(c.mesh), 10, 100).init()
+    c.mesh.data, c.mesh.fsdp = 8, 1
+    dp = train.setup(c, sharding.make_mesh(c.mesh), 10, 100).init()
+    for part in ("params", "opt_state"):
+        ratio = sharding.bytes_per_device(getattr(fsdp, part)) / sharding.bytes_per_device(getattr(dp, part))
+        assert 1 / 8 <= ratio < 1 / 8 * 1.1, (part, ratio)
+
+
+def test_parameters_are_created_sharded():
+    c = _config()
+    c.model.variant = "S/16"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    state = train.setup(c, sharding.make_mesh(c.mesh), 10, 100).init()
+    qkv = state.params["encoder"]["blocks"][0]["attn"]["qkv_kernel"]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
+    assert len(qkv.addressable_shards) == 8
+    fc1 = state.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.shard_shape(fc1.shape) == (192, 768)

@@ -1,0 +1,370 @@
+"""Tests for maskfeat_jax.data.transforms (numpy + Pillow augmentations)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskfeat_jax.data import transforms as T
+
+H, W = 32, 48
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def noise():
+    return _rng(1234).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def coords():
+    """Coordinate-coded image: R = column, G = row, B = 7."""
+    img = np.zeros((H, W, 3), np.uint8)
+    img[..., 0] = np.arange(W)[None, :]
+    img[..., 1] = np.arange(H)[:, None]
+    img[..., 2] = 7
+    return img
+
+
+def _gradient(h=H, w=W):
+    x = np.linspace(0, 255, w)[None, :, None]
+    y = np.linspace(0, 255, h)[:, None, None]
+    return np.broadcast_to((x + y) / 2, (h, w, 3)).astype(np.uint8).copy()
+
+
+# ----------------------------------------------------------------------------
+# random resized crop
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,shape", [(16, (16, 16)), ((12, 20), (12, 20)), (64, (64, 64))])
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_rrc_shapes(noise, size, shape, interp):
+    out = T.random_resized_crop(noise, _rng(0), size, interpolation=interp)
+    assert out.shape == shape + (3,) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("shape", [(17, 47), (47, 17), (1, 1), (2, 200)])
+def test_rrc_tiny_and_extreme_inputs(shape):
+    img = _rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
+    for seed in range(10):
+        assert T.random_resized_crop(img, _rng(seed), 8).shape == (8, 8, 3)
+
+
+def test_rrc_determinism(noise):
+    a = T.random_resized_crop(noise, _rng(5), 16)
+    np.testing.assert_array_equal(a, T.random_resized_crop(noise, _rng(5), 16))
+    assert any(not np.array_equal(a, T.random_resized_crop(noise, _rng(s), 16)) for s in range(6, 10))
+
+
+def test_rrc_full_image_when_scale_one(noise):
+    out = T.random_resized_crop(noise, _rng(3), (20, 30), scale=(1.0, 1.0), ratio=(W / H, W / H))
+    expected = np.asarray(Image.fromarray(noise).resize((30, 20), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_rrc_params_bounds_and_fallback():
+    for seed in range(200):
+        top, left, h, w = T.rrc_params(H, W, _rng(seed), scale=(0.5, 1.0))
+        assert 0 <= top <= H - h and 0 <= left <= W - w and h > 0 and w > 0
+        assert 0.45 <= h * w / (H * W) <= 1.0
+        assert 0.7 <= w / h <= 1.45
+    # scale 1 and ratio 1 cannot fit a 32 x 48 image: centre crop clamped to ratio 1
+    assert T.rrc_params(H, W, _rng(0), scale=(1.0, 1.0), ratio=(1.0, 1.0)) == (0, 8, 32, 32)
+    assert T.rrc_params(W, H, _rng(0), scale=(1.0, 1.0), ratio=(1.0, 1.0)) == (8, 0, 32, 32)
+    with pytest.raises(ValueError, match="scale"):
+        T.rrc_params(H, W, _rng(0), scale=(0.9, 0.1))
+    with pytest.raises(ValueError, match="ratio"):
+        T.rrc_params(H, W, _rng(0), ratio=(0.0, 1.0))
+
+
+def test_rrc_crop_content(coords):
+    # nearest-neighbour resize to the crop's own size returns the crop itself
+    rng_a, rng_b = _rng(11), _rng(11)
+    top, left, h, w = T.rrc_params(H, W, rng_a)
+    out = T.random_resized_crop(coords, rng_b, (h, w), interpolation="nearest")
+    np.testing.assert_array_equal(out, coords[top:top + h, left:left + w])
+
+
+def test_bad_inputs(noise):
+    with pytest.raises(ValueError, match="img"):
+        T.random_resized_crop(noise.astype(np.float32), _rng(), 8)
+    with pytest.raises(ValueError, match="img"):
+        T.random_flip(noise[..., :2], _rng())
+    with pytest.raises(ValueError, match="interpolation"):
+        T.random_resized_crop(noise, _rng(), 8, interpolation="cubic")
+    with pytest.raises(ValueError, match="size"):
+        T.random_resized_crop(noise, _rng(), 0)
+
+
+# ----------------------------------------------------------------------------
+# flip, resize, centre crop
+# ----------------------------------------------------------------------------
+
+def test_flip(coords):
+    np.testing.assert_array_equal(T.random_flip(coords, _rng(), p=1.0), coords[:, ::-1])
+    out = T.random_flip(coords, _rng(), p=0.0)
+    np.testing.assert_array_equal(out, coords)
+    assert out is not coords
+    flips = [T.random_flip(coords, _rng(s))[0, 0, 0] == W - 1 for s in range(400)]
+    assert 0.4 < np.mean(flips) < 0.6
+
+
+def test_resize_short_shapes(noise):
+    assert T.resize_short(noise, 20).shape == (20, 30, 3)
+    assert T.resize_short(noise.transpose(1, 0, 2), 20).shape == (30, 20, 3)
+    odd = np.zeros((33, 50, 3), np.uint8)
+    assert T.resize_short(odd, 20).shape == (20, 30, 3)  # int(20 * 50 / 33) = 30
+    odd = np.zeros((52, 30, 3), np.uint8)
+    assert T.resize_short(odd, 20).shape == (34, 20, 3)  # int(34.67): truncation, as torchvision
+
+
+def test_center_crop_picks_centre(coords):
+    np.testing.assert_array_equal(T.center_crop(coords, 16), coords[8:24, 16:32])
+    np.testing.assert_array_equal(T.center_crop(coords, (15, 21)), coords[8:23, 14:35])
+    # no-op resize (short side already 32) then centre crop
+    out = T.resize_short_and_center_crop(coords, resize=H, crop=16)
+    np.testing.assert_array_equal(out, coords[8:24, 16:32])
+    # larger than the image: zero padding around the whole image
+    big = T.center_crop(coords, (36, 50))
+    np.testing.assert_array_equal(big[2:34, 1:49], coords)
+    assert big[:2].sum() == 0 and big[:, :1].sum() == 0
+
+
+def test_eval_transform(noise):
+    out = T.eval_transform(noise, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    # 16 / 0.875 -> 18 short side, so 18 x 27 then centre 16 x 16
+    resized = np.asarray(Image.fromarray(noise).resize((27, 18), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(out, resized[1:17, 6:22])
+    np.testing.assert_array_equal(T.eval_transform(noise, 16, resize=H), T.center_crop(noise, 16))
+
+
+# ----------------------------------------------------------------------------
+# RandAugment ops
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", T.RAND_INCREASING_OPS)
+def test_each_op_shape_dtype_and_determinism(noise, name):
+    out = T.apply_op(noise, name, 9, _rng(2))
+    assert out.shape == noise.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, T.apply_op(noise, name, 9, _rng(2)))
+
+
+@pytest.mark.parametrize("name", ["Rotate", "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
+                                  "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+                                  "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+def test_ops_identity_at_magnitude_zero(noise, name):
+    for negate in (False, True):
+        np.testing.assert_array_equal(T.apply_op(noise, name, 0, negate=negate), noise)
+
+
+@pytest.mark.parametrize("name", [n for n in T.RAND_INCREASING_OPS if n != "AutoContrast"])
+def test_ops_change_image_at_high_magnitude(name):
+    img = _rng(0).integers(40, 168, (H, W, 3), dtype=np.uint8)  # no extreme values
+    out = T.apply_op(img, name, 10, negate=True)
+    assert np.abs(out.astype(int) - img).mean() > 1.0
+
+
+def test_autocontrast_and_equalize():
+    img = _gradient() // 4 + 100  # values in [100, 163]
+    out = T.apply_op(img, "AutoContrast", 5)
+    assert out.min() <= 2 and out.max() >= 250
+    out = T.apply_op(img, "Equalize", 5)
+    assert out.max() >= 240 and out.min() < 10
+
+
+def test_invert_posterize_solarize_exact(noise):
+    np.testing.assert_array_equal(T.apply_op(noise, "Invert", 3), 255 - noise)
+    np.testing.assert_array_equal(T.apply_op(noise, "PosterizeIncreasing", 0), noise & 0xF0)
+    np.testing.assert_array_equal(T.apply_op(noise, "PosterizeIncreasing", 5), noise & 0xC0)
+    np.testing.assert_array_equal(T.apply_op(noise, "PosterizeIncreasing", 10), 0 * noise)
+    np.testing.assert_array_equal(T.apply_op(noise, "SolarizeIncreasing", 10), 255 - noise)
+    half = np.where(noise >= 128, 255 - noise, noise)
+    np.testing.assert_array_equal(T.apply_op(noise, "SolarizeIncreasing", 5), half)
+    added = np.where(noise < 128, np.minimum(255, noise.astype(int) + 110), noise)
+    np.testing.assert_array_equal(T.apply_op(noise, "SolarizeAdd", 10), added)
+    added = np.where(noise < 128, noise.astype(int) + 55, noise)
+    np.testing.assert_array_equal(T.apply_op(noise, "SolarizeAdd", 5), added)
+
+
+def test_enhance_ops_direction(noise):
+    dark = T.apply_op(noise, "BrightnessIncreasing", 10, negate=True)  # factor 0.1
+    bright = T.apply_op(noise, "BrightnessIncreasing", 10, negate=False)  # factor 1.9
+    assert dark.mean() < 0.15 * noise.mean() and bright.mean() > 1.3 * noise.mean()
+    flat = T.apply_op(noise, "ContrastIncreasing", 10, negate=True)
+    assert flat.std() < 0.2 * noise.std()
+    grey = T.apply_op(noise, "ColorIncreasing", 10, negate=True).astype(int)
+    assert np.abs(grey - grey.mean(-1, keepdims=True)).mean() < 0.2 * np.abs(
+        noise - noise.mean(-1, keepdims=True)).mean()
+    const = np.full((H, W, 3), 90, np.uint8)
+    np.testing.assert_array_equal(T.apply_op(const, "SharpnessIncreasing", 10, negate=False), const)
+
+
+def test_rotate_fill_and_centre():
+    img = np.full((41, 41, 3), 200, np.uint8)
+    out = T.apply_op(img, "Rotate", 10, negate=False, fill=(128, 10, 20))  # 30 degrees
+    np.testing.assert_array_equal(out[0, 0], [128, 10, 20])
+    np.testing.assert_array_equal(out[20, 20], [200, 200, 200])
+
+
+def test_rotate_angle_mapping(noise):
+    # magnitude 9 -> 27 degrees, counter-clockwise unless negated
+    pil = Image.fromarray(noise)
+    for negate, angle in [(False, 27.0), (True, -27.0)]:
+        out = T.apply_op(noise, "Rotate", 9, negate=negate, interpolation="bilinear")
+        ref = pil.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(128, 128, 128))
+        np.testing.assert_array_equal(out, np.asarray(ref))
+
+
+def test_translate_exact(coords):
+    # nearest resampling, 40 px wide: 0.45 * 40 = 18 px shift at magnitude 10
+    img = coords[:, :40]
+    fill = (1, 2, 3)
+    kw = dict(fill=fill, interpolation="nearest")
+    out = T.apply_op(img, "TranslateXRel", 10, negate=False, **kw)
+    np.testing.assert_array_equal(out[:, :22], img[:, 18:])
+    assert (out[:, 22:] == fill).all()
+    out = T.apply_op(img, "TranslateXRel", 10, negate=True, **kw)
+    np.testing.assert_array_equal(out[:, 18:], img[:, :22])
+    assert (out[:, :18] == fill).all()
+    out = T.apply_op(img, "TranslateYRel", 5, negate=False, **kw)  # 0.225 * 32 = 7.2 px
+    np.testing.assert_array_equal(out[:24], img[7:31])
+    assert (out[-1] == fill).all()
+
+
+def test_shear_direction(coords):
+    kw = dict(fill=(0, 0, 0), interpolation="nearest")
+    out = T.apply_op(coords, "ShearX", 10, negate=False, **kw)  # x_src = x + 0.3 y
+    np.testing.assert_array_equal(out[0], coords[0])
+    np.testing.assert_array_equal(out[30, :30, 0], coords[30, 9:39, 0])
+    out = T.apply_op(coords, "ShearY", 10, negate=False, **kw)  # y_src = y + 0.3 x
+    np.testing.assert_array_equal(out[:, 0], coords[:, 0])
+    np.testing.assert_array_equal(out[:20, 30, 1], coords[9:29, 30, 1])
+
+
+def test_apply_op_errors(noise):
+    with pytest.raises(ValueError, match="name"):
+        T.apply_op(noise, "Cutout", 5, _rng())
+    with pytest.raises(ValueError, match="rng"):
+        T.apply_op(noise, "Rotate", 5)
+
+
+def test_outputs_are_writable_arrays(noise):
+    outs = [T.random_resized_crop(noise, _rng(), 8), T.random_flip(noise, _rng()),
+            T.eval_transform(noise, 8), T.apply_op(noise, "Rotate", 5, _rng()),
+            T.finetune_transform(noise, _rng(), 8), T.pretrain_transform(noise, _rng(), 8)]
+    for out in outs:
+        assert out.flags.writeable and out.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------
+# RandAugment policy
+# ----------------------------------------------------------------------------
+
+def test_rand_augment_shape_determinism(noise):
+    outs = [T.rand_augment(noise, _rng(s)) for s in range(20)]
+    for o in outs:
+        assert o.shape == noise.shape and o.dtype == np.uint8
+    np.testing.assert_array_equal(outs[3], T.rand_augment(noise, _rng(3)))
+    assert len({o.tobytes() for o in outs}) > 5
+    # with prob 1/2 per op and two ops, about 1/4 of images are untouched
+    untouched = np.mean([np.array_equal(T.rand_augment(noise, _rng(s)), noise) for s in range(200)])
+    assert 0.12 < untouched < 0.45
+
+
+def test_rand_augment_degenerate_settings(noise):
+    np.testing.assert_array_equal(T.rand_augment(noise, _rng(0), num_ops=0), noise)
+    np.testing.assert_array_equal(T.rand_augment(noise, _rng(0), prob=0.0), noise)
+    assert not np.array_equal(T.rand_augment(noise, _rng(0), num_ops=6, prob=1.0), noise)
+    with pytest.raises(NotImplementedError):
+        T.rand_augment(noise, _rng(0), increasing=False)
+
+
+# ----------------------------------------------------------------------------
+# normalisation and random erasing
+# ----------------------------------------------------------------------------
+
+def test_normalize(noise):
+    out = T.normalize(noise)
+    assert out.dtype == np.float32 and out.shape == noise.shape
+    expected = (noise / 255.0 - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(T.normalize(noise, (0.5,) * 3, (0.5,) * 3), noise / 127.5 - 1, atol=1e-6)
+
+
+def test_random_erasing_p0_identity(noise):
+    x = T.normalize(noise)
+    out = T.random_erasing(x, _rng(0), p=0.0)
+    np.testing.assert_array_equal(out, x)
+    assert out is not x
+
+
+def test_random_erasing_rectangle(noise):
+    x = T.normalize(noise)
+    x_before = x.copy()
+    erased = 0
+    for seed in range(50):
+        out = T.random_erasing(x, _rng(seed), p=1.0)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        diff = (out != x).any(-1)
+        if not diff.any():
+            continue
+        erased += 1
+        idx = np.argwhere(diff)
+        (t, l), (b, r) = idx.min(0), idx.max(0) + 1
+        assert diff[t:b, l:r].mean() > 0.99  # a filled rectangle of noise
+        assert b - t < H and r - l < W
+        area = (b - t) * (r - l) / (H * W)
+        assert 0.01 <= area <= 0.42  # (0.02, 1/3) up to rounding of h and w
+        patch = out[t:b, l:r]
+        assert abs(patch.mean()) < 1.0 and 0.5 < patch.std() < 1.5
+    np.testing.assert_array_equal(x, x_before)  # input untouched
+    assert erased >= 45
+    np.testing.assert_array_equal(T.random_erasing(x, _rng(4), p=1.0), T.random_erasing(x, _rng(4), p=1.0))
+    rate = np.mean([not np.array_equal(T.random_erasing(x, _rng(s)), x) for s in range(400)])
+    assert 0.17 < rate < 0.33
+
+
+def test_random_erasing_requires_strictly_smaller_rectangle():
+    x = T.normalize(_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8))
+    for seed in range(5):  # a 10 x 10 rectangle never fits strictly inside 10 x 10
+        out = T.random_erasing(x, _rng(seed), p=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+        np.testing.assert_array_equal(out, x)
+    out = T.random_erasing(x, _rng(0), p=1.0, scale=(0.81, 0.81), ratio=(1.0, 1.0))
+    assert (out != x).any(-1).sum() == 81
+
+
+def test_random_erasing_modes(noise):
+    x = T.normalize(noise)
+    out = T.random_erasing(x, _rng(1), p=1.0, mode="const")
+    assert (out == 0).all(-1).sum() > 0.01 * H * W
+    with pytest.raises(ValueError, match="mode"):
+        T.random_erasing(x, _rng(1), mode="foo")
+    with pytest.raises(ValueError, match="img"):
+        T.random_erasing(noise, _rng(1))
+
+
+# ----------------------------------------------------------------------------
+# pipelines
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [T.pretrain_transform, T.finetune_transform])
+def test_train_pipelines(noise, fn):
+    out = fn(noise, _rng(0), 24)
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, fn(noise, _rng(0), 24))
+    assert not np.array_equal(out, fn(noise, _rng(1), 24))
+    small = _rng(0).integers(0, 256, (17, 47, 3), dtype=np.uint8)
+    assert fn(small, _rng(0), 16).shape == (16, 16, 3)
+
+
+def test_pretrain_equals_its_parts(noise):
+    a, b = _rng(9), _rng(9)
+    expected = T.random_flip(T.random_resized_crop(noise, b, 24, scale=(0.5, 1.0)), b)
+    np.testing.assert_array_equal(T.pretrain_transform(noise, a, 24), expected)
+
+
+def test_finetune_uses_imagenet_fill():
+    assert T.IMAGENET_FILL == (124, 116, 104)
