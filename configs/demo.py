@@ -23,8 +23,10 @@ def get_config():
     c.optim.base_lr = 1.5e-3           # per 256 images; higher than the paper's for a short run
     c.optim.warmup_epochs = 2
     c.optim.grad_clip = 0.02
-    c.log_every_steps = 20
+    c.log_every_steps = 10
     c.checkpoint.every_steps = 200
     c.evals.batch_size = 120
+    c.evals.every_steps = 220          # k-NN and linear probe on frozen features every 10 epochs
+    c.evals.probe = True
     c.model.num_classes = 10
     return c

@@ -119,3 +119,35 @@ def init_from(path: str, params, mesh=None):
     print(f"init_from {path}: loaded {len(loaded)} tensors, new {new}, ignored {ignored}", flush=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     return jax.tree_util.tree_unflatten(treedef, [out[k] for k in dst])
+
+
+def params_like(path: str, like):
+    """The checkpoint's parameters arranged as the tree ``like`` (all keys must match)."""
+    src, dst = _flat(read_params(path)), _flat(like)
+    missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
+    if missing or extra:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")
+    for k, x in dst.items():
+        if tuple(src[k].shape) != tuple(x.shape):
+            raise ValueError(f"checkpoint {path}: parameter {k} has shape {tuple(src[k].shape)}, "
+                             f"the model expects {tuple(x.shape)}")
+    treedef = jax.tree_util.tree_structure(like)
+    return jax.tree_util.tree_unflatten(treedef, [src[k] for k in dst])
+
+
+def saved_config(path: str):
+    """The ml_collections config saved with a checkpoint (workdir, checkpoints dir or step dir)."""
+    import ml_collections
+    directory, step = _resolve(path)
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "data_iter", "config"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    mngr.close()
+    return ml_collections.ConfigDict(_tuples(cfg))
+
+
+def _tuples(d):
+    """JSON turned the config's tuples into lists; turn them back."""
+    if isinstance(d, dict):
+        return {k: _tuples(v) for k, v in d.items()}
+    return tuple(d) if isinstance(d, list) else d

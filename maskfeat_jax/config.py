@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()
     c.evals.every_steps = 1000          # fine-tuning: top-1/top-5 on input.eval_split (and at the end)
     c.evals.batch_size = 1024           # global evaluation batch (the last one is padded, never dropped)
+    c.evals.probe = False               # also k-NN + linear probe on frozen features (small datasets)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # data-parallel axis (-1: all remaining devices)

@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval the latest checkpoint.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
@@ -40,7 +41,10 @@ def main(argv):
 
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if FLAGS.mode == "eval":
+            train.evaluate(FLAGS.config, FLAGS.workdir)
+        else:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except ValueError as e:  # config/input errors name their key: one clear line, no traceback
         if not str(e).startswith("config."):
             raise

@@ -50,6 +50,28 @@ class Writer:
                 self._tb.close()
 
 
+class Throughput:
+    """Speed between consecutive reads of finished steps' metrics: the host only knows a
+    step is done once its metrics are fetched, so rates are measured between fetches."""
+
+    def __init__(self, images_per_step: int, flops_per_image: float, num_devices: int, peak_flops: float):
+        self.ips, self.fpi, self.n, self.peak = images_per_step, flops_per_image, num_devices, peak_flops
+        self.last = None          # (step, time) of the previous fetch
+        self.data_wait = 0.0      # seconds the loop spent waiting for input since then
+
+    def mark(self, step: int) -> dict:
+        now = time.time()
+        out = {}
+        if self.last is not None and step > self.last[0]:
+            dt, steps = now - self.last[1], step - self.last[0]
+            tflops = self.fpi * self.ips * steps / dt / self.n / 1e12
+            out = {"perf/images_per_sec": self.ips * steps / dt, "perf/step_seconds": dt / steps,
+                   "perf/data_wait_fraction": min(self.data_wait / dt, 1.0),
+                   "perf/tflops_per_device": tflops, "perf/mfu": tflops * 1e12 / self.peak}
+        self.last, self.data_wait = (step, now), 0.0
+        return out
+
+
 class Progress:
     """One console line per logged step (a live bar when attached to a terminal)."""
 

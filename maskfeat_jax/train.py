@@ -7,6 +7,7 @@ metrics of step N-1, so the host never waits on the device except to log.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -21,7 +22,7 @@ from flax import nnx
 from maskfeat_jax import checkpoint, config as config_lib, metrics as metrics_lib, models, optim, perf
 from maskfeat_jax import sharding, steps
 from maskfeat_jax.data import pipeline, sources
-from maskfeat_jax.evaluators import classification
+from maskfeat_jax.evaluators import classification, probe
 
 PREEMPTED_EXIT_CODE = 75   # documented: the run saved a checkpoint after SIGTERM/SIGINT; rerun to resume
 
@@ -133,13 +134,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
     train_step = None
     pending, last = None, {}
-    t_log, steps_since_log, data_wait = time.time(), 0, 0.0
+    meter = metrics_lib.Throughput(gb, flops_per_image, jax.device_count(), peak)
     step = start_step
     try:
         while step < total_steps:
             t0 = time.time()
             local = next(train_iter)
-            data_wait += time.time() - t0
+            meter.data_wait += time.time() - t0
             batch = sharding.global_batch(mesh, local)
             if train_step is None:   # jit once, with explicit shardings, donating the old state
                 train_step = jit_step(st, mesh, batch)
@@ -147,33 +148,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 with jax.set_mesh(mesh):
                     train_step = train_step.lower(state, batch).compile()
                 writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
-                t_log = time.time()
             with jax.set_mesh(mesh):
                 state, step_metrics = train_step(state, batch)
             step += 1
-            steps_since_log += 1
             if pending is not None:   # read step N-1's metrics after dispatching step N
-                last = _flush(pending, config, writer, progress)
+                last = _flush(pending, config, writer, progress, meter)
                 pending = None
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
-                elapsed = time.time() - t_log
-                perf_m = {"perf/images_per_sec": gb * steps_since_log / elapsed,
-                          "perf/step_seconds": elapsed / steps_since_log,
-                          "perf/data_wait_fraction": data_wait / elapsed,
-                          "perf/tflops_per_device": flops_per_image * gb * steps_since_log / elapsed
-                          / jax.device_count() / 1e12,
-                          "train/epoch": step / steps_per_epoch}
-                perf_m["perf/mfu"] = perf_m["perf/tflops_per_device"] * 1e12 / peak
+                perf_m = {"train/epoch": step / steps_per_epoch}
                 pending = (step, step_metrics, perf_m)
                 if is_last or stop["signal"] is not None:
-                    last = _flush(pending, config, writer, progress)
+                    last = _flush(pending, config, writer, progress, meter)
                     pending = None
-                t_log, steps_since_log, data_wait = time.time(), 0, 0.0
-            if evaluator is not None and (step % config.evals.every_steps == 0 or is_last):
-                res = evaluator.run(state.params)
-                writer.write(step, res)
-                last.update(res)
+            if step % config.evals.every_steps == 0 or is_last:
+                res = evaluator.run(state.params) if evaluator is not None else {}
+                if config.evals.probe and jax.process_count() == 1:
+                    res.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
+                if res:
+                    writer.write(step, res)
+                    last.update(res)
+                    if jax.process_index() == 0:
+                        print(" | ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
             ckpt.save(step, state, train_iter, config, force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()
@@ -181,7 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 PREEMPTED_EXIT_CODE)
                 raise Preempted()
         if pending is not None:
-            last = _flush(pending, config, writer, progress)
+            last = _flush(pending, config, writer, progress, meter)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -192,11 +188,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def _flush(pending, config, writer, progress) -> dict:
+def _flush(pending, config, writer, progress, meter) -> dict:
     """Fetches a logged step's metrics (already computed), writes and prints them."""
-    step, device_metrics, perf_m = pending
+    step, device_metrics, extra = pending
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    m.update(perf_m)
+    m.update(extra)
+    m.update(meter.mark(step))
     writer.write(step, m)
     progress.update(step, m)
     if m.get("train/nonfinite_steps", 0) > 0 and config.nonfinite == "error":
@@ -237,3 +234,28 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
     for line in lines:
         logging.info(line)
         print(line, flush=True)
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Evaluates the latest checkpoint in ``workdir`` without training: top-1/top-5 for a
+    classifier, k-NN and linear probe on frozen features for any model."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(config.mesh)
+    st = setup(config, mesh, steps_per_epoch=1, total_steps=1)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ValueError(f"config.mode='eval': no checkpoint in {ckpt.directory}")
+    with jax.set_mesh(mesh):
+        state = ckpt.restore(step, st.abstract_state)
+    results = {}
+    if config.task == "finetune":
+        results.update(classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params).run(state.params))
+    if config.evals.probe:
+        results.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
+    writer = metrics_lib.Writer(workdir)
+    writer.write(step, results)
+    writer.close()
+    ckpt.close()
+    print(json.dumps({"step": step, **results}), flush=True)
+    return results

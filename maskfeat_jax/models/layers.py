@@ -20,6 +20,11 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
+def symmetric_uniform(bound: float) -> Initializer:
+    """U(-bound, bound): PyTorch's default bias init with bound 1/sqrt(fan_in)."""
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def param(rngs: nnx.Rngs, init: Initializer, shape, names) -> nnx.Param:
     """A float32 parameter with logical axis ``names`` (one per dimension)."""
     assert len(shape) == len(names), (shape, names)

@@ -99,7 +99,7 @@ class ViT(nnx.Module):
         fan_in = p * p * in_chans  # PyTorch's default conv-bias init: U(+-1/sqrt(fan_in))
         self.patch_kernel = param(rngs, layers.normal_02, (p, p, in_chans, d),
                                   ("conv_in", "conv_in", "conv_in", "embed"))
-        self.patch_bias = param(rngs, nnx.initializers.uniform(2 / fan_in ** 0.5), (d,), ("embed",))
+        self.patch_bias = param(rngs, layers.symmetric_uniform(fan_in ** -0.5), (d,), ("embed",))
         self.cls_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed"))
         self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
         self.mask_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed")) if mask_token else None

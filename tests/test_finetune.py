@@ -1,0 +1,123 @@
+"""Fine-tuning: mixup/cutmix targets, random erasing, init_from, evaluation, probes, end to end."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from maskfeat_jax import checkpoint, steps
+from maskfeat_jax.evaluators import probe
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _aug(mixup=0.8, cutmix=1.0, switch=0.5, smoothing=0.1):
+    return ml_collections.ConfigDict(dict(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch,
+                                          label_smoothing=smoothing))
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_mixed_targets_sum_to_one_and_match_the_mixed_images(mixup, cutmix):
+    images = jnp.stack([jnp.full((8, 8, 3), float(i)) for i in range(4)])
+    labels = jnp.arange(4)
+    for seed in range(6):
+        mixed, targets = steps.mix(jax.random.key(seed), images, labels, 10, _aug(mixup, cutmix))
+        np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+        # example 1 is paired with example 2 (the reversed batch): the share of its own pixels
+        # in the mixed image must equal the weight of its own label in the target
+        pixel_share = 2.0 - float(mixed[1].mean())
+        label_share = (float(targets[1, 1]) - 0.01) / 0.9
+        np.testing.assert_allclose(label_share, pixel_share, atol=1e-5)
+        np.testing.assert_allclose(float(targets[1, 2]), 0.01 + 0.9 * (1 - pixel_share), atol=1e-5)
+
+
+def test_label_smoothing_without_mixing():
+    _, t = steps.mix(jax.random.key(0), jnp.zeros((2, 4, 4, 3)), jnp.array([1, 3]), 5, _aug(0.0, 0.0, 0.5, 0.1))
+    np.testing.assert_allclose(t[0], [0.02, 0.92, 0.02, 0.02, 0.02], rtol=1e-6)
+
+
+def test_random_erasing_fills_only_the_box():
+    x = jnp.zeros((2, 8, 8, 3))
+    boxes = jnp.array([[1, 2, 3, 4], [0, 0, 0, 0]], jnp.int32)
+    y = steps.erase(jax.random.key(0), x, boxes)
+    inside = np.zeros((8, 8), bool)
+    inside[1:4, 2:6] = True
+    assert np.all(np.asarray(y[0])[inside] != 0) and np.all(np.asarray(y[0])[~inside] == 0)
+    assert np.all(np.asarray(y[1]) == 0)
+
+
+def test_knn_and_linear_probe_on_separable_features():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 5
+    y_tr, y_te = rng.integers(0, 3, 300), rng.integers(0, 3, 100)
+    f_tr, f_te = centres[y_tr] + rng.normal(size=(300, 16)), centres[y_te] + rng.normal(size=(100, 16))
+    assert probe.knn_accuracy(f_tr, y_tr, f_te, y_te, 3) > 0.95
+    assert probe.linear_probe_accuracy(f_tr, y_tr, f_te, y_te, 3, steps_=200) > 0.95
+    assert probe.knn_accuracy(f_tr, rng.permutation(y_tr), f_te, y_te, 3) < 0.6
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+TINY = ["--config.model.variant=mu/16", "--config.input.image_size=32", "--config.input.global_batch_size=16",
+        "--config.log_every_steps=2"]
+
+
+def _main(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", *args], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode:
+        raise AssertionError(p.stdout[-3000:] + p.stderr[-3000:])
+    return p
+
+
+def test_pretrain_then_finetune_from_it_then_eval(tmp_path):
+    pt, ft = tmp_path / "pt", tmp_path / "ft"
+    _main("--config=configs/demo.py", f"--workdir={pt}", "--config.total_steps=4", "--config.evals.probe=False", *TINY)
+    p = _main("--config=configs/demo_ft.py", f"--workdir={ft}", f"--config.init_from={pt}",
+              "--config.total_steps=4", "--config.evals.every_steps=4", "--config.evals.batch_size=40", *TINY)
+    out = p.stdout
+    assert "loaded" in out and "mask_token" in out and "head/kernel" in out   # ignored / new reported
+    rows = [json.loads(line) for line in open(ft / "metrics.jsonl")]
+    ev = [r for r in rows if "eval/top1" in r]
+    assert ev and ev[-1]["eval/examples"] == 360 and 0.0 <= ev[-1]["eval/top1"] <= ev[-1]["eval/top5"] <= 1.0
+    # encoder weights came from pre-training (at step 0 of fine-tuning), the head is new
+    pt_params = checkpoint.read_params(str(pt))
+    ft0 = checkpoint.read_params(str(ft))
+    assert set(pt_params["encoder"]) == set(ft0["encoder"]) | {"mask_token"}
+    assert "head" in ft0 and ft0["head"]["kernel"].shape == (32, 10)
+    e = _main("--config=configs/demo_ft.py", f"--workdir={ft}", "--mode=eval", "--config.evals.batch_size=40",
+              "--config.evals.probe=True", *TINY)
+    res = json.loads(e.stdout.strip().splitlines()[-1])
+    assert res["step"] == 4 and res["eval/examples"] == 360 and "eval/knn_top1" in res
+
+
+def test_init_from_copies_the_encoder_and_reinitialises_the_head(tmp_path):
+    pt = tmp_path / "pt"
+    _main("--config=configs/demo.py", f"--workdir={pt}", "--config.total_steps=2", "--config.evals.probe=False", *TINY)
+    from maskfeat_jax import config as config_lib, sharding, train
+    c = config_lib.base_config()
+    c.task, c.model.variant, c.input.image_size, c.model.num_classes = "finetune", "mu/16", 32, 10
+    c.input.global_batch_size = 8
+    mesh = sharding.make_mesh(c.mesh)
+    fresh = train.setup(c, mesh, 10, 10).init().params
+    loaded = checkpoint.init_from(str(pt), fresh)
+    src = checkpoint.read_params(str(pt))
+    np.testing.assert_array_equal(loaded["encoder"]["pos_embed"], src["encoder"]["pos_embed"])
+    np.testing.assert_array_equal(loaded["encoder"]["blocks"][1]["mlp"]["fc2"]["kernel"],
+                                  src["encoder"]["blocks"]["1"]["mlp"]["fc2"]["kernel"])
+    np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
+    assert float(jnp.abs(loaded["head"]["kernel"]).max()) < 1e-3
+    c.model.variant = "Ti/16"
+    other = train.setup(c, sharding.make_mesh(c.mesh), 10, 10).init().params
+    with pytest.raises(ValueError, match="encoder/"):
+        checkpoint.init_from(str(pt), other)
