@@ -102,10 +102,17 @@ def init_from(path: str, params, mesh=None):
     (mask token, HOG head, optimizer) are ignored. The report is logged and returned."""
     src = _flat(read_params(path))
     dst = _flat(params)
-    loaded, new = [], []
+    import jax.numpy as jnp
+    import numpy as np
+    loaded, new, interpolated = [], [], []
     out = {}
     for key, x in dst.items():
         if key.startswith("encoder/") and key in src:
+            if key.split("/")[-1].startswith("rel_pos_") and src[key].shape[1:] == x.shape[1:] \
+                    and src[key].shape[0] != x.shape[0]:
+                from maskfeat_jax.models.mvit import interpolate_rel_pos   # PT -> FT tables (spec 7.3)
+                src[key] = np.asarray(interpolate_rel_pos(jnp.asarray(src[key]), x.shape[0]))
+                interpolated.append(key)
             if tuple(src[key].shape) != tuple(x.shape):
                 raise ValueError(f"config.init_from: parameter {key} has shape {tuple(src[key].shape)} in "
                                  f"{path}, but the model expects {tuple(x.shape)}")
@@ -115,8 +122,10 @@ def init_from(path: str, params, mesh=None):
             out[key] = x
             new.append(key)
     ignored = sorted(set(src) - set(loaded))
-    logging.info("init_from %s: loaded %d tensors; new: %s; ignored: %s", path, len(loaded), new, ignored)
-    print(f"init_from {path}: loaded {len(loaded)} tensors, new {new}, ignored {ignored}", flush=True)
+    logging.info("init_from %s: loaded %d tensors (interpolated %s); new: %s; ignored: %s", path, len(loaded),
+                 interpolated, new, ignored)
+    print(f"init_from {path}: loaded {len(loaded)} tensors (rel-pos tables interpolated: {interpolated}), "
+          f"new {new}, ignored {ignored}", flush=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     return jax.tree_util.tree_unflatten(treedef, [out[k] for k in dst])
 

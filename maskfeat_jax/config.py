@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-KNOWN_DATASETS = ("digits", "synthetic")  # plus any TFDS name, or "folder:<root>"
+KNOWN_DATASETS = ("digits", "synthetic", "video_csv", "video_demo")  # plus TFDS names, "folder:<root>"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,8 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.peak_flops = 0.0                  # per-device peak FLOP/s for MFU; 0 = table by device kind (CPU: measured)
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "vit"                # model family
-    c.model.variant = "B/16"            # size/patch from models.vit.SIZES (mu, demo, Ti, S, B, L, H)
+    c.model.name = "vit"                # model family: "vit" (images) or "mvit" (MViTv2, video)
+    c.model.variant = "B/16"            # ViT: size/patch (mu, demo, Ti, S, B, L, H); MViTv2: mu, S, B, L
     c.model.drop_path = 0.0             # stochastic depth at the last block (linear from 0)
     c.model.num_classes = 1000          # classifier outputs (fine-tuning)
     c.model.dtype = "float32"           # compute dtype: "float32" or "bfloat16" (params stay float32)
@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.hog.gaussian_window = 0           # 0 = off, as in the official runs
 
     c.input = ml_collections.ConfigDict()
-    c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic" or "folder:<root>"
+    c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic", "folder:<root>";
+    #                                     video: "video_csv" (video.csv_dir) or "video_demo" (embedded)
     c.input.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (None: TFDS default)
     c.input.train_split = "train"       # split to train on
     c.input.eval_split = "validation"   # held-out split for evaluation
@@ -55,6 +56,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.synthetic_size = 4096       # examples in the "synthetic" dataset
     c.input.mean = (0.485, 0.456, 0.406)  # per-channel normalisation, applied on device
     c.input.std = (0.229, 0.224, 0.225)
+
+    c.video = ml_collections.ConfigDict()  # used when config.model.name == "mvit"
+    c.video.num_frames = 16             # frames per clip
+    c.video.sampling_rate = 4           # take every 4th frame
+    c.video.short_side = 256            # decode at this short side, then crop input.image_size
+    c.video.csv_dir = ""                # folder with train.csv / val.csv ("path label" per line)
+    c.video.root = ml_collections.config_dict.placeholder(str)  # relative paths in the CSVs (default: csv_dir)
+    c.video.test_clips = 10             # temporal clips per video at evaluation (views are averaged)
+    c.video.test_crops = 1              # spatial crops per clip at evaluation (1 or 3)
 
     c.augment = ml_collections.ConfigDict()  # fine-tuning only (pre-training: crop + flip)
     c.augment.randaug_ops = 2           # RandAugment ops per image (rand-m9-mstd0.5-inc1)
@@ -112,7 +122,13 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if config.task not in ("pretrain", "finetune"):
         raise ValueError(f"config.task={config.task!r}: expected 'pretrain' or 'finetune'")
     from maskfeat_jax import sharding
-    vsize, patch = vit.parse_variant(config.model.variant)
+    if config.model.name not in ("vit", "mvit"):
+        raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
+    if config.model.name == "mvit":
+        _validate_video(config)
+        vsize, patch = vit.SIZES["mu"], 16   # MViTv2 head counts are checked by the model
+    else:
+        vsize, patch = vit.parse_variant(config.model.variant)
     _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
     if vsize.heads % tensor or vsize.mlp % tensor:
         raise ValueError(f"config.mesh.tensor={tensor} does not divide the {vsize.heads} heads / {vsize.mlp} "
@@ -137,12 +153,32 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if config.nonfinite not in ("error", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
     ds = config.input.dataset
+    if ds in ("video_csv", "video_demo") and config.model.name != "mvit":
+        raise ValueError(f"config.input.dataset={ds!r} is a video dataset: set config.model.name='mvit'")
     if ds.startswith("folder:"):
         root = ds[len("folder:"):]
         if not os.path.isdir(root):
             raise ValueError(f"config.input.dataset={ds!r}: folder {root!r} does not exist")
     elif ds not in KNOWN_DATASETS:
         _check_tfds(ds, config.input.data_dir)
+
+
+def _validate_video(config):
+    from maskfeat_jax.models import mvit
+    mvit.parse_variant(config.model.variant)
+    if config.input.dataset not in ("video_csv", "video_demo"):
+        raise ValueError(f"config.input.dataset={config.input.dataset!r}: MViTv2 reads 'video_csv' or "
+                         f"'video_demo'")
+    if config.input.image_size % 32:
+        raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of 32 for "
+                         f"MViTv2 (one cube-mask unit is 32x32 pixels)")
+    if config.video.num_frames % 2:
+        raise ValueError(f"config.video.num_frames={config.video.num_frames} must be even (temporal stride 2)")
+    if config.input.dataset == "video_csv":
+        d = config.video.csv_dir
+        split_csv = os.path.join(d, f"{config.input.train_split}.csv")
+        if not d or not os.path.isfile(split_csv):
+            raise ValueError(f"config.video.csv_dir={d!r}: {split_csv!r} does not exist")
 
 
 def _check_tfds(name, data_dir):

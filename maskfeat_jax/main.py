@@ -36,6 +36,9 @@ def main(argv):
     del argv
     import jax  # imported after flag parsing so XLA flags from the environment apply
 
+    if not FLAGS["verbosity"].present:   # library INFO logs (checkpointing) only with -v 0
+        logging.set_verbosity(logging.WARNING)
+
     _maybe_initialize_distributed(jax)
     from maskfeat_jax import train
 

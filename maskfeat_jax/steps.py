@@ -46,7 +46,7 @@ def _apply(tx, state: TrainState, loss, grads, metrics):
     return state, metrics
 
 
-def make_pretrain_step(graphdef, tx, schedule, config, patch: int):
+def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stride: int | None = None):
     """MaskFeat: HOG targets of the intact input, masked-token MSE with explicit denominator."""
     base_key = jax.random.key(config.seed)
     mean, std, h = config.input.mean, config.input.std, config.hog
@@ -55,7 +55,7 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int):
         images = normalize(batch["image"], mean, std)
         targets_BxNxK = jax.lax.stop_gradient(hog.hog_targets(
             images, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
-            gaussian_window=h.gaussian_window))
+            gaussian_window=h.gaussian_window, temporal_stride=temporal_stride))
         mask_BxN = batch["mask"] & batch["valid"][:, None]
         weight_BxN = mask_BxN.astype(jnp.float32)
         rng = jax.random.fold_in(base_key, state.step)
@@ -83,7 +83,7 @@ def mix(rng, images, labels, num_classes, a):
     use_cutmix = (a.cutmix_alpha > 0) & ((a.mixup_alpha <= 0) | (jax.random.uniform(k_switch) < a.switch_prob))
     alpha = jnp.where(use_cutmix, max(a.cutmix_alpha, 1e-6), max(a.mixup_alpha, 1e-6))
     lam = jax.random.beta(k_lam, alpha, alpha)
-    b, hh, ww = images.shape[:3]
+    hh, ww = images.shape[-3:-1]          # images (B, H, W, C) or clips (B, T, H, W, C)
     cut = jnp.sqrt(1.0 - lam)
     ch, cw = (hh * cut).astype(jnp.int32), (ww * cut).astype(jnp.int32)
     cy, cx = jax.random.randint(k_box, (2,), 0, jnp.array([hh, ww]))
@@ -93,7 +93,7 @@ def mix(rng, images, labels, num_classes, a):
     box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
     lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (hh * ww)
     flipped = images[::-1]
-    mixed = jnp.where(use_cutmix, jnp.where(box[None, :, :, None], flipped, images),
+    mixed = jnp.where(use_cutmix, jnp.where(box[..., None], flipped, images),
                       lam * images + (1 - lam) * flipped)
     lam = jnp.where(use_cutmix, lam_cut, lam)
     enabled = (a.mixup_alpha > 0) | (a.cutmix_alpha > 0)
@@ -103,12 +103,14 @@ def mix(rng, images, labels, num_classes, a):
 
 
 def erase(rng, images, boxes_Bx4):
-    """Random erasing, pixel mode: the (top, left, h, w) box of each example gets N(0, 1) noise."""
-    b, hh, ww, _ = images.shape
+    """Random erasing, pixel mode: the (top, left, h, w) box of each example gets N(0, 1) noise
+    (for clips, the same box on every frame)."""
+    hh, ww = images.shape[-3:-1]
     rows, cols = jnp.arange(hh)[None, :, None], jnp.arange(ww)[None, None, :]
     t, l, h, w = (boxes_Bx4[:, i, None, None] for i in range(4))
-    inside = (rows >= t) & (rows < t + h) & (cols >= l) & (cols < l + w)
-    return jnp.where(inside[..., None], jax.random.normal(rng, images.shape, images.dtype), images)
+    inside = (rows >= t) & (rows < t + h) & (cols >= l) & (cols < l + w)          # (B, H, W)
+    inside = inside.reshape(inside.shape[:1] + (1,) * (images.ndim - 4) + inside.shape[1:] + (1,))
+    return jnp.where(inside, jax.random.normal(rng, images.shape, images.dtype), images)
 
 
 def make_finetune_step(graphdef, tx, schedule, config):
@@ -137,6 +139,8 @@ def make_finetune_step(graphdef, tx, schedule, config):
 
 def make_eval_step(graphdef, config):
     """Sums of top-1 / top-5 hits and of valid examples over a padded batch."""
+    video = config.model.name == "mvit"
+
     def step(params, batch):
         images = normalize(batch["image"], config.input.mean, config.input.std)
         logits = nnx.merge(graphdef, params)(images)["logits_BxC"]
@@ -144,7 +148,9 @@ def make_eval_step(graphdef, config):
         k = min(5, logits.shape[-1])
         topk = jax.lax.top_k(logits, k)[1]
         hit = topk == batch["label"][:, None]
-        return {"top1": (hit[:, 0] & valid).sum(), "top5": (hit.any(-1) & valid).sum(),
-                "count": valid.sum()}
+        out = {"top1": (hit[:, 0] & valid).sum(), "top5": (hit.any(-1) & valid).sum(), "count": valid.sum()}
+        if video:   # views of one video are averaged on the host
+            out["probs"] = jax.nn.softmax(logits)
+        return out
 
     return step

@@ -68,7 +68,9 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
     state_sh = steps.TrainState(step=repl, params=param_sh, opt_state=opt_sh, nonfinite=repl)
     abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
     if config.task == "pretrain":
-        step_fn = steps.make_pretrain_step(graphdef, tx, schedule, config, model.encoder.patch)
+        video = config.model.name == "mvit"
+        step_fn = steps.make_pretrain_step(graphdef, tx, schedule, config, model.encoder.patch,
+                                           model.encoder.patch_stride[0] if video else None)
     else:
         step_fn = steps.make_finetune_step(graphdef, tx, schedule, config)
 
@@ -103,7 +105,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- model and optimizer, sharded state, step functions
     st = setup(config, mesh, steps_per_epoch, total_steps)
     model = st.model
-    train_iter = iter(pipeline.train_dataset(config, train_source, model.encoder.grid))
+    if config.model.name == "mvit":
+        from maskfeat_jax.data import video
+        train_iter = iter(video.train_dataset(config, train_source, model.encoder.mask_grid))
+    else:
+        train_iter = iter(pipeline.train_dataset(config, train_source, model.encoder.grid))
 
     # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)

@@ -104,9 +104,27 @@ class TfdsSource:
         return {"image": ex["image"], "label": int(ex["label"])}
 
 
+DEFAULT_VIDEO_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "video_demo")
+
+
+def video_csv_dir(config) -> str:
+    """The folder of the video CSVs; the embedded demo videos are written there on first use."""
+    if config.input.dataset == "video_demo":
+        from maskfeat_jax.data import make_video_demo
+        return make_video_demo.ensure_video_demo(config.video.csv_dir or DEFAULT_VIDEO_DEMO_DIR)
+    return config.video.csv_dir
+
+
 def make(config, split: str):
     """The source for ``split`` of ``config.input.dataset``."""
     inp = config.input
+    if inp.dataset in ("video_csv", "video_demo"):
+        import ml_collections
+
+        from maskfeat_jax.data import video
+        resolved = ml_collections.ConfigDict(config.to_dict())
+        resolved.video.csv_dir = video_csv_dir(config)
+        return video.make_source(resolved, split)
     if inp.dataset == "digits":
         return DigitsSource(split)
     if inp.dataset == "synthetic":

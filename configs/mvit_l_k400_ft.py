@@ -1,0 +1,29 @@
+"""Fine-tuning MViTv2-L 16x4 on Kinetics-400 from MaskFeat (spec 9.2, k400_MVITv2_L_16x4_FT).
+
+    python -m maskfeat_jax.main --config=configs/mvit_l_k400_ft.py --workdir=$WORKDIR/mvit_l_ft \\
+        --config.init_from=$WORKDIR/mvit_l_pt \\
+        --config.video.csv_dir=/data/kinetics400/csv --config.video.root=/data/kinetics400/videos
+
+Official: 16 clips per node, base lr 6e-4, layer decay 0.875, 75 epochs, 5 warm-up epochs
+from 1e-8, cosine to 1e-5, drop path 0.2, clip 5.0, RandAugment m7, random erasing 0.25,
+mixup/cutmix, label smoothing 0.1; 1 x 10 views. Official result: 84.3 top-1.
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("mvit_s_k400_ft", os.path.join(os.path.dirname(__file__), "mvit_s_k400_ft.py"))
+_s = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_s)
+
+
+def get_config():
+    c = _s.get_config("L")
+    c.model.drop_path = 0.2
+    c.model.remat = "dots_saveable"
+    c.epochs = 75
+    c.optim.reference_batch = 16
+    c.optim.warmup_start_lr = 1e-8
+    c.optim.end_lr = 1e-5
+    c.optim.warmup_epochs = 5
+    c.optim.layer_decay = 0.875
+    return c

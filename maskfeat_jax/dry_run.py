@@ -1,0 +1,175 @@
+"""Dry run: compile the train step for a mesh with no data and no parameters in memory.
+
+Does ViT-L fit on a pod slice, and how much does it cost per device? This module answers
+before you claim the machines. It builds the train state abstractly, as shapes and
+shardings only (``train.setup``). It builds abstract batch inputs with the trainer's batch
+sharding. Then it lowers and compiles the jitted train step for the configured mesh, with
+the same explicit shardings and donation that the trainer uses. It prints:
+
+* the mesh;
+* per-device bytes of parameters and optimizer state, counted from the shardings;
+* the compiled program's memory analysis per device;
+* the compiler's FLOPs per device.
+
+    python -m maskfeat_jax.dry_run --config=configs/vit_l_in1k.py --devices=256 \\
+        --config.mesh.data=1 --config.mesh.fsdp=256 --config.input.global_batch_size=4096
+
+``--devices=N`` simulates N devices on the CPU. It sets ``jax_num_cpu_devices`` and
+``jax_platforms=cpu`` before any backend starts. Without it the run uses the real devices
+of this host. On a TPU/GPU host the memory figures are then that backend's own. On the
+CPU, argument and output sizes are exact, because they follow from the shardings alone.
+Temporary (activation) memory is the CPU compiler's estimate for float32 buffers: read it
+as an order of magnitude, not as the TPU/GPU figure.
+
+The config is validated as the trainer does, except for the dataset check. No data is
+read, so that check runs with ``input.dataset='synthetic'``. A TFDS name or ``data_dir``
+that exists only on the training machines, e.g. on GCS, therefore does not fail here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
+flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: the real devices).")
+flags.DEFINE_float("device_memory_gib", 0.0, "If > 0: say whether the per-device total fits in this.")
+flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+GIB = 1024 ** 3
+
+
+def use_cpu_devices(n: int) -> None:
+    """Makes JAX start ``n`` fake CPU devices. Call before anything touches a backend."""
+    import jax
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError as e:
+        raise RuntimeError(f"--devices={n}: a JAX backend was already started: {e}") from e
+
+
+def abstract_batch(config, mesh, grid) -> dict:
+    """ShapeDtypeStructs of one global training batch, sharded as ``sharding.global_batch``."""
+    import jax
+    import numpy as np
+
+    from maskfeat_jax import sharding
+
+    if config.model.name != "vit":
+        raise ValueError(f"config.model.name={config.model.name!r}: the dry run builds image batches for "
+                         f"'vit' only")
+    b, s = config.input.global_batch_size, config.input.image_size
+    shapes = {"image": ((b, s, s, 3), np.uint8), "label": ((b,), np.int32), "valid": ((b,), np.bool_)}
+    if config.task == "pretrain":
+        shapes["mask"] = ((b, int(np.prod(grid))), np.bool_)
+    else:
+        shapes["erase_box"] = ((b, 4), np.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+            for k, (shape, dtype) in shapes.items()}
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):   # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return cost or {}
+
+
+def run(config, devices=None) -> dict:
+    """Compiles the train step of ``config`` on ``devices`` (default: all) and reports it."""
+    import jax
+
+    from maskfeat_jax import config as config_lib, perf, sharding, train
+
+    devices = jax.devices() if devices is None else list(devices)
+    checked = config.copy_and_resolve_references()
+    checked.input.dataset = "synthetic"          # no data is read: skip the dataset/data_dir check
+    config_lib.validate(checked, len(devices), 1)
+
+    t0 = time.perf_counter()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    gb = config.input.global_batch_size
+    total_steps = config.total_steps if config.total_steps > 0 else 1000   # only shapes the lr schedule
+    st = train.setup(config, mesh, steps_per_epoch=max(total_steps // 100, 1), total_steps=total_steps)
+    batch = abstract_batch(config, mesh, st.model.encoder.grid)
+    t_setup = time.perf_counter() - t0
+
+    step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
+                   out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        lowered = step.lower(st.abstract_state, batch)
+        t_lower = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        compiled = lowered.compile()
+        t_compile, c_compile = time.perf_counter() - t0, time.process_time() - c0
+
+    mem = compiled.memory_analysis()
+    m = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp", "generated_code")} if mem is not None else {}
+    # Donated state is aliased to the output, so those bytes are counted once.
+    total = m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] if m else None
+    n = len(devices)
+    report = {
+        "devices": n, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+        "global_batch": gb, "batch_per_device": gb // n,
+        "params_bytes_per_device": sharding.bytes_per_device(st.abstract_state.params),
+        "opt_state_bytes_per_device": sharding.bytes_per_device(st.abstract_state.opt_state),
+        "params_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st.abstract_state.params)),
+        "memory": {**{f"{k}_bytes": v for k, v in m.items()}, "total_bytes": total},
+        "flops_per_device": float(_cost(compiled).get("flops", float("nan"))),
+        "analytic_flops_per_device": perf.model_flops_per_image(st.model, config) * gb / n,
+        "seconds": {"setup": t_setup, "lower": t_lower, "compile": t_compile, "compile_cpu": c_compile},
+    }
+    return report
+
+
+def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
+    mem, sec = r["memory"], r["seconds"]
+    mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"   # noqa: E731
+    lines = [
+        f"devices: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
+        f"batch: global {r['global_batch']}, per device {r['batch_per_device']}",
+        f"parameters: {mib(r['params_bytes_total'])} in all; per device: params "
+        f"{mib(r['params_bytes_per_device'])}, optimizer state {mib(r['opt_state_bytes_per_device'])}",
+    ]
+    if mem["total_bytes"] is not None:
+        lines.append(
+            f"compiled memory per device: arguments {mib(mem['argument_bytes'])}, outputs {mib(mem['output_bytes'])}"
+            f" (aliased {mib(mem['alias_bytes'])}), temp {mib(mem['temp_bytes'])}, generated code "
+            f"{mib(mem['generated_code_bytes'])}; total {mem['total_bytes'] / GIB:.2f} GiB")
+    lines.append(f"FLOPs per device and step: compiler {r['flops_per_device']:.3e}, "
+                 f"analytic {r['analytic_flops_per_device']:.3e}")
+    lines.append(f"time: setup {sec['setup']:.1f}s, lower {sec['lower']:.1f}s, compile {sec['compile']:.1f}s "
+                 f"({sec['compile_cpu']:.1f} CPU-s)")
+    if device_memory_gib > 0 and mem["total_bytes"] is not None:
+        fits = mem["total_bytes"] <= device_memory_gib * GIB
+        lines.append(f"{'fits' if fits else 'DOES NOT FIT'} in {device_memory_gib:g} GiB per device")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.devices:
+        use_cpu_devices(FLAGS.devices)
+    try:
+        report = run(FLAGS.config)
+    except ValueError as e:   # config errors name their key
+        if not str(e).startswith("config."):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_report(report, FLAGS.device_memory_gib), flush=True)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,85 @@
+"""The dry run compiles the train step from abstract state and batch on the test process's
+8 fake devices and reports per-device memory; FSDP over 8 holds ~1/8 of the parameters."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from maskfeat_jax import config as config_lib, dry_run, sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(mesh, task="pretrain"):
+    c = config_lib.base_config()
+    c.task, c.model.variant, c.input.image_size = task, "Ti/16", 32   # Ti: every 2-D weight splits 8 ways
+    c.input.global_batch_size, c.model.num_classes = 16, 10
+    c.input.dataset, c.input.data_dir = "imagenet2012", "/nonexistent/tfds"   # never read by the dry run
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {name: dry_run.run(_config(mesh)) for name, mesh in [("dp", (8, 1, 1)), ("fsdp", (1, 8, 1))]}
+
+
+def test_reports_memory_and_flops_per_device(reports):
+    r = reports["dp"]
+    assert r["devices"] == 8 and r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and r["batch_per_device"] == 2
+    # Ti/16 at 32 px with the HOG head: 5.5M parameters, float32, replicated under DP
+    assert r["params_bytes_per_device"] == r["params_bytes_total"] > 20e6
+    assert r["opt_state_bytes_per_device"] >= 2 * r["params_bytes_per_device"]   # Adam mu and nu
+    mem = r["memory"]
+    assert mem["argument_bytes"] >= r["params_bytes_per_device"] + r["opt_state_bytes_per_device"]
+    assert mem["alias_bytes"] > 0.9 * mem["output_bytes"]          # the donated state is updated in place
+    assert mem["temp_bytes"] > 0 and mem["total_bytes"] > mem["argument_bytes"]
+    assert 0.7 < r["flops_per_device"] / r["analytic_flops_per_device"] < 1.5
+    text = dry_run.format_report(r, device_memory_gib=1e-3)
+    assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in text and "per device: params" in text
+    assert "DOES NOT FIT in 0.001 GiB" in text
+
+
+def test_fsdp_over_8_holds_an_eighth_of_the_parameters(reports):
+    dp, fsdp = reports["dp"], reports["fsdp"]
+    for key in ("params_bytes_per_device", "opt_state_bytes_per_device"):
+        ratio = fsdp[key] / dp[key]
+        assert 1 / 8 <= ratio < 1 / 8 * 1.1, (key, ratio)
+    assert fsdp["memory"]["argument_bytes"] < dp["memory"]["argument_bytes"] / 4
+    # the same work per device: FSDP changes where the weights live, not the FLOPs
+    assert fsdp["flops_per_device"] == pytest.approx(dp["flops_per_device"], rel=0.1)
+
+
+def test_finetune_batch_has_erase_boxes_instead_of_masks():
+    c = _config((8, 1, 1), task="finetune")
+    mesh = sharding.make_mesh(c.mesh)
+    b = dry_run.abstract_batch(c, mesh, (2, 2))
+    assert set(b) == {"image", "label", "valid", "erase_box"}
+    assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == "uint8"
+    assert b["erase_box"].shape == (16, 4) and b["image"].sharding.shard_shape(b["image"].shape)[0] == 2
+    assert "mask" in dry_run.abstract_batch(_config((8, 1, 1)), mesh, (2, 2))
+
+
+def test_config_errors_name_the_key():
+    c = _config((1, 8, 1))
+    c.model.variant = "mu/16"
+    c.mesh.fsdp = 3
+    with pytest.raises(ValueError, match="config.mesh"):
+        dry_run.run(c)
+
+
+def test_command_line_simulates_the_requested_device_count(tmp_path):
+    """``--devices=N`` must take effect before JAX starts, whatever XLA_FLAGS says."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.dry_run", "--config=configs/demo.py", "--devices=4",
+                        "--config.model.variant=mu/16", "--config.input.image_size=32",
+                        "--config.input.global_batch_size=8", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                        f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "devices: 4 x cpu, mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in p.stdout
+    assert "compiled memory per device" in p.stdout and "FLOPs per device" in p.stdout
+    assert json.loads(out.read_text())["batch_per_device"] == 2
