@@ -205,3 +205,30 @@ def shape_differences(saved: dict, config) -> list[str]:
         if old != new:
             out.append(f"{key}: saved {old!r}, now {new!r}")
     return out
+
+
+def flat_keys(config, prefix="") -> list[str]:
+    out = []
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        out.extend(flat_keys(v, key + ".") if isinstance(v, ml_collections.ConfigDict) else [key])
+    return out
+
+
+def unknown_override_keys(config_file: str, argv) -> list[str]:
+    """Messages for ``--config.<key>=...`` arguments naming keys the config does not have,
+    each with the closest valid keys."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_config_file", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    keys = flat_keys(module.get_config())
+    messages = []
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+                hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                messages.append(f"unknown config key config.{key}{hint}")
+    return messages

@@ -116,9 +116,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     latest = ckpt.latest_step()
     with jax.set_mesh(mesh):
         if latest is not None:
-            _check_resume_config(ckpt, latest, config)
-            state = ckpt.restore(latest, st.abstract_state, train_iter)
-            logging.info("resuming from step %d", latest)
+            state = _restore_latest_good(ckpt, st.abstract_state, train_iter, config)
         else:
             state = st.init()
             if config.get("init_from"):
@@ -209,10 +207,35 @@ def _flush(pending, config, writer, progress, meter) -> dict:
     return m
 
 
+def _restore_latest_good(ckpt, abstract_state, train_iter, config):
+    """Restores the newest checkpoint that reads back; a damaged one is reported and skipped."""
+    steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps_desc):
+        try:
+            _check_resume_config(ckpt, step, config)
+            state = ckpt.restore(step, abstract_state, train_iter)
+        except ValueError as e:
+            if "shape-changing" in str(e):
+                raise
+            err = e
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+            err = e
+        else:
+            print(f"resuming from step {step}", flush=True)
+            return state
+        nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
+        logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
+                        err, nxt)
+        print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}); {nxt}",
+              flush=True)
+    raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored; move the folder away to start "
+                       f"from scratch")
+
+
 def _check_resume_config(ckpt, step, config):
     diffs = config_lib.shape_differences(ckpt.saved_config(step), config)
     if diffs and not config.checkpoint.allow_config_change:
-        raise ValueError("the workdir holds a checkpoint whose config differs in shape-changing keys:\n  "
+        raise ValueError("config: the workdir holds a checkpoint whose config differs in shape-changing keys:\n  "
                          + "\n  ".join(diffs) + "\nUse another --workdir, or set "
                          "--config.checkpoint.allow_config_change=True to override.")
 

@@ -59,3 +59,26 @@ def test_video_finetune_steps_and_multiview_eval(video_dir):
     from maskfeat_jax.evaluators import classification
     res = classification.Evaluator(c, mesh, s.graphdef, s.state_sharding.params).run(state.params)
     assert res["eval/examples"] == 6 and 0 <= res["eval/top1"] <= res["eval/top5"] <= 1
+
+
+def test_init_from_interpolates_relative_position_tables(monkeypatch):
+    from maskfeat_jax import checkpoint
+    from maskfeat_jax.models.mvit import interpolate_rel_pos
+    c = config_lib.base_config()
+    c.task, c.model.name, c.model.variant, c.input.image_size = "finetune", "mvit", "mu", 64
+    c.input.global_batch_size, c.video.num_frames, c.model.num_classes = 8, 4, 10
+    mesh = sharding.make_mesh(c.mesh)
+    ft = train.setup(c, mesh, 10, 10).init().params
+    # a pre-training checkpoint whose last block has longer tables (as MViTv2 PT vs FT, spec 7.3)
+    src = jax.tree.map(lambda x: np.asarray(x) + 1.0, ft)
+    last = len(src["encoder"]["blocks"]) - 1
+    table = src["encoder"]["blocks"][last]["attn"]["rel_pos_h"]
+    longer = np.random.default_rng(0).normal(size=(table.shape[0] + 6,) + table.shape[1:]).astype(np.float32)
+    src["encoder"]["blocks"][last]["attn"]["rel_pos_h"] = longer
+    src["encoder"]["mask_token"] = np.zeros((1, 1, 16), np.float32)
+    monkeypatch.setattr(checkpoint, "read_params", lambda path: src)
+    loaded = checkpoint.init_from("unused", ft)
+    got = np.asarray(loaded["encoder"]["blocks"][last]["attn"]["rel_pos_h"])
+    np.testing.assert_allclose(got, np.asarray(interpolate_rel_pos(longer, table.shape[0])), rtol=1e-6)
+    np.testing.assert_array_equal(loaded["encoder"]["patch_kernel"], src["encoder"]["patch_kernel"])
+    np.testing.assert_array_equal(loaded["head"]["kernel"], ft["head"]["kernel"])

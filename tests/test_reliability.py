@@ -1,0 +1,81 @@
+"""Faults: damaged or half-written checkpoints, non-finite losses and gradients."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from maskfeat_jax import steps, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
+        "--config.input.global_batch_size=16", "--config.log_every_steps=1", "--config.evals.probe=False",
+        "--config.checkpoint.every_steps=3", "--config.checkpoint.max_to_keep=5"]
+
+
+def _run(workdir, steps_):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={workdir}", *ARGS,
+                        f"--config.total_steps={steps_}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def _steps(workdir):
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_damaged_and_half_written_checkpoints_fall_back_to_the_last_good_one(tmp_path):
+    _run(tmp_path, 6)
+    assert _steps(tmp_path) == [3, 6]
+    ck = tmp_path / "checkpoints"
+    # a save killed part-way leaves a temporary folder: it is never taken as the latest
+    shutil.copytree(ck / "6", ck / "9.orbax-checkpoint-tmp-1234")
+    # the newest complete checkpoint is damaged on disk (its array files truncated)
+    for f in (ck / "6" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[:16])
+    out = _run(tmp_path, 8)
+    assert "checkpoint at step 6 could not be restored" in out and "resuming from step 3" in out
+    assert not (ck / "9.orbax-checkpoint-tmp-1234").exists()       # cleaned up at start-up
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/loss" in r][-5:] == [4, 5, 6, 7, 8]
+
+
+def _toy_state():
+    params = {"w": jnp.ones((3,))}
+    tx = optax.adamw(0.1)
+    return tx, steps.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+                                nonfinite=jnp.array(0))
+
+
+@pytest.mark.parametrize("loss,grad", [(np.nan, 1.0), (1.0, np.inf), (np.inf, np.nan)])
+def test_nonfinite_update_is_skipped_and_counted(loss, grad):
+    tx, state = _toy_state()
+    new, m = steps._apply(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
+    np.testing.assert_array_equal(new.params["w"], state.params["w"])
+    assert int(new.nonfinite) == 1 and int(m["train/nonfinite_steps"]) == 1 and int(new.step) == 1
+    ok, _ = steps._apply(tx, new, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
+    assert int(ok.nonfinite) == 1 and not np.array_equal(ok.params["w"], state.params["w"])
+
+
+def test_nonfinite_stops_the_run_in_error_mode_naming_the_step(tmp_path):
+    from maskfeat_jax import config as config_lib, metrics
+    c = config_lib.base_config()
+    w = metrics.Writer(str(tmp_path))
+    prog = metrics.Progress(10, 5, 0)
+    meter = metrics.Throughput(8, 1.0, 1, 1.0)
+    pending = (7, {"train/loss": jnp.float32(np.nan), "train/nonfinite_steps": jnp.int32(1)}, {})
+    with pytest.raises(FloatingPointError, match="step 7"):
+        train._flush(pending, c, w, prog, meter)
+    c.nonfinite = "skip"
+    out = train._flush(pending, c, w, prog, meter)
+    assert out["train/nonfinite_steps"] == 1
+    w.close()
