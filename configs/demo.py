@@ -28,5 +28,6 @@ def get_config():
     c.evals.batch_size = 120
     c.evals.every_steps = 220          # k-NN and linear probe on frozen features every 10 epochs
     c.evals.probe = True
+    c.evals.figures_every_steps = 220  # HOG prediction pictures in TensorBoard
     c.model.num_classes = 10
     return c

@@ -22,6 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50              # metrics to metrics.jsonl, TensorBoard and the console
     c.nonfinite = "error"               # non-finite loss/grad norm: "error" stops, "skip" skips the update
     c.init_from = ""                    # fine-tuning: a pre-training workdir or checkpoint step dir (weights only)
+    c.profile_start_step = -1          # >= 0: write a jax.profiler trace of a few steps to WORKDIR/profile
+    c.profile_num_steps = 5             # steps in the trace
     c.peak_flops = 0.0                  # per-device peak FLOP/s for MFU; 0 = table by device kind (CPU: measured)
 
     c.model = ml_collections.ConfigDict()
@@ -92,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals.every_steps = 1000          # fine-tuning: top-1/top-5 on input.eval_split (and at the end)
     c.evals.batch_size = 1024           # global evaluation batch (the last one is padded, never dropped)
     c.evals.probe = False               # also k-NN + linear probe on frozen features (small datasets)
+    c.evals.figures_every_steps = 0     # pre-training (images): HOG prediction figures to TensorBoard
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # data-parallel axis (-1: all remaining devices)

@@ -62,6 +62,10 @@ def main(argv):
     from maskfeat_jax import train
 
     logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    if jax.process_index() == 0:
+        config_file = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+        print(f"config: {config_file}; changed from the file: {' '.join(overrides) or 'nothing'}", flush=True)
     try:
         if FLAGS.mode == "eval":
             train.evaluate(FLAGS.config, FLAGS.workdir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -152,9 +153,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 with jax.set_mesh(mesh):
                     train_step = train_step.lower(state, batch).compile()
                 writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
-            with jax.set_mesh(mesh):
+            if step == config.profile_start_step:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
             step += 1
+            if config.profile_start_step >= 0 and step == config.profile_start_step + config.profile_num_steps:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                print(f"profiler trace of steps {config.profile_start_step}..{step - 1} in {workdir}/profile",
+                      flush=True)
             if pending is not None:   # read step N-1's metrics after dispatching step N
                 last = _flush(pending, config, writer, progress, meter)
                 pending = None
@@ -174,6 +182,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     last.update(res)
                     if jax.process_index() == 0:
                         print(" | ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+            figs_every = config.evals.figures_every_steps
+            if figs_every > 0 and config.task == "pretrain" and config.model.name == "vit" and (
+                    step % figs_every == 0 or is_last) and jax.process_count() == 1:
+                from maskfeat_jax import visualize
+                visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
             ckpt.save(step, state, train_iter, config, force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()

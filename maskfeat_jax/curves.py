@@ -1,0 +1,66 @@
+"""Training curves from ``WORKDIR/metrics.jsonl`` as a PNG (Pillow only, no plotting library).
+
+    python -m maskfeat_jax.curves --workdir=DIR [--key=train/loss] [--out=DIR/loss.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def read(workdir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    pts = sorted({r["step"]: r[key] for r in rows if key in r and math.isfinite(r[key])}.items())
+    if not pts:
+        raise ValueError(f"no {key!r} in {workdir}/metrics.jsonl")
+    steps, values = zip(*pts)
+    return np.asarray(steps, float), np.asarray(values, float)
+
+
+def plot(steps, values, *, title: str = "", size=(640, 360), margin=(60, 20, 20, 40)) -> Image.Image:
+    """A line chart with labelled axes. ``margin`` is (left, top, right, bottom)."""
+    w, h = size
+    left, top, right, bottom = margin
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x0, x1 = float(steps.min()), float(max(steps.max(), steps.min() + 1))
+    y0, y1 = float(values.min()), float(values.max())
+    pad = (y1 - y0) * 0.05 or abs(y1) * 0.05 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)      # noqa: E731
+    py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        d.line([left - 4, py(yv), left, py(yv)], fill="black")
+        d.text((4, py(yv) - 6), f"{yv:.4g}", fill="black", font=font)
+        xv = x0 + (x1 - x0) * i / 4
+        d.line([px(xv), h - bottom, px(xv), h - bottom + 4], fill="black")
+        d.text((px(xv) - 10, h - bottom + 8), f"{xv:.0f}", fill="black", font=font)
+    d.line([(px(x), py(y)) for x, y in zip(steps, values)], fill=(31, 119, 180), width=2)
+    d.text((left + 8, top + 4), title, fill="black", font=font)
+    d.text(((w - left) // 2 + left - 12, h - 16), "step", fill="black", font=font)
+    return img
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--key", default="train/loss")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    out = a.out or os.path.join(a.workdir, a.key.replace("/", "_") + ".png")
+    steps, values = read(a.workdir, a.key)
+    plot(steps, values, title=f"{a.key} ({os.path.basename(os.path.normpath(a.workdir))})").save(out)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

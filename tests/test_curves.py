@@ -1,0 +1,29 @@
+"""The metrics-curve PNG command."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskfeat_jax import curves
+
+
+def test_curve_png_draws_the_series(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 21):
+            f.write(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n")
+        f.write(json.dumps({"step": 21, "perf/mfu": 0.5}) + "\n")
+    out = curves.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'c.png'}"])
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape == (360, 640, 3)
+    blue = (img[..., 2] > 150) & (img[..., 0] < 100)
+    ys, xs = np.nonzero(blue)
+    assert xs.min() < 100 and xs.max() > 550           # spans the x range
+    # a falling series: the line is high on the left and low on the right
+    assert ys[xs < 100].mean() < ys[xs > 550].mean()
+
+
+def test_missing_key_is_an_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "a": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="train/loss"):
+        curves.read(str(tmp_path), "train/loss")
