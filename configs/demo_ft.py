@@ -19,6 +19,7 @@ def get_config():
     c.input.dataset = "digits"
     c.input.image_size = 64
     c.input.global_batch_size = 64
+    c.input.worker_count = 0
     c.input.mean = (0.5, 0.5, 0.5)
     c.input.std = (0.5, 0.5, 0.5)
     c.epochs = 15

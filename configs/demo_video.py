@@ -19,6 +19,7 @@ def get_config():
     c.input.eval_split = "validation"
     c.input.image_size = 64
     c.input.global_batch_size = 16
+    c.input.worker_count = 0
     c.input.mean = (0.45, 0.45, 0.45)  # the Kinetics normalisation
     c.input.std = (0.225, 0.225, 0.225)
     c.video.num_frames = 8

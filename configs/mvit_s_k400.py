@@ -25,7 +25,6 @@ def get_config(variant="S"):
     c.input.eval_split = "validation"
     c.input.image_size = 224
     c.input.global_batch_size = 256
-    c.input.worker_count = 8
     c.input.mean = (0.45, 0.45, 0.45)
     c.input.std = (0.225, 0.225, 0.225)
     c.video.num_frames = 16

@@ -23,7 +23,6 @@ def get_config():
     c.input.dataset = "imagenet2012"
     c.input.image_size = 224
     c.input.global_batch_size = 2048
-    c.input.worker_count = 8
     c.mask.ratio = 0.4                 # block-wise, at most 78 of 196 patches
     c.epochs = 300
     c.optim.base_lr = 2e-4             # per 256 images

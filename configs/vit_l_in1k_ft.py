@@ -19,7 +19,6 @@ def get_config():
     c.input.dataset = "imagenet2012"
     c.input.image_size = 224
     c.input.global_batch_size = 1024
-    c.input.worker_count = 8
     c.epochs = 50
     c.optim.base_lr = 1e-3             # per reference_batch images
     c.optim.reference_batch = 256

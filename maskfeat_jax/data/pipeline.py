@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 
 import grain
 import jax
@@ -99,6 +100,12 @@ class EvalMap(grain.transforms.Map):
                 "valid": np.bool_(ok)}
 
 
+def worker_count(config) -> int:
+    """``input.worker_count``, where -1 means one worker per core but one (at most 32)."""
+    n = config.input.worker_count
+    return max(1, min(32, (os.cpu_count() or 2) - 1)) if n < 0 else n
+
+
 def per_host_batch(config) -> int:
     return config.input.global_batch_size // jax.process_count()
 
@@ -113,8 +120,8 @@ def train_dataset(config, source, grid, *, process_index=None, process_count=Non
     ds = ds.random_map(TrainMap(config, grid))[pi::pc]
     ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if config.input.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.worker_count,
+    if worker_count(config) > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count(config),
                                                          per_worker_buffer_size=config.input.prefetch))
     return it
 

@@ -441,8 +441,8 @@ def train_dataset(config, source, grid=None, *, process_index=None, process_coun
     ds = ds.random_map(VideoTrainMap(config, grid))[pi::pc]
     ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if config.input.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.worker_count,
+    if pipeline.worker_count(config) > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.worker_count(config),
                                                          per_worker_buffer_size=config.input.prefetch))
     return it
 
