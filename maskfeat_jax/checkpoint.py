@@ -84,14 +84,17 @@ def read_params(path: str) -> dict:
     """The parameter tree of a checkpoint, as host numpy arrays (any mesh, any task)."""
     import numpy as np
     directory, step = _resolve(path)
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "data_iter", "config"),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    meta = mngr.item_metadata(step)["state"]
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    state = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
-    mngr.close()
-    return state["params"]
+    item = os.path.join(directory, str(step), "state")
+    from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)   # the item has no step-level metadata file: fine
+    try:
+        ckptr = ocp.PyTreeCheckpointer()
+        meta = ckptr.metadata(item).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=restore_args))["params"]
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def init_from(path: str, params, mesh=None):
@@ -146,13 +149,12 @@ def params_like(path: str, like):
 
 def saved_config(path: str):
     """The ml_collections config saved with a checkpoint (workdir, checkpoints dir or step dir)."""
+    import json
+
     import ml_collections
     directory, step = _resolve(path)
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "data_iter", "config"),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    mngr.close()
-    return ml_collections.ConfigDict(_tuples(cfg))
+    with open(os.path.join(directory, str(step), "config", "metadata")) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def _tuples(d):
