@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def main():
     a = ap.parse_args()
     wd = pathlib.Path(a.workdir)
     pt = wd / "pretrain"
-    secs = run(["--config=configs/demo.py", f"--workdir={pt}", *a.pretrain_args.split()])
+    secs = run(["--config=configs/demo.py", f"--workdir={pt}", *a.pretrain_args.split()])  # resumes if done
     pt_rows = [json.loads(line) for line in open(pt / "metrics.jsonl")]
     losses = [r["train/loss"] for r in pt_rows if "train/loss" in r]
     probes = [r for r in pt_rows if "eval/knn_top1" in r]
@@ -56,6 +57,7 @@ def main():
     for seed in [int(s) for s in a.seeds.split(",")]:
         for init in results:
             out = wd / f"ft_{init}_{seed}"
+            shutil.rmtree(out, ignore_errors=True)   # fine-tuning always starts fresh
             extra = [f"--config.init_from={pt}"] if init == "maskfeat" else []
             secs = run(["--config=configs/demo_ft.py", f"--workdir={out}", f"--config.seed={seed}", *extra,
                         *a.finetune_args.split()])

@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.video.test_crops = 1              # spatial crops per clip at evaluation (1 or 3)
 
     c.augment = ml_collections.ConfigDict()  # fine-tuning only (pre-training: crop + flip)
+    c.augment.crop_min_scale = 0.08     # fine-tuning random resized crop scale (min, 1)
+    c.augment.flip = True               # random horizontal flip (pre-training and fine-tuning)
     c.augment.randaug_ops = 2           # RandAugment ops per image (rand-m9-mstd0.5-inc1)
     c.augment.randaug_magnitude = 9.0   # RandAugment magnitude (std 0.5, increasing op set)
     c.augment.erase_prob = 0.25         # random erasing probability, pixel mode, applied on device

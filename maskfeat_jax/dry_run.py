@@ -14,16 +14,22 @@ the same explicit shardings and donation that the trainer uses. It prints:
     python -m maskfeat_jax.dry_run --config=configs/vit_l_in1k.py --devices=256 \\
         --config.mesh.data=1 --config.mesh.fsdp=256 --config.input.global_batch_size=4096
 
-``--devices=N`` simulates N devices on the CPU. It sets ``jax_num_cpu_devices`` and
-``jax_platforms=cpu`` before any backend starts. Without it the run uses the real devices
-of this host. On a TPU/GPU host the memory figures are then that backend's own. On the
-CPU, argument and output sizes are exact, because they follow from the shardings alone.
-Temporary (activation) memory is the CPU compiler's estimate for float32 buffers: read it
-as an order of magnitude, not as the TPU/GPU figure.
+Where the devices come from:
+
+* ``--topology=v5e:16x16`` (or ``v4:4x4x4``, ``v5p:...``) compiles for a TPU slice that is
+  not there. It needs libtpu (``pip install 'jax[tpu]'``) but no TPU. The figures are the
+  TPU compiler's own, so use this to check that a config fits before claiming a pod.
+* ``--devices=N`` simulates N CPU devices. It sets ``jax_num_cpu_devices`` and
+  ``jax_platforms=cpu`` before any backend starts. Argument and output sizes are exact,
+  because they follow from the shardings alone. Temporary (activation) memory is the CPU
+  compiler's figure for float32 buffers, and that compiler does not honour
+  ``model.remat``. Read it as an upper bound, not as the TPU/GPU figure.
+* Neither flag: the devices of this host, e.g. one GPU host, with that backend's figures.
 
 The config is validated as the trainer does, except for the dataset check. No data is
-read, so that check runs with ``input.dataset='synthetic'``. A TFDS name or ``data_dir``
-that exists only on the training machines, e.g. on GCS, therefore does not fail here.
+read, so that check runs against an embedded dataset (``'synthetic'``, or ``'video_demo'``
+for MViT). A TFDS name, ``data_dir`` or CSV folder that exists only on the training
+machines, e.g. on GCS, therefore does not fail here.
 """
 from __future__ import annotations
 
@@ -31,11 +37,18 @@ import json
 import sys
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+# Importing jax starts no backend; --devices/--topology still take effect in main().
+from maskfeat_jax import config as config_lib, perf, sharding, train
+
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: the real devices).")
+flags.DEFINE_string("topology", None, "Compile for a TPU slice that is not here, e.g. 'v5e:16x16' or "
+                    "'v4:4x4x4' (compile-only devices; needs libtpu: pip install 'jax[tpu]').")
 flags.DEFINE_float("device_memory_gib", 0.0, "If > 0: say whether the per-device total fits in this.")
 flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
 flags.mark_flags_as_required(["config"])
@@ -46,7 +59,6 @@ GIB = 1024 ** 3
 
 def use_cpu_devices(n: int) -> None:
     """Makes JAX start ``n`` fake CPU devices. Call before anything touches a backend."""
-    import jax
     try:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", int(n))
@@ -54,18 +66,24 @@ def use_cpu_devices(n: int) -> None:
         raise RuntimeError(f"--devices={n}: a JAX backend was already started: {e}") from e
 
 
+def tpu_devices(topology: str) -> list:
+    """Compile-only devices of a TPU slice (``'v5e:16x16'``...), from libtpu on any host."""
+    from jax.experimental import topologies
+    jax.config.update("jax_platforms", "cpu")   # the host itself has no TPU: don't try to start one
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # noqa: BLE001 - missing libtpu and unknown names raise several types
+        raise RuntimeError(f"--topology={topology!r}: could not describe this TPU slice (is libtpu "
+                           f"installed? pip install 'jax[tpu]'): {e}") from e
+
+
 def abstract_batch(config, mesh, grid) -> dict:
-    """ShapeDtypeStructs of one global training batch, sharded as ``sharding.global_batch``."""
-    import jax
-    import numpy as np
+    """ShapeDtypeStructs of one global training batch, sharded as ``sharding.global_batch``.
 
-    from maskfeat_jax import sharding
-
-    if config.model.name != "vit":
-        raise ValueError(f"config.model.name={config.model.name!r}: the dry run builds image batches for "
-                         f"'vit' only")
+    ``grid``: the mask's token grid (``encoder.grid`` for ViT, ``encoder.mask_grid`` for MViT)."""
     b, s = config.input.global_batch_size, config.input.image_size
-    shapes = {"image": ((b, s, s, 3), np.uint8), "label": ((b,), np.int32), "valid": ((b,), np.bool_)}
+    frames = (config.video.num_frames,) if config.model.name == "mvit" else ()
+    shapes = {"image": ((b, *frames, s, s, 3), np.uint8), "label": ((b,), np.int32), "valid": ((b,), np.bool_)}
     if config.task == "pretrain":
         shapes["mask"] = ((b, int(np.prod(grid))), np.bool_)
     else:
@@ -81,52 +99,64 @@ def _cost(compiled) -> dict:
     return cost or {}
 
 
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {"total_bytes": None}
+    m = {f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp", "generated_code")}
+    # The donated state is aliased to the output, so those bytes are counted once.
+    m["total_bytes"] = (m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+                        + m["generated_code_bytes"])
+    return m
+
+
 def run(config, devices=None) -> dict:
-    """Compiles the train step of ``config`` on ``devices`` (default: all) and reports it."""
-    import jax
+    """Compiles the train step of ``config`` on ``devices`` (default: all) and reports it.
 
-    from maskfeat_jax import config as config_lib, perf, sharding, train
-
+    A compiler that refuses the program for lack of device memory (the TPU compiler
+    does) gives a report with ``does_not_fit`` set to its message instead of raising."""
     devices = jax.devices() if devices is None else list(devices)
     checked = config.copy_and_resolve_references()
-    checked.input.dataset = "synthetic"          # no data is read: skip the dataset/data_dir check
+    # No data is read: check everything but the dataset's location, against an embedded dataset.
+    checked.input.dataset = "video_demo" if config.model.name == "mvit" else "synthetic"
     config_lib.validate(checked, len(devices), 1)
 
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh, devices)
-    gb = config.input.global_batch_size
+    gb, n = config.input.global_batch_size, len(devices)
     total_steps = config.total_steps if config.total_steps > 0 else 1000   # only shapes the lr schedule
     st = train.setup(config, mesh, steps_per_epoch=max(total_steps // 100, 1), total_steps=total_steps)
-    batch = abstract_batch(config, mesh, st.model.encoder.grid)
-    t_setup = time.perf_counter() - t0
-
-    step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
-                   out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        lowered = step.lower(st.abstract_state, batch)
-        t_lower = time.perf_counter() - t0
-        t0, c0 = time.perf_counter(), time.process_time()
-        compiled = lowered.compile()
-        t_compile, c_compile = time.perf_counter() - t0, time.process_time() - c0
-
-    mem = compiled.memory_analysis()
-    m = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-         for k in ("argument", "output", "alias", "temp", "generated_code")} if mem is not None else {}
-    # Donated state is aliased to the output, so those bytes are counted once.
-    total = m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] if m else None
-    n = len(devices)
+    enc = st.model.encoder
+    batch = abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
     report = {
         "devices": n, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "global_batch": gb, "batch_per_device": gb // n,
         "params_bytes_per_device": sharding.bytes_per_device(st.abstract_state.params),
         "opt_state_bytes_per_device": sharding.bytes_per_device(st.abstract_state.opt_state),
         "params_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st.abstract_state.params)),
-        "memory": {**{f"{k}_bytes": v for k, v in m.items()}, "total_bytes": total},
-        "flops_per_device": float(_cost(compiled).get("flops", float("nan"))),
         "analytic_flops_per_device": perf.model_flops_per_image(st.model, config) * gb / n,
-        "seconds": {"setup": t_setup, "lower": t_lower, "compile": t_compile, "compile_cpu": c_compile},
+        "memory": {"total_bytes": None}, "flops_per_device": float("nan"), "does_not_fit": None,
+        "seconds": {"setup": time.perf_counter() - t0},
     }
+
+    step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
+                   out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        lowered = step.lower(st.abstract_state, batch)
+        report["seconds"]["lower"] = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, report["does_not_fit"] = None, str(e).strip().splitlines()[0]
+        report["seconds"].update(compile=time.perf_counter() - t0, compile_cpu=time.process_time() - c0)
+    if compiled is not None:
+        report["memory"] = _memory(compiled)
+        report["flops_per_device"] = float(_cost(compiled).get("flops", float("nan")))
     return report
 
 
@@ -144,6 +174,8 @@ def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
             f"compiled memory per device: arguments {mib(mem['argument_bytes'])}, outputs {mib(mem['output_bytes'])}"
             f" (aliased {mib(mem['alias_bytes'])}), temp {mib(mem['temp_bytes'])}, generated code "
             f"{mib(mem['generated_code_bytes'])}; total {mem['total_bytes'] / GIB:.2f} GiB")
+    if r["does_not_fit"]:
+        lines.append(f"DOES NOT FIT: the compiler refused the step: {r['does_not_fit']}")
     lines.append(f"FLOPs per device and step: compiler {r['flops_per_device']:.3e}, "
                  f"analytic {r['analytic_flops_per_device']:.3e}")
     lines.append(f"time: setup {sec['setup']:.1f}s, lower {sec['lower']:.1f}s, compile {sec['compile']:.1f}s "
@@ -156,10 +188,13 @@ def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
 
 def main(argv):
     del argv
+    if FLAGS.devices and FLAGS.topology:
+        raise app.UsageError("--devices and --topology exclude each other")
     if FLAGS.devices:
         use_cpu_devices(FLAGS.devices)
+    devices = tpu_devices(FLAGS.topology) if FLAGS.topology else None
     try:
-        report = run(FLAGS.config)
+        report = run(FLAGS.config, devices)
     except ValueError as e:   # config errors name their key
         if not str(e).startswith("config."):
             raise
@@ -169,6 +204,8 @@ def main(argv):
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(report, f, indent=1)
+    if report["does_not_fit"]:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,38 @@ def vit_forward_flops(width: int, depth: int, mlp: int, tokens: int, patch_dim: 
     return float(depth * per_block + embed + 2 * tokens * width * out_dim)
 
 
+def mvit_forward_flops(enc, out_dim: int) -> float:
+    """Forward FLOPs of one clip through MViTv2 (patch conv, per block: qkv on the input
+    grid, depthwise pooling convs, attention at the pooled sizes, projections, MLP) and a
+    linear head on the final tokens."""
+    prod = lambda t: int(np.prod(t))  # noqa: E731
+    n0 = prod(enc.patch_grid)
+    total = 2 * n0 * prod(enc.patch_kernel_size) * 3 * enc.size.embed_dim
+    for blk in enc.blocks:
+        a = blk.attn
+        dim = a.qkv_kernel.shape[0]
+        dim_out = blk.mlp.fc2.kernel.shape[-1]
+        taps = prod(a.pool_q.shape[:-1])
+        n_in, nq, nkv = prod(a.thw) + 1, prod(a.q_thw) + 1, prod(a.kv_thw) + 1
+        total += 2 * n_in * dim * 3 * dim                       # qkv
+        total += 2 * taps * dim * (nq + 2 * nkv)                # depthwise pooling of q, k, v
+        total += 2 * 2 * nq * nkv * dim                         # q k^T and attn v
+        total += 2 * nq * dim * dim                             # output projection
+        total += 2 * nq * dim * 4 * dim + 2 * nq * 4 * dim * dim_out   # MLP
+        if blk.proj is not None:
+            total += 2 * nq * dim * dim_out                     # width-change residual
+    return float(total + 2 * (prod(enc.grid) + 1) * enc.size.width * out_dim)
+
+
 def model_flops_per_image(model, config) -> float:
-    """Training FLOPs (3x forward) per image for a built (or abstract) model."""
+    """Training FLOPs (3x forward) per image or clip for a built (or abstract) model."""
     enc = model.encoder
-    tokens = enc.grid[0] * enc.grid[1] + 1
     out_dim = model.head.kernel.shape[-1]
-    head_tokens_fraction = 1.0
-    fwd = vit_forward_flops(enc.size.width, enc.size.depth, enc.size.mlp, tokens,
-                            enc.patch * enc.patch * 3, out_dim) * head_tokens_fraction
-    return 3.0 * fwd
+    if hasattr(enc, "patch_grid"):        # MViTv2
+        return 3.0 * mvit_forward_flops(enc, out_dim)
+    tokens = enc.grid[0] * enc.grid[1] + 1
+    return 3.0 * vit_forward_flops(enc.size.width, enc.size.depth, enc.size.mlp, tokens,
+                                   enc.patch * enc.patch * 3, out_dim)
 
 
 def measured_matmul_flops(n: int = 2048, iters: int = 5, dtype=jnp.float32) -> float:

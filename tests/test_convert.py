@@ -540,20 +540,17 @@ def test_mvit_outputs_match_official(pretrain):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_mvit_command_is_clear_until_models_build_supports_it(tmp_path):
-    """Through the command, MViTv2 needs ``models.build`` to know config.model.name='mvit'."""
-    from maskfeat_jax import config as config_lib
-    c = config_lib.base_config()
-    c.model.name = "mvit"
-    try:
-        with nnx.use_eager_sharding(False):
-            nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0)))
-    except ValueError as e:
-        if not str(e).startswith("config.model.name"):
-            raise
-        torch.save({"model_state": {"cls_token": torch.zeros(1, 1, 96)}}, tmp_path / "m.pyth")
-        proc = _run(tmp_path / "m.pyth", tmp_path / "out", "--config.model.name=mvit", "--config.model.variant=S",
-                    check=False)
-        assert proc.returncode == 2 and "ENCODER_RULES['mvit']" in proc.stderr, proc.stderr
-    else:
-        pytest.skip("models.build builds MViTv2: covered by test_mvit_outputs_match_official")
+def test_mvit_pretraining_checkpoint_converts_through_the_command(tmp_path):
+    """MViTv2 through ``python -m maskfeat_jax.convert``: the converted weights read back equal."""
+    if _mvit_available() is None:
+        pytest.skip("maskfeat_jax.models.mvit is not available")
+    torch.manual_seed(4)
+    tmodel = OfficialMViT(True)
+    sd = {k: v.detach().clone() for k, v in tmodel.state_dict().items()}
+    torch.save({"model_state": sd}, tmp_path / "m.pyth")
+    _run(tmp_path / "m.pyth", tmp_path / "out", "--config.model.name=mvit", "--config.model.variant=mu",
+         f"--config.video.num_frames={MV_FRAMES}", f"--config.input.image_size={MV_SIZE}",
+         "--config.input.dataset=video_demo", f"--config.video.csv_dir={tmp_path / 'videos'}")
+    got = checkpoint.read_params(str(tmp_path / "out"))
+    np.testing.assert_array_equal(got["encoder"]["cls_token"], sd["cls_token"].numpy())
+    np.testing.assert_array_equal(got["head"]["kernel"], sd["pred_head.projections.0.weight"].numpy().T)

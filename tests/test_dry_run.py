@@ -37,7 +37,8 @@ def test_reports_memory_and_flops_per_device(reports):
     assert mem["argument_bytes"] >= r["params_bytes_per_device"] + r["opt_state_bytes_per_device"]
     assert mem["alias_bytes"] > 0.9 * mem["output_bytes"]          # the donated state is updated in place
     assert mem["temp_bytes"] > 0 and mem["total_bytes"] > mem["argument_bytes"]
-    assert 0.7 < r["flops_per_device"] / r["analytic_flops_per_device"] < 1.5
+    # the analytic count is matmuls only; at 32 px HOG and the Adam update add a fair share
+    assert 0.9 < r["flops_per_device"] / r["analytic_flops_per_device"] < 2.5
     text = dry_run.format_report(r, device_memory_gib=1e-3)
     assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in text and "per device: params" in text
     assert "DOES NOT FIT in 0.001 GiB" in text
@@ -49,8 +50,8 @@ def test_fsdp_over_8_holds_an_eighth_of_the_parameters(reports):
         ratio = fsdp[key] / dp[key]
         assert 1 / 8 <= ratio < 1 / 8 * 1.1, (key, ratio)
     assert fsdp["memory"]["argument_bytes"] < dp["memory"]["argument_bytes"] / 4
-    # the same work per device: FSDP changes where the weights live, not the FLOPs
-    assert fsdp["flops_per_device"] == pytest.approx(dp["flops_per_device"], rel=0.1)
+    # the model's FLOPs per device stay; only the optimizer update is split 8 ways under FSDP
+    assert 0.9 * dp["analytic_flops_per_device"] < fsdp["flops_per_device"] < dp["flops_per_device"]
 
 
 def test_finetune_batch_has_erase_boxes_instead_of_masks():

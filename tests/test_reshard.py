@@ -106,9 +106,12 @@ def test_restored_state_trains_on_the_new_mesh(saved):
 
 # ---- through the entry point: the mesh is not a shape-changing key, so a workdir resumes on another mesh
 
+# A constant learning rate, so that a run stopped at step 2 and resumed to step 4 follows the
+# same schedule as a straight 4-step run (the cosine otherwise depends on total_steps).
 SMALL = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
          "--config.input.global_batch_size=16", "--config.log_every_steps=1", "--config.optim.warmup_epochs=0",
-         "--config.optim.base_lr=4e-3", "--config.evals.probe=False", "--config.peak_flops=1e12"]
+         "--config.optim.base_lr=4e-3", "--config.optim.warmup_start_lr=4e-3", "--config.optim.end_lr=4e-3",
+         "--config.evals.probe=False", "--config.peak_flops=1e12"]
 
 
 def _main(workdir, *extra):

@@ -82,3 +82,17 @@ def test_init_from_interpolates_relative_position_tables(monkeypatch):
     np.testing.assert_allclose(got, np.asarray(interpolate_rel_pos(longer, table.shape[0])), rtol=1e-6)
     np.testing.assert_array_equal(loaded["encoder"]["patch_kernel"], src["encoder"]["patch_kernel"])
     np.testing.assert_array_equal(loaded["head"]["kernel"], ft["head"]["kernel"])
+
+
+@pytest.mark.parametrize("variant,gmacs", [("S", 71.0), ("L", 377.0)])
+def test_mvit_analytic_flops_match_the_official_figures(variant, gmacs):
+    """The official README quotes fvcore multiply-adds per 16x224 clip: 71 G (S) and 377 G (L)."""
+    from flax import nnx
+
+    from maskfeat_jax import models, perf
+    c = config_lib.base_config()
+    c.task, c.model.name, c.model.variant, c.model.num_classes = "finetune", "mvit", variant, 400
+    with nnx.use_eager_sharding(False):
+        m = nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0)))
+    macs = perf.model_flops_per_image(m, c) / 3 / 2 / 1e9
+    assert macs == pytest.approx(gmacs, rel=0.03)

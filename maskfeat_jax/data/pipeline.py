@@ -57,18 +57,21 @@ class TrainMap(grain.transforms.RandomMap):
     def __init__(self, config, grid: tuple[int, int]):
         self.task, self.size, self.grid = config.task, config.input.image_size, grid
         self.ratio, self.min_aspect, self.tries = config.mask.ratio, config.mask.min_aspect, config.mask.tries
-        self.erase_p = config.augment.erase_prob
+        self.erase_p, self.flip = config.augment.erase_prob, config.augment.flip
+        self.crop_min_scale = config.augment.crop_min_scale
         self.randaug = {"num_ops": config.augment.randaug_ops, "magnitude": config.augment.randaug_magnitude}
 
     def random_map(self, element, rng: np.random.Generator):
         img, ok = decode(element["image"])
         out = {"label": np.int32(element["label"]), "valid": np.bool_(ok)}
         if self.task == "pretrain":
-            out["image"] = T.pretrain_transform(img, rng, self.size)
+            img = T.random_resized_crop(img, rng, self.size, scale=(0.5, 1.0))
+            out["image"] = T.random_flip(img, rng, 0.5 if self.flip else 0.0)
             out["mask"] = masking.block_mask(rng, self.grid, self.ratio, min_aspect=self.min_aspect,
                                              tries=self.tries).reshape(-1)
         else:
-            img = T.random_flip(T.random_resized_crop(img, rng, self.size, scale=(0.08, 1.0)), rng)
+            img = T.random_resized_crop(img, rng, self.size, scale=(self.crop_min_scale, 1.0))
+            img = T.random_flip(img, rng, 0.5 if self.flip else 0.0)
             if self.randaug["num_ops"] > 0:
                 img = T.rand_augment(img, rng, magnitude_std=0.5, increasing=True, fill=T.IMAGENET_FILL,
                                      **self.randaug)

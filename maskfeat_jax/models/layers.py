@@ -4,8 +4,16 @@ Initialisation follows the official backbone (spec 7.4): weights N(0, 0.02) (PyT
 ``trunc_normal_`` truncates at +-2 absolute, i.e. at 100 sigma, so it is a plain normal),
 linear biases 0.02, LayerNorm weight 1 and bias 0.02. Heads override these.
 Parameters are float32 and carry logical axis names; compute runs in ``dtype``.
+
+Speed notes (measured on a 2-core x86 CPU, see benchmarks/README.md): in bfloat16, matmuls
+take bf16 operands and accumulate in float32 in both passes (``einsum``), the form XLA CPU
+runs on the bfloat16 matrix units; GELU uses ``erf`` rather than ``erfc``;
+``cotangent_boundary`` stops XLA CPU from recomputing the residual-stream gradient in every
+consumer.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +39,79 @@ def param(rngs: nnx.Rngs, init: Initializer, shape, names) -> nnx.Param:
     return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), jnp.float32))
 
 
+def einsum(spec: str, x, w, dtype):
+    """Two-operand ``jnp.einsum`` with both operands in ``dtype`` and a float32 result.
+
+    In float32 this is plain ``jnp.einsum``. In bfloat16 every dot of the forward and the
+    backward pass takes bfloat16 operands and accumulates in float32 (``_lowp_einsum``): XLA
+    CPU runs only that form on the bfloat16 matrix units (a bf16 -> bf16 dot, or the mixed
+    f32 x bf16 dots that autodiff of ``preferred_element_type`` produces, run at float32 speed
+    or below). Every index of one operand must appear in the other operand or the output.
+    """
+    x, w = x.astype(dtype), w.astype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, x, w)
+    return _lowp_einsum(spec, x, w)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lowp_einsum(spec, x, w):
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _lowp_einsum_fwd(spec, x, w):
+    return _lowp_einsum(spec, x, w), (x, w)
+
+
+def _lowp_einsum_bwd(spec, res, ct):
+    x, w = res
+    (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    ct = ct.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{b}->{a}", ct, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{a},{out}->{b}", x, ct, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
+
+
+def gelu(x):
+    """Exact GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` (PyTorch's formula).
+
+    Same function as ``jax.nn.gelu(x, approximate=False)`` (which uses ``erfc``) to float32
+    rounding, but XLA's ``erf`` is a short polynomial while ``erfc`` needs ``exp`` and two
+    branches: the MLP's elementwise work on CPU drops by about half.
+    """
+    return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
+@jax.custom_vjp
+def cotangent_boundary(x):
+    """Identity; in the backward pass its cotangent is computed once and stored.
+
+    XLA CPU fuses the residual stream's backward additions (cheap elementwise ops) into every
+    consumer of the gradient, and each consumer then recomputes the whole chain down from the
+    loss: quadratic in depth (a ViT-B/16 step spent about a quarter of its time there). A
+    reduction is never duplicated that way, so the cotangent passes through an exact one
+    (a sum with zeros over a new axis: one read and one write of the activation). Only on the
+    CPU backend, where the problem is; elsewhere a plain identity.
+    """
+    return x
+
+
+def _boundary_fwd(x):
+    return x, None
+
+
+def _boundary_bwd(_, ct):
+    if jax.default_backend() != "cpu":
+        return (ct,)
+    return (jnp.stack([ct, jnp.zeros_like(ct)]).sum(0),)
+
+
+cotangent_boundary.defvjp(_boundary_fwd, _boundary_bwd)
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with logical names ``(in_name, out_name)``."""
 
@@ -41,8 +122,8 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        x = x.astype(self.dtype)
-        return x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        y = einsum("nd,de->ne", x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype) + self.bias[...]
+        return y.astype(self.dtype).reshape(*x.shape[:-1], -1)
 
 
 class LayerNorm(nnx.Module):
@@ -69,7 +150,7 @@ class Mlp(nnx.Module):
         self.fc2 = Dense(hidden, dout, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
-        h = jax.nn.gelu(self.fc1(x), approximate=False)
+        h = gelu(self.fc1(x))
         h = sharding.constrain(h, ("batch", "length", "act_mlp")) if h.ndim == 3 else h
         return self.fc2(h)
 
@@ -85,18 +166,25 @@ def drop_path(x, rate: float, rng):
 def attention(q, k, v, impl: str):
     """Softmax attention on ``(B, N, H, D)`` inputs with scale ``D**-0.5``.
 
-    ``impl``: 'einsum' (plain XLA einsums, float32 softmax), or 'xla' / 'cudnn' / 'auto'
-    through ``jax.nn.dot_product_attention`` ('auto' picks cuDNN flash attention on GPU
-    where it applies, XLA elsewhere).
+    ``impl``: 'einsum' (plain XLA einsums in head-major layout, float32 softmax), or 'xla' /
+    'cudnn' through ``jax.nn.dot_product_attention``; 'auto' picks cuDNN flash attention on
+    GPU where it applies, 'einsum' on CPU (its head-major batched matmuls ran attention's
+    forward and backward 1.5x faster there than 'xla', benchmarks/README.md) and 'xla' elsewhere.
     """
-    if impl == "einsum":
-        scale = q.shape[-1] ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                            preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     if impl == "auto":
-        impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        backend = jax.default_backend()
+        if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            impl = "cudnn"
+        else:
+            impl = "einsum" if backend == "cpu" else "xla"
+    if impl == "einsum":
+        dt = q.dtype
+        scale = jnp.asarray(q.shape[-1] ** -0.5, dt)
+        q_BxHxNxD, k_BxHxNxD, v_BxHxNxD = (a.transpose(0, 2, 1, 3) for a in (q * scale, k, v))
+        logits = einsum("bhqd,bhkd->bhqk", q_BxHxNxD, k_BxHxNxD, dt).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out_BxHxNxD = einsum("bhqk,bhkd->bhqd", probs, v_BxHxNxD, dt).astype(dt)
+        return out_BxHxNxD.transpose(0, 2, 1, 3)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 

@@ -59,12 +59,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxNxD):
         dt = self.dtype
-        qkv = jnp.einsum("bnd,dthk->tbnhk", x_BxNxD.astype(dt), self.qkv_kernel[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-        out_BxNxHxK = layers.attention(qkv[0], qkv[1], qkv[2], self.impl)
+        # (t, h, k) stay the minor axes in the kernel's order, so the projection is one plain
+        # (B*N, D) x (D, 3*H*K) matmul with no transpose of its output (3 = q, k, v)
+        qkv = layers.einsum("bnd,dthk->bnthk", x_BxNxD, self.qkv_kernel[...], dt) + self.qkv_bias[...]
+        qkv = qkv.astype(dt)
+        out_BxNxHxK = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.impl)
         out_BxNxHxK = sharding.constrain(out_BxNxHxK, ("batch", "length", "act_heads", "kv"))
-        y = jnp.einsum("bnhk,hkd->bnd", out_BxNxHxK, self.proj_kernel[...].astype(dt))
-        return y + self.proj_bias[...].astype(dt)
+        y = layers.einsum("bnhk,hkd->bnd", out_BxNxHxK, self.proj_kernel[...], dt) + self.proj_bias[...]
+        return y.astype(dt)
 
 
 class Block(nnx.Module):
@@ -112,8 +114,8 @@ class ViT(nnx.Module):
         dt = self.dtype
         patches = einops.rearrange(images_BxHxWxC.astype(dt), "b (h p) (w q) c -> b (h w) (p q c)",
                                    p=self.patch, q=self.patch)
-        kernel = self.patch_kernel[...].astype(dt).reshape(-1, self.size.width)
-        x_BxNxD = patches @ kernel + self.patch_bias[...].astype(dt)
+        kernel = self.patch_kernel[...].reshape(-1, self.size.width)
+        x_BxNxD = (layers.einsum("bnp,pd->bnd", patches, kernel, dt) + self.patch_bias[...]).astype(dt)
         if mask_BxN is not None:
             m = mask_BxN[..., None].astype(dt)
             x_BxNxD = x_BxNxD * (1 - m) + self.mask_token[...].astype(dt) * m
@@ -127,5 +129,5 @@ class ViT(nnx.Module):
         run = (lambda blk, x, r: blk(x, r)) if self.remat == "none" else nnx.remat(
             lambda blk, x, r: blk(x, r), policy=policy)
         for i, blk in enumerate(self.blocks):
-            x = run(blk, x, None if rng is None else jax.random.fold_in(rng, i))
-        return {"tokens_BxNxD": x}
+            x = run(blk, layers.cotangent_boundary(x), None if rng is None else jax.random.fold_in(rng, i))
+        return {"tokens_BxNxD": layers.cotangent_boundary(x)}
