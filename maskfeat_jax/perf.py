@@ -19,14 +19,17 @@ PEAK_FLOPS = {
 }
 
 
-def vit_forward_flops(width: int, depth: int, mlp: int, tokens: int, patch_dim: int, out_dim: int) -> float:
-    """Forward FLOPs of one image through the ViT encoder and a linear head on the tokens."""
+def vit_forward_flops(width: int, depth: int, mlp: int, tokens: int, patch_dim: int, out_dim: int,
+                      head_tokens: int | None = None) -> float:
+    """Forward FLOPs of one image through the ViT encoder and a linear head applied to
+    ``head_tokens`` tokens (default: the patch tokens, as the MaskFeat head; 1 for a classifier)."""
+    head_tokens = tokens - 1 if head_tokens is None else head_tokens
     per_block = (2 * tokens * width * 3 * width          # qkv
                  + 2 * 2 * tokens * tokens * width        # q k^T and attn v
                  + 2 * tokens * width * width             # output projection
                  + 2 * 2 * tokens * width * mlp)          # MLP
     embed = 2 * (tokens - 1) * patch_dim * width
-    return float(depth * per_block + embed + 2 * tokens * width * out_dim)
+    return float(depth * per_block + embed + 2 * head_tokens * width * out_dim)
 
 
 def mvit_forward_flops(enc, out_dim: int) -> float:
@@ -59,8 +62,9 @@ def model_flops_per_image(model, config) -> float:
     if hasattr(enc, "patch_grid"):        # MViTv2
         return 3.0 * mvit_forward_flops(enc, out_dim)
     tokens = enc.grid[0] * enc.grid[1] + 1
+    head_tokens = 1 if hasattr(model, "fc_norm") else tokens - 1     # classifier: the pooled vector
     return 3.0 * vit_forward_flops(enc.size.width, enc.size.depth, enc.size.mlp, tokens,
-                                   enc.patch * enc.patch * 3, out_dim)
+                                   enc.patch * enc.patch * 3, out_dim, head_tokens)
 
 
 def measured_matmul_flops(n: int = 2048, iters: int = 5, dtype=jnp.float32) -> float:

@@ -62,6 +62,10 @@ def test_finetune_batch_has_erase_boxes_instead_of_masks():
     assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == "uint8"
     assert b["erase_box"].shape == (16, 4) and b["image"].sharding.shard_shape(b["image"].shape)[0] == 2
     assert "mask" in dry_run.abstract_batch(_config((8, 1, 1)), mesh, (2, 2))
+    video = _config((8, 1, 1))
+    video.model.name, video.video.num_frames = "mvit", 4
+    vb = dry_run.abstract_batch(video, mesh, (2, 2, 2))   # MViT: clips, and masks on its (t, h, w) grid
+    assert vb["image"].shape == (16, 4, 32, 32, 3) and vb["mask"].shape == (16, 8)
 
 
 def test_config_errors_name_the_key():

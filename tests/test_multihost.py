@@ -9,6 +9,9 @@ host 0's examples come first, then host 1's. The pre-training step has no per-po
 randomness (drop path is 0 here), and its loss and gradients are sums over the batch.
 So the losses and the final parameters must agree to float tolerance. The checks below
 also confirm that the examples are the same, not merely similar.
+
+The CPU collectives need no setting: ``jax_cpu_collectives_implementation`` defaults to
+'gloo' in jax 0.10. If a jaxlib lacks them, the test is skipped with a reason.
 """
 import json
 import os
