@@ -21,10 +21,10 @@ setup(
         "scikit-learn>=1.3",   # the embedded digits dataset
         "tensorboardX>=2.6",
         "absl-py>=2.1",
+        "av>=12",              # PyAV: video decoding (Kinetics, the embedded video demo)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        "video": ["av>=12"],
         "convert": ["torch>=2.1"],
     },
 )

@@ -19,52 +19,86 @@ PEAK_FLOPS = {
 }
 
 
-def vit_forward_flops(width: int, depth: int, mlp: int, tokens: int, patch_dim: int, out_dim: int,
-                      head_tokens: int | None = None) -> float:
-    """Forward FLOPs of one image through the ViT encoder and a linear head applied to
-    ``head_tokens`` tokens (default: the patch tokens, as the MaskFeat head; 1 for a classifier)."""
-    head_tokens = tokens - 1 if head_tokens is None else head_tokens
+def vit_forward_flops(width: int, depth: int, mlp: int, tokens: int, patch_dim: int, out_dim: int) -> float:
+    """Forward FLOPs of one image through the ViT encoder and a linear head on the tokens."""
     per_block = (2 * tokens * width * 3 * width          # qkv
                  + 2 * 2 * tokens * tokens * width        # q k^T and attn v
                  + 2 * tokens * width * width             # output projection
                  + 2 * 2 * tokens * width * mlp)          # MLP
     embed = 2 * (tokens - 1) * patch_dim * width
-    return float(depth * per_block + embed + 2 * head_tokens * width * out_dim)
+    return float(depth * per_block + embed + 2 * tokens * width * out_dim)
 
 
-def mvit_forward_flops(enc, out_dim: int) -> float:
-    """Forward FLOPs of one clip through MViTv2 (patch conv, per block: qkv on the input
-    grid, depthwise pooling convs, attention at the pooled sizes, projections, MLP) and a
-    linear head on the final tokens."""
-    prod = lambda t: int(np.prod(t))  # noqa: E731
-    n0 = prod(enc.patch_grid)
-    total = 2 * n0 * prod(enc.patch_kernel_size) * 3 * enc.size.embed_dim
+def _shape(x) -> tuple[int, ...]:
+    """Shape of a parameter (``nnx.Param`` of an array or of a ShapeDtypeStruct) or array."""
+    return tuple(getattr(x, "shape", None) or x[...].shape)
+
+
+def _prod(xs) -> int:
+    return int(np.prod(xs))
+
+
+def vit_encoder_flops(enc) -> tuple[float, float]:
+    """(forward FLOPs of the ViT encoder per image, of which the patch embedding)."""
+    size, n = enc.size, enc.grid[0] * enc.grid[1]
+    patch_dim = _prod(_shape(enc.patch_kernel)[:-1])
+    fwd = vit_forward_flops(size.width, size.depth, size.mlp, n + 1, patch_dim, 0)
+    return fwd, 2.0 * n * patch_dim * size.width
+
+
+def mvit_encoder_flops(enc) -> tuple[float, float]:
+    """(forward FLOPs of the MViTv2 encoder per clip, of which the patch embedding).
+
+    Per block, on its input grid ``thw`` (N tokens + cls), pooled q grid (Nq) and kv grid
+    (Nkv): the qkv projection on the input grid; the three depthwise pooling convolutions
+    (cls not pooled); q k^T and attn v at the pooled sizes; the decomposed relative-position
+    terms (q against each axis' table); the output projection and the MLP (width change in
+    fc2) on the q grid; and the skip projection where the width changes.
+    """
+    k_patch = _shape(enc.patch_kernel)                    # (kt, kh, kw, C, D0)
+    fwd = embed = 2.0 * _prod(enc.patch_grid) * _prod(k_patch[:-1]) * k_patch[-1]
     for blk in enc.blocks:
-        a = blk.attn
-        dim = a.qkv_kernel.shape[0]
-        dim_out = blk.mlp.fc2.kernel.shape[-1]
-        taps = prod(a.pool_q.shape[:-1])
-        n_in, nq, nkv = prod(a.thw) + 1, prod(a.q_thw) + 1, prod(a.kv_thw) + 1
-        total += 2 * n_in * dim * 3 * dim                       # qkv
-        total += 2 * taps * dim * (nq + 2 * nkv)                # depthwise pooling of q, k, v
-        total += 2 * 2 * nq * nkv * dim                         # q k^T and attn v
-        total += 2 * nq * dim * dim                             # output projection
-        total += 2 * nq * dim * 4 * dim + 2 * nq * 4 * dim * dim_out   # MLP
-        if blk.proj is not None:
-            total += 2 * nq * dim * dim_out                     # width-change residual
-    return float(total + 2 * (prod(enc.grid) + 1) * enc.size.width * out_dim)
+        att = blk.attn
+        dim = _shape(att.qkv_kernel)[0]
+        n_in, nq, nkv = _prod(att.thw) + 1, _prod(att.q_thw) + 1, _prod(att.kv_thw) + 1
+        kvol = _prod(_shape(att.pool_q)[:-1])
+        hidden, dim_out = _shape(blk.mlp.fc1.kernel)[1], _shape(blk.mlp.fc2.kernel)[1]
+        rel_axes = att.kv_thw[1] + att.kv_thw[2] + (att.kv_thw[0] if att.rel_pos_t is not None else 0)
+        fwd += (2 * n_in * dim * 3 * dim                              # qkv
+                + 2 * kvol * dim * ((nq - 1) + 2 * (nkv - 1))          # depthwise pooling of q, k, v
+                + 2 * 2 * nq * nkv * dim                                # q k^T and attn v
+                + 2 * (nq - 1) * dim * rel_axes                         # decomposed relative positions
+                + 2 * nq * dim * dim                                    # output projection
+                + 2 * nq * dim * hidden + 2 * nq * hidden * dim_out     # MLP
+                + (2 * nq * dim * dim_out if blk.proj is not None else 0))   # skip projection
+    return float(fwd), float(embed)
 
 
-def model_flops_per_image(model, config) -> float:
-    """Training FLOPs (3x forward) per image or clip for a built (or abstract) model."""
+def encoder_flops(enc) -> tuple[float, float]:
+    """(forward FLOPs per example, of which the patch embedding), by encoder type."""
+    from maskfeat_jax.models import mvit   # local: perf stays importable without the models
+    return mvit_encoder_flops(enc) if isinstance(enc, mvit.MViT) else vit_encoder_flops(enc)
+
+
+def forward_flops_per_image(model) -> float:
+    """Forward FLOPs of one image (or clip) through encoder and head.
+
+    The MaskFeat head is a linear layer on every patch token (cls dropped); the classifier's
+    is one linear layer on the pooled feature. Norms, softmax and activations are not counted.
+    """
     enc = model.encoder
-    out_dim = model.head.kernel.shape[-1]
-    if hasattr(enc, "patch_grid"):        # MViTv2
-        return 3.0 * mvit_forward_flops(enc, out_dim)
-    tokens = enc.grid[0] * enc.grid[1] + 1
-    head_tokens = 1 if hasattr(model, "fc_norm") else tokens - 1     # classifier: the pooled vector
-    return 3.0 * vit_forward_flops(enc.size.width, enc.size.depth, enc.size.mlp, tokens,
-                                   enc.patch * enc.patch * 3, out_dim, head_tokens)
+    fwd, _ = encoder_flops(enc)
+    d_in, d_out = _shape(model.head.kernel)
+    head_tokens = _prod(enc.grid) if hasattr(model, "norm") else 1   # MaskFeat: patch tokens; classifier: pooled
+    return fwd + 2.0 * head_tokens * d_in * d_out
+
+
+def model_flops_per_image(model, config=None) -> float:
+    """Training FLOPs per image for a built (or abstract) model: 3x the forward pass (forward,
+    backward to activations, backward to weights), except that the patch embedding's input
+    (the pixels) needs no gradient, so the embedding costs 2x its forward."""
+    _, embed = encoder_flops(model.encoder)
+    return 3.0 * forward_flops_per_image(model) - embed
 
 
 def measured_matmul_flops(n: int = 2048, iters: int = 5, dtype=jnp.float32) -> float:
@@ -93,6 +127,7 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
 
 
 def numpy_matmul_flops(n: int = 4096, iters: int = 3) -> float:
+    """numpy's float32 ``n x n`` matmul rate on this host (all cores its BLAS uses)."""
     a = np.ones((n, n), np.float32)
     a @ a
     t = time.perf_counter()

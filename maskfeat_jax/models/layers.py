@@ -40,36 +40,38 @@ def param(rngs: nnx.Rngs, init: Initializer, shape, names) -> nnx.Param:
 
 
 def einsum(spec: str, x, w, dtype):
-    """Two-operand ``jnp.einsum`` with both operands in ``dtype`` and a float32 result.
+    """Two-operand ``jnp.einsum`` computed in ``dtype`` with a float32 result.
 
-    In float32 this is plain ``jnp.einsum``. In bfloat16 every dot of the forward and the
-    backward pass takes bfloat16 operands and accumulates in float32 (``_lowp_einsum``): XLA
-    CPU runs only that form on the bfloat16 matrix units (a bf16 -> bf16 dot, or the mixed
+    In float32 this is plain ``jnp.einsum``. Otherwise (bfloat16) every dot of the forward and
+    the backward pass takes ``dtype`` operands and accumulates in float32 (``_lowp_einsum``):
+    XLA CPU runs only that form on the bfloat16 matrix units (a bf16 -> bf16 dot, or the mixed
     f32 x bf16 dots that autodiff of ``preferred_element_type`` produces, run at float32 speed
-    or below). Every index of one operand must appear in the other operand or the output.
+    or below). The gradients come back in the operands' own dtypes, straight from the float32
+    accumulators (a float32 weight's gradient is not rounded to bfloat16 on the way).
+    Every index of one operand must appear in the other operand or in the output.
     """
-    x, w = x.astype(dtype), w.astype(dtype)
     if dtype == jnp.float32:
-        return jnp.einsum(spec, x, w)
-    return _lowp_einsum(spec, x, w)
+        return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+    return _lowp_einsum(spec, jnp.dtype(dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype), x, w)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lowp_einsum(spec, x, w):
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _lowp_einsum(spec, dtype, x_dtype, w_dtype, x, w):
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _lowp_einsum_fwd(spec, x, w):
-    return _lowp_einsum(spec, x, w), (x, w)
+def _lowp_einsum_fwd(spec, dtype, x_dtype, w_dtype, x, w):
+    xl, wl = x.astype(dtype), w.astype(dtype)
+    return jnp.einsum(spec, xl, wl, preferred_element_type=jnp.float32), (xl, wl)
 
 
-def _lowp_einsum_bwd(spec, res, ct):
-    x, w = res
+def _lowp_einsum_bwd(spec, dtype, x_dtype, w_dtype, res, ct):
+    xl, wl = res
     (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    ct = ct.astype(x.dtype)
-    dx = jnp.einsum(f"{out},{b}->{a}", ct, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum(f"{a},{out}->{b}", x, ct, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    ct = ct.astype(dtype)
+    dx = jnp.einsum(f"{out},{b}->{a}", ct, wl, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{a},{out}->{b}", xl, ct, preferred_element_type=jnp.float32)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
 _lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
@@ -121,9 +123,10 @@ class Dense(nnx.Module):
         self.bias = param(rngs, bias_init, (dout,), names[1:])
         self.dtype = dtype
 
-    def __call__(self, x):
+    def __call__(self, x, out_dtype=None):
+        """``out_dtype`` (default: the compute dtype) lets a float32 consumer skip a rounding."""
         y = einsum("nd,de->ne", x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype) + self.bias[...]
-        return y.astype(self.dtype).reshape(*x.shape[:-1], -1)
+        return y.astype(out_dtype or self.dtype).reshape(*x.shape[:-1], -1)
 
 
 class LayerNorm(nnx.Module):
@@ -150,7 +153,7 @@ class Mlp(nnx.Module):
         self.fc2 = Dense(hidden, dout, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
-        h = gelu(self.fc1(x))
+        h = gelu(self.fc1(x, jnp.float32)).astype(self.fc2.dtype)     # GELU on the float32 accumulator
         h = sharding.constrain(h, ("batch", "length", "act_mlp")) if h.ndim == 3 else h
         return self.fc2(h)
 
