@@ -4,6 +4,9 @@ Saves are atomic: Orbax writes into a temporary directory and renames it when co
 so an interrupted save is never listed as the latest; leftovers are cleaned at start-up.
 Restore order (written once, here): the latest checkpoint in ``WORKDIR/checkpoints``,
 then ``config.init_from`` (weights only, see ``init_from``), then scratch.
+
+Each checkpoint also records the input topology (processes, workers per process, global
+batch) that wrote its iterator state; grain's state is only meaningful for that topology.
 """
 from __future__ import annotations
 
@@ -25,20 +28,28 @@ class Checkpointer:
                 policies.FixedIntervalPolicy(max(int(every_steps), 1)),
                 policies.PreemptionCheckpointingPolicy()]))
         self.mngr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data_iter", "config"))
+                                          item_names=("state", "data_iter", "config", "topology"))
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
-    def save(self, step: int, state, data_iter, config, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config.to_dict()))
+    def save(self, step: int, state, data_iter, config, topology: dict | None = None, *,
+             force: bool = False) -> bool:
+        items = dict(state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                     config=ocp.args.JsonSave(config.to_dict()))
+        if topology is not None:
+            items["topology"] = ocp.args.JsonSave(topology)
+        args = ocp.args.Composite(**items)
         return self.mngr.save(step, args=args, force=force)
 
     def saved_config(self, step: int) -> dict:
         return self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def saved_topology(self, step: int) -> dict | None:
+        """The input topology saved at ``step`` (None for a checkpoint written without one)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "topology")):
+            return None
+        return self.mngr.restore(step, args=ocp.args.Composite(topology=ocp.args.JsonRestore()))["topology"]
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """Restores ``state`` (onto the shardings in ``abstract_state``) and the iterator in place."""

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip = 0.02            # global L2 norm clip; 0 disables
+    c.optim.grad_accum_steps = 1        # micro-batches per step (same update, 1/k of the activations)
     c.optim.layer_decay = 1.0           # layer-wise lr decay (fine-tuning); 1.0 = off
 
     c.evals = ml_collections.ConfigDict()
@@ -155,6 +156,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_devices} devices")
     if gb % num_processes:
         raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_processes} processes")
+    k = config.optim.grad_accum_steps
+    if k < 1 or gb % (k * num_devices):
+        raise ValueError(f"config.optim.grad_accum_steps={k}: config.input.global_batch_size={gb} must split "
+                         f"into {k} micro-batches of a multiple of the {num_devices} devices")
     if config.nonfinite not in ("error", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
     ds = config.input.dataset
@@ -194,7 +199,8 @@ def _check_tfds(name, data_dir):
         close = difflib.get_close_matches(base, list(builders) + list(KNOWN_DATASETS), n=3)
         raise ValueError(f"config.input.dataset={name!r} is not a known dataset; did you mean {close}? "
                          f"(built in: {list(KNOWN_DATASETS)}, 'folder:<root>', or any TFDS name)")
-    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+    remote = data_dir is not None and "://" in data_dir     # gs://...: checked when tfds opens it
+    if data_dir is not None and not remote and not os.path.isdir(os.path.expanduser(data_dir)):
         raise ValueError(f"config.input.data_dir={data_dir!r} does not exist")
 
 

@@ -134,7 +134,7 @@ def run(config, devices=None) -> dict:
     batch = abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
     report = {
         "devices": n, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
-        "global_batch": gb, "batch_per_device": gb // n,
+        "global_batch": gb, "batch_per_device": gb // n, "grad_accum_steps": config.optim.grad_accum_steps,
         "params_bytes_per_device": sharding.bytes_per_device(st.abstract_state.params),
         "opt_state_bytes_per_device": sharding.bytes_per_device(st.abstract_state.opt_state),
         "params_bytes_total": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st.abstract_state.params)),
@@ -168,7 +168,8 @@ def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
     mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"   # noqa: E731
     lines = [
         f"devices: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
-        f"batch: global {r['global_batch']}, per device {r['batch_per_device']}",
+        f"batch: global {r['global_batch']}, per device {r['batch_per_device']}"
+        + (f", in {r['grad_accum_steps']} micro-batches" if r.get("grad_accum_steps", 1) > 1 else ""),
         f"parameters: {mib(r['params_bytes_total'])} in all; per device: params "
         f"{mib(r['params_bytes_per_device'])}, optimizer state {mib(r['opt_state_bytes_per_device'])}",
     ]
@@ -179,8 +180,9 @@ def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
             f"{mib(mem['generated_code_bytes'])}; total {mem['total_bytes'] / GIB:.2f} GiB")
     if r["does_not_fit"]:
         lines.append(f"DOES NOT FIT: the compiler refused the step: {r['does_not_fit']}")
-    flops = r["flops_per_device"]
-    lines.append(f"FLOPs per device and step: compiler {'n/a' if flops != flops else f'{flops:.3e}'}, "
+    flops, k = r["flops_per_device"], r.get("grad_accum_steps", 1)
+    loop = f" (the {k}-micro-batch loop body counted once)" if k > 1 else ""
+    lines.append(f"FLOPs per device and step: compiler {'n/a' if flops != flops else f'{flops:.3e}'}{loop}, "
                  f"analytic {r['analytic_flops_per_device']:.3e}")
     lines.append(f"time: setup {sec['setup']:.1f}s, lower {sec['lower']:.1f}s, compile {sec['compile']:.1f}s "
                  f"({sec['compile_cpu']:.1f} CPU-s)")

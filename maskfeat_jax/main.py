@@ -24,10 +24,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def wants_distributed(env, distributed_flag, coordinator_address) -> bool:
+    """Whether to call ``jax.distributed.initialize``: as ``--distributed`` says, else when a
+    coordinator is given or the environment is a multi-process launch (TPU pod, SLURM step)."""
+    if distributed_flag is not None:
+        return distributed_flag
+    # SLURM: only inside an ``srun`` step with several tasks (a batch script's own shell or an
+    # ``salloc`` session has SLURM_JOB_ID too, and there is nothing to join).
+    slurm = "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    tpu = any(k in env for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    return slurm or tpu or coordinator_address is not None
+
+
 def _maybe_initialize_distributed(jax):
-    auto = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-    want = FLAGS.distributed if FLAGS.distributed is not None else (auto or FLAGS.coordinator_address is not None)
-    if want:
+    if wants_distributed(os.environ, FLAGS.distributed, FLAGS.coordinator_address):
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 

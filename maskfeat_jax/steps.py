@@ -4,6 +4,13 @@ Each is jitted once by the trainer with explicit shardings and donation of ``sta
 Randomness is a pure function of (seed, step), so a resumed run repeats it exactly.
 A non-finite loss or gradient norm never reaches the parameters: the update is
 skipped and counted in ``state.nonfinite`` (the trainer stops or goes on, per config).
+
+Gradient accumulation (``optim.grad_accum_steps = k``) splits the global batch into k
+micro-batches inside the step and sums their gradients with ``lax.scan``: one optimizer
+update per step, activations for only ``global_batch_size / k`` examples alive at once.
+Each micro-batch's loss is divided by the denominator of the whole batch (masked tokens,
+valid examples), so the summed gradient is exactly the full batch's. The lr scales with
+``global_batch_size``, the effective batch.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from maskfeat_jax import sharding
 from maskfeat_jax.targets import hog
 
 
@@ -30,6 +38,36 @@ def normalize(images_u8, mean, std):
     """uint8 images to float32 ``(x / 255 - mean) / std`` (on device)."""
     x = images_u8.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def micro_batches(x, k: int):
+    """``(B, ...) -> (k, B / k, ...)``; micro-batch j holds examples j, j + k, j + 2k, ...
+
+    The batch is sharded in contiguous blocks over devices, so with this interleaving every
+    device holds an equal share of every micro-batch and no data moves between devices."""
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+
+def value_and_grad(loss_fn, params, inputs, k: int):
+    """``jax.value_and_grad(loss_fn)(params, inputs)`` summed over k micro-batches.
+
+    ``loss_fn(params, inputs)`` must be a sum over examples (normalised by a constant), and
+    ``inputs`` a pytree of arrays with the batch leading; ``inputs["rng"]``, if present, is a
+    key that each micro-batch folds its index into."""
+    if k == 1:
+        return jax.value_and_grad(loss_fn)(params, inputs)
+    rng = inputs.pop("rng", None)
+    micro = jax.tree.map(lambda x: micro_batches(x, k), inputs)
+    if rng is not None:
+        micro["rng"] = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(k))
+
+    def body(acc, mb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb)
+        return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    return jax.lax.scan(body, zeros, micro)[0]
 
 
 def _apply(tx, state: TrainState, loss, grads, metrics):
@@ -50,23 +88,24 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
     """MaskFeat: HOG targets of the intact input, masked-token MSE with explicit denominator."""
     base_key = jax.random.key(config.seed)
     mean, std, h = config.input.mean, config.input.std, config.hog
+    accum = config.optim.grad_accum_steps
 
     def step(state: TrainState, batch):
         images = normalize(batch["image"], mean, std)
         targets_BxNxK = jax.lax.stop_gradient(hog.hog_targets(
             images, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
             gaussian_window=h.gaussian_window, temporal_stride=temporal_stride))
-        mask_BxN = batch["mask"] & batch["valid"][:, None]
-        weight_BxN = mask_BxN.astype(jnp.float32)
-        rng = jax.random.fold_in(base_key, state.step)
+        weight_BxN = (batch["mask"] & batch["valid"][:, None]).astype(jnp.float32)
+        denom = jnp.maximum(weight_BxN.sum(), 1.0)          # masked tokens of the whole batch
+        inputs = {"images": images, "mask": batch["mask"], "targets": targets_BxNxK, "weight": weight_BxN,
+                  "rng": jax.random.fold_in(base_key, state.step)}
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            out = model(images, batch["mask"], rng=rng)
-            err_BxN = jnp.square(out["pred_BxNxK"] - targets_BxNxK).mean(-1)
-            return (err_BxN * weight_BxN).sum() / jnp.maximum(weight_BxN.sum(), 1.0)
+        def loss_fn(params, x):
+            out = nnx.merge(graphdef, params)(x["images"], x["mask"], rng=x["rng"])
+            err_BxN = jnp.square(out["pred_BxNxK"] - x["targets"]).mean(-1)
+            return (err_BxN * x["weight"]).sum() / denom
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = value_and_grad(loss_fn, state.params, inputs, accum)
         metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": batch["mask"].mean(),
                    "data/invalid_examples": (~batch["valid"]).sum()}
         return _apply(tx, state, loss, grads, metrics)
@@ -116,6 +155,7 @@ def erase(rng, images, boxes_Bx4):
 def make_finetune_step(graphdef, tx, schedule, config):
     base_key = jax.random.key(config.seed)
     num_classes = config.model.num_classes
+    accum = config.optim.grad_accum_steps
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(base_key, state.step)
@@ -124,13 +164,15 @@ def make_finetune_step(graphdef, tx, schedule, config):
                        batch["erase_box"])
         images, targets = mix(k_mix, images, batch["label"], num_classes, config.augment)
         valid = batch["valid"].astype(jnp.float32)
+        denom = jnp.maximum(valid.sum(), 1.0)               # valid examples of the whole batch
+        inputs = {"images": images, "targets": targets, "valid": valid, "rng": k_drop}
 
-        def loss_fn(params):
-            out = nnx.merge(graphdef, params)(images, rng=k_drop)
-            ce = -(targets * jax.nn.log_softmax(out["logits_BxC"])).sum(-1)
-            return (ce * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+        def loss_fn(params, x):
+            out = nnx.merge(graphdef, params)(x["images"], rng=x["rng"])
+            ce = -(x["targets"] * jax.nn.log_softmax(out["logits_BxC"])).sum(-1)
+            return (ce * x["valid"]).sum() / denom
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = value_and_grad(loss_fn, state.params, inputs, accum)
         metrics = {"opt/lr": schedule(state.step), "data/invalid_examples": (~batch["valid"]).sum()}
         return _apply(tx, state, loss, grads, metrics)
 

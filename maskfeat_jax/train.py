@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 from flax import nnx
@@ -108,16 +109,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = st.model
     if config.model.name == "mvit":
         from maskfeat_jax.data import video
-        train_iter = iter(video.train_dataset(config, train_source, model.encoder.mask_grid))
+        make_iter = lambda start: iter(video.train_dataset(  # noqa: E731
+            config, train_source, model.encoder.mask_grid, start_batch=start))
     else:
-        train_iter = iter(pipeline.train_dataset(config, train_source, model.encoder.grid))
+        make_iter = lambda start: iter(pipeline.train_dataset(  # noqa: E731
+            config, train_source, model.encoder.grid, start_batch=start))
+    train_iter = make_iter(0)
+    topology = {"process_count": jax.process_count(), "worker_count": pipeline.worker_count(config),
+                "global_batch_size": gb}
 
     # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
     with jax.set_mesh(mesh):
         if latest is not None:
-            state = _restore_latest_good(ckpt, st.abstract_state, train_iter, config)
+            state, saved_topology = _restore_latest_good(ckpt, st.abstract_state, train_iter, config, topology)
+            if saved_topology is not None:    # written by another input topology: restart the input at `step`
+                at = int(jax.device_get(state.step)) * saved_topology["global_batch_size"] // gb
+                print(f"input topology changed ({saved_topology} -> {topology}): the data iterator starts at "
+                      f"batch {at} instead of restoring its saved state", flush=True)
+                train_iter = make_iter(at)
         else:
             state = st.init()
             if config.get("init_from"):
@@ -133,9 +144,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  peak_src)
 
     # ---- loop
+    # Preemption. One process: SIGTERM/SIGINT set a flag; the step in flight finishes, is saved,
+    # and the run exits with PREEMPTED_EXIT_CODE. Several processes: a signal reaches one host
+    # at some step, but the save is collective, so JAX's preemption service (started by
+    # jax.distributed.initialize, it owns SIGTERM) tells every host the same step to stop at.
     stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda signum, _: stop.__setitem__("signal", signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    multihost = jax.process_count() > 1
+    handlers = {} if multihost else {
+        s: signal.signal(s, lambda signum, _: stop.__setitem__("signal", signum))
+        for s in (signal.SIGTERM, signal.SIGINT)}
     progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
     train_step = None
     pending, last = None, {}
@@ -158,6 +175,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
             step += 1
+            if multihost and multihost_utils.reached_preemption_sync_point(step):
+                stop["signal"] = "SIGTERM (preemption notice, agreed by all hosts)"
             if config.profile_start_step >= 0 and step == config.profile_start_step + config.profile_num_steps:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
@@ -187,7 +206,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     step % figs_every == 0 or is_last) and jax.process_count() == 1:
                 from maskfeat_jax import visualize
                 visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
-            ckpt.save(step, state, train_iter, config, force=is_last or stop["signal"] is not None)
+            ckpt.save(step, state, train_iter, config, topology, force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()
                 logging.warning("signal %s: saved step %d, exiting with code %d", stop["signal"], step,
@@ -220,13 +239,18 @@ def _flush(pending, config, writer, progress, meter) -> dict:
     return m
 
 
-def _restore_latest_good(ckpt, abstract_state, train_iter, config):
-    """Restores the newest checkpoint that reads back; a damaged one is reported and skipped."""
+def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
+    """Restores the newest checkpoint that reads back; a damaged one is reported and skipped.
+
+    Returns (state, the saved input topology if it differs from ``topology``, else None). The
+    iterator is restored in place only when the topologies agree."""
     steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
     for i, step in enumerate(steps_desc):
         try:
             _check_resume_config(ckpt, step, config)
-            state = ckpt.restore(step, abstract_state, train_iter)
+            saved = ckpt.saved_topology(step)
+            changed = saved is not None and saved != topology
+            state = ckpt.restore(step, abstract_state, None if changed else train_iter)
         except ValueError as e:
             if "shape-changing" in str(e):
                 raise
@@ -235,7 +259,7 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config):
             err = e
         else:
             print(f"resuming from step {step}", flush=True)
-            return state
+            return state, (saved if changed else None)
         nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
         logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
                         err, nxt)

@@ -35,6 +35,10 @@ def _cfg(**kw):
     ({"mesh.tensor": 4, "mesh.data": 2}, "config.mesh.tensor"),
     ({"mesh.fsdp": 8, "mesh.data": 1, "model.variant": "demo/16"}, None),
     ({"mesh.data": 3}, "config.mesh"),
+    ({"optim.grad_accum_steps": 2}, "config.optim.grad_accum_steps"),       # 8 = 2 x 4, not a multiple of 8
+    ({"optim.grad_accum_steps": 2, "input.global_batch_size": 16}, None),
+    ({"optim.grad_accum_steps": 0}, "config.optim.grad_accum_steps"),
+    ({"input.dataset": "imagenet2012", "input.data_dir": "gs://bucket/tfds"}, None),   # checked when opened
 ])
 def test_validation_names_the_key(overrides, key):
     if key is None:   # valid
@@ -87,3 +91,19 @@ def test_paper_config_values():
     assert (c.optim.base_lr, c.optim.reference_batch, c.optim.warmup_epochs) == (2e-4, 256, 30)
     assert (c.optim.weight_decay, c.optim.grad_clip, c.optim.b2, c.optim.eps) == (0.05, 0.02, 0.999, 1e-8)
     assert (c.optim.warmup_start_lr, c.optim.end_lr) == (1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("env,flag,coordinator,want", [
+    ({}, None, None, False),                                               # a laptop
+    ({"SLURM_JOB_ID": "7"}, None, None, False),                            # sbatch shell / salloc, no srun
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0",
+      "SLURM_STEP_NUM_TASKS": "1"}, None, None, False),                    # srun with one task
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "1",
+      "SLURM_STEP_NUM_TASKS": "16"}, None, None, True),                    # srun, 16 tasks
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, None, None, True),                   # TPU VM pod
+    ({}, None, "localhost:1234", True),                                    # explicit coordinator
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, False, None, False),                 # --nodistributed wins
+])
+def test_distributed_initialisation_is_detected_from_the_launch(env, flag, coordinator, want):
+    from maskfeat_jax import main
+    assert main.wants_distributed(env, flag, coordinator) is want

@@ -88,3 +88,16 @@ def test_command_line_simulates_the_requested_device_count(tmp_path):
     assert "devices: 4 x cpu, mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in p.stdout
     assert "compiled memory per device" in p.stdout and "FLOPs per device" in p.stdout
     assert json.loads(out.read_text())["batch_per_device"] == 2
+
+
+def test_gradient_accumulation_shrinks_the_temporaries():
+    c = _config((8, 1, 1))
+    c.input.image_size, c.input.global_batch_size, c.optim.grad_accum_steps = 64, 512, 4
+    accum = dry_run.run(c)
+    c.optim.grad_accum_steps = 1
+    full = dry_run.run(c)
+    # activations of 16 examples per device alive at a time instead of 64 (the gradient
+    # accumulator, one more copy of the parameters, is small beside them here)
+    assert accum["memory"]["temp_bytes"] < 0.5 * full["memory"]["temp_bytes"]
+    assert accum["params_bytes_per_device"] == full["params_bytes_per_device"]
+    assert "in 4 micro-batches" in dry_run.format_report(accum)

@@ -148,3 +148,44 @@ def test_global_batch_holds_the_single_process_examples():
         perm = np.concatenate([np.arange(0, 16, 2), np.arange(1, 16, 2)])
         for k in one:
             np.testing.assert_array_equal(glob[k], one[k][perm], err_msg=k)
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(tmp_path):
+    """A preemption notice that reaches only host 1: JAX's preemption service makes both hosts
+    stop after the same step, save it collectively and exit with the preemption code; the run
+    then resumes from that step."""
+    import signal
+    import time
+    port = _free_port()
+    extra = ["--config.total_steps=100000", "--config.checkpoint.every_steps=1000",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen(_cmd(tmp_path, *extra, f"--process_id={i}"), cwd=ROOT, env=_env(4),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        deadline = time.time() + TIMEOUT
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and sum("train/loss" in line for line in open(metrics)) >= 3):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                "the 2-process run did not start training: " + (procs[0].communicate()[0] or "")[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        if p.returncode != 0 and any(s in out for s in GLOO_ERRORS) and "Traceback" in out:
+            pytest.skip(f"CPU collectives (gloo) unavailable in this jaxlib: {out.strip().splitlines()[-1]}")
+        assert p.returncode == 75, out[-3000:]
+    saved = [int(line.split("saved step ")[1].split(",")[0]) for out in outs for line in out.splitlines()
+             if "saved step " in line]
+    assert len(saved) == 2 and saved[0] == saved[1] >= 3, saved
+    step_dir = tmp_path / "checkpoints" / str(saved[0])
+    assert sorted(p.name for p in (step_dir / "data_iter").iterdir() if p.suffix == ".json") == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
+    # the same command, on one process with 8 devices this time, resumes from that step
+    p = subprocess.run(_cmd(tmp_path, f"--config.total_steps={saved[0] + 2}"), cwd=ROOT, env=_env(8),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0 and f"resuming from step {saved[0]}" in p.stdout + p.stderr, p.stderr[-3000:]

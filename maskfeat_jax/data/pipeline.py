@@ -113,8 +113,12 @@ def per_host_batch(config) -> int:
     return config.input.global_batch_size // jax.process_count()
 
 
-def train_dataset(config, source, grid, *, process_index=None, process_count=None) -> grain.IterDataset:
-    """The infinite, shuffled, per-process training stream (see the module docstring)."""
+def train_dataset(config, source, grid, *, process_index=None, process_count=None,
+                  start_batch: int = 0) -> grain.IterDataset:
+    """The infinite, shuffled, per-process training stream (see the module docstring).
+
+    ``start_batch`` skips the first batches: global batch k holds the same examples for any
+    process count, so a run resumed on another topology starts at batch ``step``."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
@@ -122,6 +126,7 @@ def train_dataset(config, source, grid, *, process_index=None, process_count=Non
     # so after the slice every host would draw the same crops and masks for its k-th example.
     ds = ds.random_map(TrainMap(config, grid))[pi::pc]
     ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
+    ds = ds[start_batch:] if start_batch else ds
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if worker_count(config) > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count(config),

@@ -432,7 +432,8 @@ class VideoEvalMap(grain.transforms.Map):
 # datasets
 # ----------------------------------------------------------------------------
 
-def train_dataset(config, source, grid=None, *, process_index=None, process_count=None) -> grain.IterDataset:
+def train_dataset(config, source, grid=None, *, process_index=None, process_count=None,
+                  start_batch: int = 0) -> grain.IterDataset:
     """The infinite, shuffled, per-process training stream of clips (module docstring)."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -440,6 +441,7 @@ def train_dataset(config, source, grid=None, *, process_index=None, process_coun
     # Augment/mask before slicing (see pipeline.train_dataset): hosts draw independent crops/masks.
     ds = ds.random_map(VideoTrainMap(config, grid))[pi::pc]
     ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
+    ds = ds[start_batch:] if start_batch else ds      # resume on another topology (pipeline.train_dataset)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if pipeline.worker_count(config) > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.worker_count(config),
