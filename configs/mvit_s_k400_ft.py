@@ -4,11 +4,13 @@
         --config.init_from=$WORKDIR/mvit_s_pt \\
         --config.video.csv_dir=/data/kinetics400/csv --config.video.root=/data/kinetics400/videos
 
-Official: 16 clips x 2 repeated augmentations per node, base lr 6e-4, layer decay 0.75, 100
-epochs, 20 warm-up epochs from 1e-6, cosine to 1e-6, drop path 0.1, clip 5.0, RandAugment
-m7-mstd0.5-inc1 (same ops on every frame), random erasing 0.25, mixup 0.8 / cutmix 1.0,
-label smoothing 0.1; test 1 spatial crop x 10 clips. Deviation: repeated augmentation is
-not implemented (each clip is sampled once per epoch); the batch counts clips.
+Official: 16 videos x 2 repeated augmentations = 32 clips per node, base lr 6e-4, layer
+decay 0.75, 100 epochs, 20 warm-up epochs from 1e-6, cosine to 1e-6, drop path 0.1, clip
+5.0, RandAugment m7-mstd0.5-inc1 (same ops on every frame), random erasing 0.25, mixup 0.8 /
+cutmix 1.0, label smoothing 0.1; test 1 spatial crop x 10 clips. The batch counts clips: with
+``video.num_sample = 2`` a step of 256 clips takes 128 videos, each decoded once into two
+clips (same frames, their own RandAugment, crop, flip and erasing), and an epoch is one pass
+over the videos (2 x num_videos / 256 steps).
 Official result: 82.2 top-1 (300-epoch pre-training).
 """
 from maskfeat_jax.config import base_config
@@ -33,9 +35,10 @@ def get_config(variant="S"):
     c.video.short_side = 256
     c.video.test_clips = 10
     c.video.test_crops = 1
+    c.video.num_sample = 2             # AUG.NUM_SAMPLE: 2 (repeated augmentation)
     c.augment.randaug_magnitude = 7.0
     c.epochs = 100
-    c.optim.base_lr = 6e-4             # per 32 clips (one node)
+    c.optim.base_lr = 6e-4             # per 32 clips (one node: 16 videos x 2 clips)
     c.optim.reference_batch = 32
     c.optim.warmup_start_lr = 1e-6
     c.optim.end_lr = 1e-6

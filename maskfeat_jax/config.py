@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.video.root = ml_collections.config_dict.placeholder(str)  # relative paths in the CSVs (default: csv_dir)
     c.video.test_clips = 10             # temporal clips per video at evaluation (views are averaged)
     c.video.test_crops = 1              # spatial crops per clip at evaluation (1 or 3)
+    c.video.num_sample = 1              # training clips per decoded video (repeated augmentation)
 
     c.augment = ml_collections.ConfigDict()  # fine-tuning only (pre-training: crop + flip)
     c.augment.crop_min_scale = 0.08     # fine-tuning random resized crop scale (min, 1)

@@ -101,7 +101,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- data
     train_source = sources.make(config, config.input.train_split)
     gb = config.input.global_batch_size
-    steps_per_epoch = max(len(train_source) // gb, 1)
+    num_sample, steps_per_epoch = 1, max(len(train_source) // gb, 1)
+    if config.model.name == "mvit":    # an epoch is one pass over the videos (repeated augmentation)
+        from maskfeat_jax.data import video
+        num_sample, steps_per_epoch = video.num_sample(config), video.steps_per_epoch(config, len(train_source))
     total_steps = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
 
     # ---- model and optimizer, sharded state, step functions
@@ -116,7 +119,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             config, train_source, model.encoder.grid, start_batch=start))
     train_iter = make_iter(0)
     topology = {"process_count": jax.process_count(), "worker_count": pipeline.worker_count(config),
-                "global_batch_size": gb}
+                "global_batch_size": gb, "num_sample": num_sample}
 
     # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
@@ -125,7 +128,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if latest is not None:
             state, saved_topology = _restore_latest_good(ckpt, st.abstract_state, train_iter, config, topology)
             if saved_topology is not None:    # written by another input topology: restart the input at `step`
-                at = int(jax.device_get(state.step)) * saved_topology["global_batch_size"] // gb
+                seen = int(jax.device_get(state.step)) * saved_topology["global_batch_size"] \
+                    // saved_topology.get("num_sample", 1)                  # examples (videos) read so far
+                at = seen // (gb // num_sample)
                 print(f"input topology changed ({saved_topology} -> {topology}): the data iterator starts at "
                       f"batch {at} instead of restoring its saved state", flush=True)
                 train_iter = make_iter(at)

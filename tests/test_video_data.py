@@ -569,3 +569,122 @@ def test_worker_processes_match_in_process(tmp_path, demo_dir):
     for x, y in zip(ev_local, ev_remote):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------
+# 7. repeated augmentation (video.num_sample)
+# ----------------------------------------------------------------------------
+
+def _level_clip(n=16, h=40, w=56):
+    """Frame ``i`` is gray ``16 i + 8`` plus a horizontal ramp of +-6 levels: every crop or
+    flip of it keeps ``floor(mean / 16) == i``, yet different crops differ in pixels."""
+    ramp = np.round(np.linspace(-6, 6, w)).astype(np.int16)
+    clip = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        clip[i] = (16 * i + 8 + ramp)[None, :, None]
+    return clip
+
+
+def _levels(clip):
+    return np.floor(clip.reshape(clip.shape[0], -1).mean(1) / 16).astype(int).tolist()
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_repeated_augmentation_batches(demo_dir, task):
+    c = _config(demo_dir, task=task, image_size=32, short_side=40, batch=4, num_frames=8)
+    c.video.num_sample = 2
+    if task == "finetune":
+        c.augment.randaug_ops, c.augment.erase_prob = 2, 1.0
+    src = video.make_source(c, "train")
+    batches = _take(video.train_dataset(c, src, (4, 2, 2)), 3)
+    for b in batches:
+        assert b["image"].dtype == np.uint8 and b["image"].shape == (4, 8, 32, 32, 3)
+        assert b["label"].dtype == np.int32 and b["label"].shape == (4,)
+        assert b["valid"].dtype == bool and b["valid"].shape == (4,) and b["valid"].all()
+        extra = "mask" if task == "pretrain" else "erase_box"
+        assert set(b) == {"image", extra, "label", "valid"}
+        assert b[extra].shape == ((4, 16) if task == "pretrain" else (4, 4))
+        # rows (0, 1) and (2, 3) are the two views of one video: same label, other augmentation
+        np.testing.assert_array_equal(b["label"][0::2], b["label"][1::2])
+        for i in (0, 2):
+            assert not np.array_equal(b["image"][i], b["image"][i + 1])
+    # 3 steps x 2 videos: six distinct videos of the 10 (one shuffled epoch, no repeats yet)
+    labels = np.concatenate([b["label"][0::2] for b in batches])
+    assert len(labels) == 6 and len(set(labels.tolist())) == 6   # the demo labels are i % 10
+    again = _take(video.train_dataset(c, src, (4, 2, 2)), 3)
+    for x, y in zip(batches, again):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    c.seed = 1
+    other = _take(video.train_dataset(c, src, (4, 2, 2)), 1)[0]
+    assert not np.array_equal(other["image"], batches[0]["image"])
+    # grain worker processes: the same batches
+    c.seed, c.input.worker_count = 0, 1
+    remote = _take(video.train_dataset(c, src, (4, 2, 2)), 2)
+    for x, y in zip(batches, remote):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    c.input.worker_count = 0
+    # two hosts: one video (two clips) each per step, different videos
+    hosts = [_take(video.train_dataset(c, src, (4, 2, 2), process_index=i, process_count=2), 2) for i in range(2)]
+    for h in hosts:
+        for b in h:
+            assert b["image"].shape[0] == 2 and b["label"][0] == b["label"][1]
+    assert hosts[0][0]["label"][0] != hosts[1][0]["label"][0]
+
+
+def test_repeated_views_share_one_decode(tmp_path, monkeypatch):
+    """One decode (one temporal window) per video; every view draws its own crop and flip."""
+    path = _write_video(tmp_path / "levels.mp4", _level_clip())
+    c = _config(task="finetune", image_size=32, short_side=40, num_frames=4, sampling_rate=1)
+    c.augment.randaug_ops = 0
+    c.video.num_sample = 3
+    calls = []
+    decode = video.decode_clip
+    monkeypatch.setattr(video, "decode_clip", lambda *a, **k: calls.append(a[0]) or decode(*a, **k))
+    tm = video.VideoTrainMap(c)
+    starts = set()
+    for seed in range(8):
+        out = tm.random_map({"video": path, "label": 7}, np.random.default_rng(seed))
+        assert out["image"].shape == (3, 4, 32, 32, 3) and out["erase_box"].shape == (3, 4)
+        np.testing.assert_array_equal(out["label"], [7, 7, 7])
+        assert out["label"].dtype == np.int32 and out["valid"].dtype == bool and out["valid"].all()
+        ids = [_levels(view) for view in out["image"]]
+        assert ids[0] == ids[1] == ids[2] and ids[0] == list(range(ids[0][0], ids[0][0] + 4)), ids
+        starts.add(ids[0][0])
+        assert len({view.tobytes() for view in out["image"]}) > 1
+    assert len(calls) == 8                     # one decode per video, not per view
+    assert len(starts) > 1                     # the shared window itself is random
+    # view 0 of k continues the stream of a single view: num_sample=1 output is unchanged
+    c1 = _config(task="finetune", image_size=32, short_side=40, num_frames=4, sampling_rate=1)
+    c1.augment.randaug_ops = 0
+    single = video.VideoTrainMap(c1).random_map({"video": path, "label": 7}, np.random.default_rng(3))
+    multi = tm.random_map({"video": path, "label": 7}, np.random.default_rng(3))
+    assert single["image"].shape == (4, 32, 32, 3) and single["label"].shape == ()
+    np.testing.assert_array_equal(single["image"], multi["image"][0])
+    np.testing.assert_array_equal(single["erase_box"], multi["erase_box"][0])
+    # an undecodable video: k blank, invalid views
+    bad = tm.random_map({"video": str(tmp_path / "missing.mp4"), "label": 1}, np.random.default_rng(0))
+    assert bad["image"].shape == (3, 4, 32, 32, 3) and not bad["image"].any() and not bad["valid"].any()
+
+
+def test_num_sample_batch_divisibility_and_epoch_length(demo_dir):
+    c = _config(demo_dir, task="finetune", batch=6)
+    c.video.num_sample = 4
+    src = video.make_source(c, "train")
+    with pytest.raises(ValueError, match=r"config\.input\.global_batch_size=6.*config\.video\.num_sample=4"):
+        video.train_dataset(c, src, (4, 2, 2))
+    c.input.global_batch_size, c.video.num_sample = 4, 2
+    assert video.check_batch(c, 1) == 2 and video.check_batch(c, 2) == 1
+    with pytest.raises(ValueError, match=r"config\.video\.num_sample=2 x 4 process"):
+        video.train_dataset(c, src, (4, 2, 2), process_index=0, process_count=4)
+    for bad in (0, -1):
+        c.video.num_sample = bad
+        with pytest.raises(ValueError, match=r"config\.video\.num_sample"):
+            video.VideoTrainMap(c)
+    # an epoch is one pass over the videos: 10 videos, 4 clips of 2 videos per step
+    c.video.num_sample = 2
+    assert video.steps_per_epoch(c, 10) == 5
+    c.video.num_sample = 1
+    assert video.steps_per_epoch(c, 10) == 2 and video.steps_per_epoch(c, 3) == 1
+    assert config_lib.base_config().video.num_sample == 1

@@ -7,6 +7,17 @@ Training: ``VideoCsvSource -> seed/shuffle -> repeat -> decode + augment + mask
 leave the workers as uint8 (normalised on device); every element carries ``valid``:
 False for a video that could not be decoded (a blank clip, weighted out of the loss).
 
+Repeated augmentation (``config.video.num_sample = k > 1``, PySlowFast's
+``AUG.NUM_SAMPLE``; 2 in the MViTv2-S Kinetics fine-tuning recipe): every sampled
+video is decoded once, at one random temporal position, and yields ``k`` clips that
+share those frames but each draw their own augmentation (RandAugment, crop, flip,
+erasing; in pre-training crop, flip and mask). ``input.global_batch_size`` still
+counts clips, so a step takes ``global_batch_size / k`` videos; the ``k`` views of a
+video are adjacent rows of the batch and share its ``label`` and ``valid``. An epoch
+stays one pass over the videos, ``num_videos * k / global_batch_size`` steps
+(:func:`steps_per_epoch`), as PySlowFast, whose ``TRAIN.BATCH_SIZE`` counts videos.
+Decoding costs ``1 / k`` of a video per clip; the augmentation is paid per clip.
+
 Evaluation: every video of this process's slice exactly once, expanded to
 ``num_clips x num_crops`` views, in batches padded with ``valid=False`` rows. Each
 row carries ``video_index`` (the video's index in the source; -1 on padding) and
@@ -53,7 +64,8 @@ from maskfeat_jax.data import pipeline
 from maskfeat_jax.data import video_transforms as VT
 
 __all__ = ["parse_csv", "VideoCsvSource", "make_source", "temporal_indices", "decode_clip",
-           "VideoTrainMap", "VideoEvalMap", "prediction_grid", "train_dataset", "eval_batches"]
+           "VideoTrainMap", "VideoEvalMap", "prediction_grid", "num_sample", "check_batch",
+           "steps_per_epoch", "train_dataset", "eval_batches"]
 
 _warned: set = set()
 _SPLIT_RE = re.compile(r"\s*,\s*|\s+")
@@ -319,11 +331,41 @@ def prediction_grid(config) -> tuple[int, int, int]:
     return config.video.num_frames // 2, size // 16, size // 16
 
 
-class VideoTrainMap(grain.transforms.RandomMap):
-    """Decode one training clip, augment it identically on every frame, and (pre-training)
-    draw its cube mask.
+def num_sample(config) -> int:
+    """``config.video.num_sample`` (1 when the key is absent): training clips per decoded
+    video (repeated augmentation, module docstring). ValueError unless a positive int."""
+    n = config.video.get("num_sample", 1)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"config.video.num_sample={n!r} must be a positive integer (1: no repeated augmentation)")
+    return int(n)
 
-    * decode at short side ``config.video.short_side`` (random temporal start);
+
+def check_batch(config, process_count: int | None = None) -> int:
+    """The videos per process and step, ``global_batch_size / (num_sample * process_count)``;
+    ValueError naming both keys unless that is a positive integer."""
+    pc = jax.process_count() if process_count is None else int(process_count)
+    k, gb = num_sample(config), config.input.global_batch_size
+    if gb <= 0 or gb % (k * pc):
+        raise ValueError(
+            f"config.input.global_batch_size={gb} (clips) must be divisible by config.video.num_sample={k} x "
+            f"{pc} process(es) = {k * pc}: each process batches whole videos of {k} clips each")
+    return gb // (k * pc)
+
+
+def steps_per_epoch(config, num_videos: int) -> int:
+    """Steps in one epoch, one pass over ``num_videos`` training videos: a step takes
+    ``global_batch_size / num_sample`` videos, so ``num_videos * num_sample //
+    global_batch_size`` (at least 1). Equals ``num_videos // global_batch_size`` for
+    ``num_sample = 1``."""
+    return max(int(num_videos) * num_sample(config) // config.input.global_batch_size, 1)
+
+
+class VideoTrainMap(grain.transforms.RandomMap):
+    """Decode one training video once, then build ``config.video.num_sample`` clips from it,
+    each augmented identically on every frame and (pre-training) with its own cube mask.
+
+    * decode at short side ``config.video.short_side`` (one random temporal start, shared
+      by all the video's clips);
     * pre-training: random resized crop scale (0.5, 1), ratio (3/4, 4/3), bilinear, to
       ``config.input.image_size``, h-flip 0.5; cube mask on the grid
       ``(t, h / 2, w / 2)`` of ``grid = (t, h, w)`` (the stride-16 prediction grid,
@@ -333,8 +375,11 @@ class VideoTrainMap(grain.transforms.RandomMap):
       before the crop, as PySlowFast), crop scale (0.08, 1), h-flip, and one
       ``erase_box`` per clip (the same box on every frame: PySlowFast's cube erasing).
 
-    Output ``{"image": uint8 (T, S, S, 3), "mask"?: bool (t*h*w,), "erase_box"?: int32
-    (4,), "label": int32, "valid": bool}``; a clip that failed to decode is all zeros.
+    With ``num_sample = 1`` the output is ``{"image": uint8 (T, S, S, 3), "mask"?: bool
+    (t*h*w,), "erase_box"?: int32 (4,), "label": int32, "valid": bool}``; with ``k > 1``
+    every field gains a leading axis of ``k`` views (``label`` and ``valid`` repeated),
+    drawn one after the other from the element's generator. A video that failed to decode
+    gives all-zero clips.
     """
 
     def __init__(self, config, grid=None):
@@ -342,6 +387,7 @@ class VideoTrainMap(grain.transforms.RandomMap):
         self.task, self.size = config.task, config.input.image_size
         self.num_frames, self.sampling_rate, self.short_side = v.num_frames, v.sampling_rate, v.short_side
         self.target_fps = v.get("target_fps", None)
+        self.num_sample = num_sample(config)
         self.grid = tuple(int(g) for g in (prediction_grid(config) if grid is None else grid))
         if len(self.grid) != 3 or self.grid[1] % 2 or self.grid[2] % 2 or min(self.grid) < 1:
             raise ValueError(f"grid must be (t, h, w) with even h and w (one mask unit is 2x2 tokens), "
@@ -350,11 +396,9 @@ class VideoTrainMap(grain.transforms.RandomMap):
         self.erase_p = config.augment.erase_prob
         self.randaug_ops, self.randaug_mag = config.augment.randaug_ops, config.augment.randaug_magnitude
 
-    def random_map(self, element, rng: np.random.Generator):
-        frames, ok = decode_clip(element["video"], rng, num_frames=self.num_frames,
-                                 sampling_rate=self.sampling_rate, mode="train",
-                                 short_side=self.short_side, target_fps=self.target_fps)
-        out = {"label": np.int32(element["label"]), "valid": np.bool_(ok)}
+    def _view(self, frames, ok: bool, rng: np.random.Generator) -> dict:
+        """One augmented clip (and its mask or erase box) of the decoded ``frames``."""
+        out = {}
         if self.task == "pretrain":
             clip = VT.random_resized_crop(frames, rng, self.size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
             clip = VT.random_flip(clip, rng)
@@ -372,6 +416,26 @@ class VideoTrainMap(grain.transforms.RandomMap):
             clip = np.zeros((self.num_frames, self.size, self.size, 3), np.uint8)
         out["image"] = clip
         return out
+
+    def random_map(self, element, rng: np.random.Generator):
+        frames, ok = decode_clip(element["video"], rng, num_frames=self.num_frames,
+                                 sampling_rate=self.sampling_rate, mode="train",
+                                 short_side=self.short_side, target_fps=self.target_fps)
+        k = self.num_sample
+        views = [self._view(frames, ok, rng) for _ in range(k)]
+        if k == 1:
+            out = views[0]
+            out["label"], out["valid"] = np.int32(element["label"]), np.bool_(ok)
+        else:
+            out = {key: np.stack([view[key] for view in views]) for key in views[0]}
+            out["label"] = np.full((k,), element["label"], np.int32)
+            out["valid"] = np.full((k,), ok, np.bool_)
+        return out
+
+
+def _flatten_views(batch: dict) -> dict:
+    """``(videos, num_sample, ...)`` -> ``(videos * num_sample, ...)``: a video's clips stay adjacent."""
+    return {key: value.reshape((-1,) + value.shape[2:]) for key, value in batch.items()}
 
 
 class VideoEvalMap(grain.transforms.Map):
@@ -434,13 +498,22 @@ class VideoEvalMap(grain.transforms.Map):
 
 def train_dataset(config, source, grid=None, *, process_index=None, process_count=None,
                   start_batch: int = 0) -> grain.IterDataset:
-    """The infinite, shuffled, per-process training stream of clips (module docstring)."""
+    """The infinite, shuffled, per-process training stream of clips (module docstring).
+
+    Batches hold ``global_batch_size / process_count`` clips: that many videos, or with
+    ``config.video.num_sample = k`` a ``1 / k`` of that many videos with their ``k``
+    clips in adjacent rows. :func:`check_batch` raises here, before anything is read
+    or compiled, when the batch does not split into whole videos.
+    """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
+    videos_per_batch = check_batch(config, pc)
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
     # Augment/mask before slicing (see pipeline.train_dataset): hosts draw independent crops/masks.
     ds = ds.random_map(VideoTrainMap(config, grid))[pi::pc]
-    ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
+    ds = ds.batch(videos_per_batch, drop_remainder=True)
+    if num_sample(config) > 1:
+        ds = ds.map(_flatten_views)
     ds = ds[start_batch:] if start_batch else ds      # resume on another topology (pipeline.train_dataset)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if pipeline.worker_count(config) > 0:
