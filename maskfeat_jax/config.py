@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.global_batch_size = 2048    # images per step over all devices and hosts
     c.input.worker_count = -1           # grain worker processes per host (0: in the main process; -1: cores - 1)
     c.input.prefetch = 2                # batches buffered per worker
+    c.input.jpeg_draft = False          # JPEG DCT-scaled decode when the crop is >= 2x the output (big images only)
     c.input.synthetic_size = 4096       # examples in the "synthetic" dataset
     c.input.mean = (0.485, 0.456, 0.406)  # per-channel normalisation, applied on device
     c.input.std = (0.229, 0.224, 0.225)

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from maskfeat_jax import config as config_lib
+from maskfeat_jax import masking
 from maskfeat_jax.data import pipeline, sources
+from maskfeat_jax.data import transforms as T
 
 
 # ----------------------------------------------------------------------------
@@ -353,6 +355,79 @@ def test_decode_inputs():
                 "/nonexistent/file.jpg"):
         img, ok = pipeline.decode(bad)
         assert not ok and img.dtype == np.uint8 and img.ndim == 3 and not img.any()
+
+
+def test_decode_pil():
+    img, ok = pipeline.decode(_jpeg_bytes((10, 20, 250)), pil=True)
+    assert ok and isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (40, 30)
+    np.testing.assert_array_equal(np.asarray(img), pipeline.decode(_jpeg_bytes((10, 20, 250)))[0])
+    buf = io.BytesIO()
+    Image.new("L", (9, 5), 77).save(buf, format="PNG")
+    img, ok = pipeline.decode(buf.getvalue(), pil=True)
+    assert ok and img.mode == "RGB" and (np.asarray(img) == 77).all()
+    img, ok = pipeline.decode(np.full((5, 7), 9, np.uint8), pil=True)
+    assert ok and img.mode == "RGB" and img.size == (7, 5)
+    for bad in (b"", _noise_jpeg_bytes(1)[:200], "/nonexistent/file.jpg"):
+        img, ok = pipeline.decode(bad, pil=True)
+        assert not ok and isinstance(img, Image.Image) and not np.asarray(img).any()
+
+
+def _photo_jpeg_bytes(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32)
+    img = np.clip(base + rng.normal(0.0, 6.0, (h, w, 1)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_train_map_matches_reference():
+    """TrainMap (Pillow from decode to flip) against the steps written out separately:
+    decode to an array, draw the crop, crop the array, resize it, draw the flip, draw the mask."""
+    c = _config(image_size=32)
+    grid = _grid(c)
+    tm = pipeline.TrainMap(c, grid)
+    data = _photo_jpeg_bytes(120, 90, seed=2)
+    decoded, ok = pipeline.decode(data)
+    assert ok
+    flips = 0
+    for seed in range(10):
+        out = tm.random_map({"image": data, "label": 3}, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        top, left, h, w = T.rrc_params(90, 120, rng, scale=(0.5, 1.0))
+        crop = np.ascontiguousarray(decoded[top:top + h, left:left + w])
+        ref = np.asarray(Image.fromarray(crop).resize((32, 32), Image.BICUBIC)).astype(int)
+        if float(rng.random()) < 0.5:
+            ref, flips = ref[:, ::-1], flips + 1
+        mask = masking.block_mask(rng, grid, c.mask.ratio, min_aspect=c.mask.min_aspect, tries=c.mask.tries)
+        assert out["valid"] and out["label"] == 3
+        assert out["image"].dtype == np.uint8 and out["image"].shape == (32, 32, 3)
+        np.testing.assert_array_equal(out["image"], ref)
+        np.testing.assert_array_equal(out["mask"], mask.reshape(-1))
+    assert 0 < flips < 10
+
+
+def test_train_map_jpeg_draft():
+    c = _config(image_size=32)
+    data = _photo_jpeg_bytes(640, 480, seed=5)
+    assert pipeline.TrainMap(c, _grid(c)).draft is False
+    c.input.jpeg_draft = True
+    assert pipeline.TrainMap(c, _grid(c)).draft is True
+    exact = pipeline.TrainMap(c, _grid(c), jpeg_draft=False)
+    drafted = pipeline.TrainMap(c, _grid(c))
+    for seed in range(4):
+        a = exact.random_map({"image": data, "label": 0}, np.random.default_rng(seed))
+        b = drafted.random_map({"image": data, "label": 0}, np.random.default_rng(seed))
+        assert a["valid"] and b["valid"]
+        np.testing.assert_array_equal(a["mask"], b["mask"])          # same draws
+        diff = np.abs(a["image"].astype(int) - b["image"].astype(int))
+        assert 0 < diff.mean() < 2.0                                  # a different downsample
+    truncated = data[: len(data) // 2]
+    for tm in (exact, drafted):
+        out = tm.random_map({"image": truncated, "label": 1}, np.random.default_rng(0))
+        assert not out["valid"] and not out["image"].any() and out["image"].shape == (32, 32, 3)
+        assert out["mask"].shape == (_grid(c)[0] * _grid(c)[1],)
 
 
 def test_folder_errors_name_the_path(tmp_path):

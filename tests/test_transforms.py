@@ -1,5 +1,7 @@
 """Tests for maskfeat_jax.data.transforms (numpy + Pillow augmentations)."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -96,6 +98,113 @@ def test_bad_inputs(noise):
         T.random_resized_crop(noise, _rng(), 8, interpolation="cubic")
     with pytest.raises(ValueError, match="size"):
         T.random_resized_crop(noise, _rng(), 0)
+
+
+def _photo_jpeg(w, h, seed=0, mode="RGB", texture=6.0):
+    """JPEG bytes of a smooth random colour field with mild per-pixel texture."""
+    rng = _rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.float32)
+    img = np.clip(base + rng.normal(0.0, texture, (h, w, 1)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).convert(mode).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _reference_crop_resize(img, box, size):
+    """torchvision's geometry written out: crop the array, then a separate PIL bicubic resize."""
+    top, left, h, w = box
+    out_h, out_w = size
+    crop = np.ascontiguousarray(np.asarray(img)[top:top + h, left:left + w])
+    return np.asarray(Image.fromarray(crop).resize((out_w, out_h), Image.Resampling.BICUBIC)).astype(int)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (24, 24), (20, 28), (64, 64)])
+def test_resized_crop_matches_crop_then_resize(size):
+    """The Pillow-native path equals the steps written out on arrays (crop the array, then a
+    separate PIL bicubic resize) for the same drawn box, from an array or a Pillow image."""
+    img = _rng(7).integers(0, 256, (90, 120, 3), dtype=np.uint8)  # white noise: no slack anywhere
+    pil = Image.fromarray(img)
+    for seed in range(20):
+        rng_a, rng_b, rng_c = _rng(seed), _rng(seed), _rng(seed)
+        box = T.rrc_params(90, 120, rng_a, scale=(0.08, 1.0))
+        ref = _reference_crop_resize(img, box, size)
+        np.testing.assert_array_equal(T.random_resized_crop(img, rng_b, size), ref)
+        np.testing.assert_array_equal(np.asarray(T.random_resized_crop(pil, rng_c, size)), ref)
+        assert rng_a.random() == rng_b.random() == rng_c.random(), "same draws as rrc_params"
+
+
+def test_resized_crop_pil_and_array_agree(noise):
+    box = T.rrc_params(H, W, _rng(4), scale=(0.5, 1.0))
+    a = T.resized_crop(noise, box, (12, 20))
+    p = T.resized_crop(Image.fromarray(noise), box, (12, 20))
+    assert isinstance(a, np.ndarray) and isinstance(p, Image.Image) and p.size == (20, 12)
+    np.testing.assert_array_equal(a, np.asarray(p))
+    # random_resized_crop: same kind as given, same pixels, same draws
+    ra, rp = _rng(8), _rng(8)
+    a = T.random_resized_crop(noise, ra, 16)
+    p = T.random_resized_crop(Image.fromarray(noise), rp, 16)
+    assert isinstance(p, Image.Image)
+    np.testing.assert_array_equal(a, np.asarray(p))
+    assert ra.random() == rp.random()
+
+
+def test_random_resized_crop_from_opened_jpeg():
+    """An opened (not yet decoded) JPEG gives the same output as its decoded array."""
+    data = _photo_jpeg(120, 90, seed=3)
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for seed in range(5):
+        a = T.random_resized_crop(decoded, _rng(seed), 32, scale=(0.5, 1.0))
+        p = T.random_resized_crop(Image.open(io.BytesIO(data)), _rng(seed), 32, scale=(0.5, 1.0))
+        np.testing.assert_array_equal(a, np.asarray(p))
+    gray = Image.open(io.BytesIO(_photo_jpeg(60, 40, mode="L")))
+    out = T.random_resized_crop(gray, _rng(0), 8)
+    assert out.mode == "RGB" and out.size == (8, 8)
+
+
+def test_draft_scale():
+    # a 1600 x 1200 crop at 224 can be decoded at 1/4 (400 x 300 >= 224) but not 1/8
+    assert T.draft_scale((1600, 1200), (0, 0, 1200, 1600), 224) == 4
+    assert T.draft_scale((1600, 1200), (0, 0, 1200, 1600), (150, 224)) == 4
+    assert T.draft_scale((1000, 750), (10, 10, 460, 600), 224) == 2
+    assert T.draft_scale((1000, 750), (10, 10, 440, 600), 224) == 1    # 440 / 2 < 224
+    assert T.draft_scale((500, 375), (0, 0, 375, 500), 224) == 1       # ImageNet-sized: never
+    assert T.draft_scale((4000, 3000), (0, 0, 3000, 4000), 64) == 8
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_draft_decode_close_to_exact(mode):
+    w, h, size = 640, 480, (48, 64)
+    data = _photo_jpeg(w, h, seed=1, mode=mode)
+    for seed in range(3):
+        box = T.rrc_params(h, w, _rng(seed), scale=(0.5, 1.0))
+        s = T.draft_scale((w, h), box, size)
+        assert s in (2, 4, 8)
+        im, reduced = T.decode_for_crop(Image.open(io.BytesIO(data)), box, size, draft=True)
+        assert reduced == s and im.mode == "RGB" and im.size == (-(-w // s), -(-h // s))
+        drafted = np.asarray(T.resized_crop(im, box, size, reduced=reduced)).astype(int)
+        one_call = np.asarray(T.resized_crop(Image.open(io.BytesIO(data)), box, size, draft=True))
+        np.testing.assert_array_equal(drafted, one_call)
+        exact = np.asarray(T.resized_crop(Image.open(io.BytesIO(data)), box, size)).astype(int)
+        diff = np.abs(drafted - exact)
+        assert 0 < diff.mean() < 2.0, diff.mean()   # a different downsample, same geometry
+        assert np.percentile(diff, 99) <= 12
+    # draft=False, or a loaded image, or an array: full-resolution decode, reduced == 1
+    box = (0, 0, h, w)
+    assert T.decode_for_crop(Image.open(io.BytesIO(data)), box, size)[1] == 1.0
+    loaded = Image.open(io.BytesIO(data))
+    loaded.load()
+    assert T.decode_for_crop(loaded, box, size, draft=True)[1] == 1.0
+    arr = np.zeros((h, w, 3), np.uint8)
+    assert T.decode_for_crop(arr, box, size, draft=True)[1] == 1.0
+
+
+def test_decode_for_crop_raises_on_truncated_jpeg():
+    data = _photo_jpeg(640, 480)
+    for draft in (False, True):
+        im = Image.open(io.BytesIO(data[: len(data) // 2]))
+        with pytest.raises(OSError):
+            T.decode_for_crop(im, (0, 0, 480, 640), 32, draft=draft)
 
 
 # ----------------------------------------------------------------------------
@@ -364,6 +473,50 @@ def test_pretrain_equals_its_parts(noise):
     a, b = _rng(9), _rng(9)
     expected = T.random_flip(T.random_resized_crop(noise, b, 24, scale=(0.5, 1.0)), b)
     np.testing.assert_array_equal(T.pretrain_transform(noise, a, 24), expected)
+
+
+def test_pretrain_equals_reference_geometry(noise):
+    """Draw order crop then flip; pixels as crop-then-resize-then-flip on arrays."""
+    flips = 0
+    for seed in range(12):
+        ref_rng = _rng(seed)
+        box = T.rrc_params(H, W, ref_rng, scale=(0.5, 1.0))
+        ref = _reference_crop_resize(noise, box, (12, 12))
+        if float(ref_rng.random()) < 0.5:
+            ref, flips = ref[:, ::-1], flips + 1
+        for img in (noise, Image.fromarray(noise)):
+            np.testing.assert_array_equal(T.pretrain_transform(img, _rng(seed), 12), ref)
+    assert 0 < flips < 12
+
+
+@pytest.mark.parametrize("fn", [T.pretrain_transform, T.finetune_transform])
+def test_train_pipelines_pil_input(noise, fn):
+    for seed in range(4):
+        a = fn(noise, _rng(seed), 16)
+        p = fn(Image.fromarray(noise), _rng(seed), 16)
+        assert isinstance(p, np.ndarray) and p.dtype == np.uint8 and p.flags.writeable
+        np.testing.assert_array_equal(a, p)
+
+
+def test_random_flip_pil(noise):
+    flipped = 0
+    for seed in range(10):
+        a = T.random_flip(noise, _rng(seed))
+        p = T.random_flip(Image.fromarray(noise), _rng(seed))
+        assert isinstance(p, Image.Image)
+        np.testing.assert_array_equal(a, np.asarray(p))
+        flipped += not np.array_equal(a, noise)
+    assert 0 < flipped < 10
+
+
+def test_rand_augment_and_eval_pil_input(noise):
+    for seed in range(8):
+        a = T.rand_augment(noise, _rng(seed), prob=1.0)
+        p = T.rand_augment(Image.fromarray(noise), _rng(seed), prob=1.0)
+        np.testing.assert_array_equal(a, p)
+    np.testing.assert_array_equal(T.eval_transform(noise, 16), T.eval_transform(Image.fromarray(noise), 16))
+    np.testing.assert_array_equal(T.apply_op(noise, "Rotate", 5, _rng(1)),
+                                  T.apply_op(Image.fromarray(noise), "Rotate", 5, _rng(1)))
 
 
 def test_finetune_uses_imagenet_fill():

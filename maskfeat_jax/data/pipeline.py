@@ -27,55 +27,128 @@ from maskfeat_jax.data import transforms as T
 _warned: set = set()
 
 
-def decode(image) -> tuple[np.ndarray, bool]:
-    """An HxWx3 uint8 array from an array, encoded bytes or a path; (blank, False) on failure."""
+def _name(image) -> str:
+    if isinstance(image, str):
+        return image
+    return f"<{type(image).__name__} of {len(image) if hasattr(image, '__len__') else '?'}>"
+
+
+def _skip(image, e: Exception) -> None:
+    name = _name(image)
+    if name not in _warned:
+        _warned.add(name)
+        logging.warning("skipping undecodable image %s: %s", name, e)
+
+
+def _array_rgb(arr: np.ndarray, copy: bool = True) -> np.ndarray:
+    """An HxWx3 uint8 array (a copy unless ``copy=False``) of an HxW, HxWx1 or HxWxC
+    (C >= 3: the first three channels) array."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] < 3 or min(arr.shape[:2]) < 1:
+        raise ValueError(f"unexpected image shape {arr.shape}")
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8, copy=copy))
+
+
+def open_image(image) -> Image.Image:
+    """A Pillow image of an array, encoded bytes, a path or a Pillow image.
+
+    Bytes and paths are only opened (the header is read): the pixels are
+    decoded when the image is loaded, so a JPEG can still be decoded at a
+    reduced DCT scale (``transforms.decode_for_crop``). Raises on anything that
+    is not an image.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(_array_rgb(image, copy=False))
+    src = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
+    im = Image.open(src)
+    if min(im.size) < 1:
+        im.close()
+        raise ValueError(f"empty image of size {im.size}")
+    return im
+
+
+def decode(image, *, pil: bool = False) -> tuple[np.ndarray | Image.Image, bool]:
+    """An HxWx3 uint8 array (``pil=True``: an RGB Pillow image) from an array, encoded
+    bytes or a path; ``(blank 8x8, False)`` on failure."""
     try:
-        if isinstance(image, np.ndarray):
-            arr = image
-        else:
-            src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-            with Image.open(src) as im:
-                arr = np.asarray(im.convert("RGB"))
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] < 3 or min(arr.shape[:2]) < 1:
-            raise ValueError(f"unexpected image shape {arr.shape}")
-        return np.ascontiguousarray(arr[..., :3].astype(np.uint8)), True
+        if isinstance(image, np.ndarray) and not pil:
+            return _array_rgb(image), True
+        im = open_image(image)
+        try:
+            im.load()
+        except Exception:
+            im.close()
+            raise
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        return (rgb if pil else np.array(rgb)), True
     except Exception as e:  # noqa: BLE001 - any undecodable input is skipped, never fatal
-        name = image if isinstance(image, str) else f"<{type(image).__name__} of {len(image) if hasattr(image, '__len__') else '?'}>"
-        if name not in _warned:
-            _warned.add(name)
-            logging.warning("skipping undecodable image %s: %s", name, e)
-        return np.zeros((8, 8, 3), np.uint8), False
+        _skip(image, e)
+        blank = np.zeros((8, 8, 3), np.uint8)
+        return (Image.fromarray(blank) if pil else blank), False
 
 
 class TrainMap(grain.transforms.RandomMap):
-    """Decode, augment, and (pre-training) draw the block mask of one example."""
+    """Decode, augment, and (pre-training) draw the block mask of one example.
 
-    def __init__(self, config, grid: tuple[int, int]):
+    The image stays in Pillow from decoding to the last augmentation and is
+    converted to an array once: the file is opened, the random resized crop
+    is drawn from its header size, the pixels are decoded, and the crop is
+    resized in one call (``transforms.resized_crop``), then flipped (and, for
+    fine-tuning, RandAugmented). Random draws per example, in order: crop,
+    flip, then the block mask (pre-training) or RandAugment and the erasing
+    box (fine-tuning). An example that cannot be decoded comes back as a blank
+    image with ``valid=False`` (its mask or erasing box is still drawn).
+
+    ``jpeg_draft`` (default ``config.input.jpeg_draft``, off): decode JPEGs at DCT scale 1/2, 1/4 or 1/8 when the crop
+    stays at least ``image_size`` after it (see ``transforms.resized_crop``);
+    only images at least twice the output size in the crop are affected.
+    """
+
+    def __init__(self, config, grid: tuple[int, int], *, jpeg_draft: bool | None = None):
         self.task, self.size, self.grid = config.task, config.input.image_size, grid
         self.ratio, self.min_aspect, self.tries = config.mask.ratio, config.mask.min_aspect, config.mask.tries
         self.erase_p, self.flip = config.augment.erase_prob, config.augment.flip
         self.crop_min_scale = config.augment.crop_min_scale
         self.randaug = {"num_ops": config.augment.randaug_ops, "magnitude": config.augment.randaug_magnitude}
+        self.draft = bool(config.input.jpeg_draft if jpeg_draft is None else jpeg_draft)
+
+    def _decode_crop(self, image, rng, scale) -> tuple[Image.Image | None, bool]:
+        """The random resized crop of ``image`` as a Pillow image, or ``(None, False)``."""
+        try:
+            im = open_image(image)
+        except Exception as e:  # noqa: BLE001 - any undecodable input is skipped, never fatal
+            _skip(image, e)
+            return None, False
+        box = T.rrc_params(im.height, im.width, rng, scale)
+        try:
+            rgb, reduced = T.decode_for_crop(im, box, self.size, draft=self.draft)
+        except Exception as e:  # noqa: BLE001
+            im.close()
+            _skip(image, e)
+            return None, False
+        return T.resized_crop(rgb, box, self.size, "bicubic", reduced=reduced), True
 
     def random_map(self, element, rng: np.random.Generator):
-        img, ok = decode(element["image"])
+        pretrain = self.task == "pretrain"
+        img, ok = self._decode_crop(element["image"], rng, (0.5 if pretrain else self.crop_min_scale, 1.0))
         out = {"label": np.int32(element["label"]), "valid": np.bool_(ok)}
-        if self.task == "pretrain":
-            img = T.random_resized_crop(img, rng, self.size, scale=(0.5, 1.0))
-            out["image"] = T.random_flip(img, rng, 0.5 if self.flip else 0.0)
+        if ok:
+            img = T.random_flip(img, rng, 0.5 if self.flip else 0.0)
+            if not pretrain and self.randaug["num_ops"] > 0:
+                img = T.rand_augment(img, rng, magnitude_std=0.5, increasing=True, fill=T.IMAGENET_FILL,
+                                     **self.randaug)
+            out["image"] = np.asarray(img)
+        else:
+            out["image"] = np.zeros((self.size, self.size, 3), np.uint8)
+        if pretrain:
             out["mask"] = masking.block_mask(rng, self.grid, self.ratio, min_aspect=self.min_aspect,
                                              tries=self.tries).reshape(-1)
         else:
-            img = T.random_resized_crop(img, rng, self.size, scale=(self.crop_min_scale, 1.0))
-            img = T.random_flip(img, rng, 0.5 if self.flip else 0.0)
-            if self.randaug["num_ops"] > 0:
-                img = T.rand_augment(img, rng, magnitude_std=0.5, increasing=True, fill=T.IMAGENET_FILL,
-                                     **self.randaug)
-            out["image"] = img
             out["erase_box"] = erase_box(rng, self.size, self.erase_p)
         return out
 
@@ -98,7 +171,7 @@ class EvalMap(grain.transforms.Map):
         self.size = size
 
     def map(self, element):
-        img, ok = decode(element["image"])
+        img, ok = decode(element["image"], pil=True)
         return {"image": T.eval_transform(img, self.size), "label": np.int32(element["label"]),
                 "valid": np.bool_(ok)}
 
