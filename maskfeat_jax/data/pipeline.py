@@ -1,7 +1,9 @@
 """grain input pipelines.
 
-Training: ``source -> seed/shuffle (reshuffled each epoch) -> repeat -> this process's
-slice -> decode + augment + mask (random_map, in workers) -> batch -> mp_prefetch``.
+Training: ``source -> seed/shuffle (reshuffled each epoch) -> repeat -> decode + augment +
+mask (random_map, in workers) -> batch of global_batch_size / processes -> this process's
+batches (every process_count-th) -> mp_prefetch``. Global batch k is then examples
+``k * global_batch_size ...`` of the stream, in the same order for any process count.
 Images leave the workers as uint8 and are normalised on device; HOG targets are
 computed on device too. Every element carries ``valid``: False for an example that
 could not be decoded (it is replaced by a blank image and weighted out of the loss).
@@ -195,10 +197,11 @@ def train_dataset(config, source, grid, *, process_index=None, process_count=Non
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-    # Augment/mask before slicing: random_map keys its RNG on the index of its own input,
-    # so after the slice every host would draw the same crops and masks for its k-th example.
-    ds = ds.random_map(TrainMap(config, grid))[pi::pc]
-    ds = ds.batch(config.input.global_batch_size // pc, drop_remainder=True)
+    # Augment/mask, then batch, then slice: random_map keys its RNG on the global index, and
+    # host p takes batches p, p + pc, ...: together the hosts' k-th batches are the
+    # single-process batch k, rows in the same order.
+    ds = ds.random_map(TrainMap(config, grid)).batch(config.input.global_batch_size // pc, drop_remainder=True)
+    ds = ds[pi::pc]
     ds = ds[start_batch:] if start_batch else ds
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if worker_count(config) > 0:

@@ -509,9 +509,8 @@ def train_dataset(config, source, grid=None, *, process_index=None, process_coun
     pc = jax.process_count() if process_count is None else process_count
     videos_per_batch = check_batch(config, pc)
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-    # Augment/mask before slicing (see pipeline.train_dataset): hosts draw independent crops/masks.
-    ds = ds.random_map(VideoTrainMap(config, grid))[pi::pc]
-    ds = ds.batch(videos_per_batch, drop_remainder=True)
+    # Augment/mask, batch, then take this host's batches (see pipeline.train_dataset).
+    ds = ds.random_map(VideoTrainMap(config, grid)).batch(videos_per_batch, drop_remainder=True)[pi::pc]
     if num_sample(config) > 1:
         ds = ds.map(_flatten_views)
     ds = ds[start_batch:] if start_batch else ds      # resume on another topology (pipeline.train_dataset)
