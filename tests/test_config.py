@@ -93,7 +93,7 @@ def test_paper_config_values():
     assert (c.optim.warmup_start_lr, c.optim.end_lr) == (1e-6, 1e-6)
 
 
-@pytest.mark.parametrize("env,flag,coordinator,want", [
+DISTRIBUTED_CASES = [
     ({}, None, None, False),                                               # a laptop
     ({"SLURM_JOB_ID": "7"}, None, None, False),                            # sbatch shell / salloc, no srun
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0",
@@ -103,7 +103,18 @@ def test_paper_config_values():
     ({"TPU_WORKER_HOSTNAMES": "a,b"}, None, None, True),                   # TPU VM pod
     ({}, None, "localhost:1234", True),                                    # explicit coordinator
     ({"TPU_WORKER_HOSTNAMES": "a,b"}, False, None, False),                 # --nodistributed wins
-])
-def test_distributed_initialisation_is_detected_from_the_launch(env, flag, coordinator, want):
-    from maskfeat_jax import main
-    assert main.wants_distributed(env, flag, coordinator) is want
+]
+
+
+def test_distributed_initialisation_is_detected_from_the_launch():
+    # In a subprocess: main.py defines absl flags that other test modules' imports define too.
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; from maskfeat_jax import main; "
+            "print(json.dumps([main.wants_distributed(*c[:3]) for c in json.loads(sys.argv[1])]))")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(DISTRIBUTED_CASES)], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout) == [c[3] for c in DISTRIBUTED_CASES]
