@@ -96,7 +96,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- mesh
     mesh = sharding.make_mesh(config.mesh)
-    repl = sharding.replicated(mesh)
 
     # ---- data
     train_source = sources.make(config, config.input.train_split)

@@ -235,8 +235,7 @@ def load_model(config, params):
     from flax import nnx
 
     from maskfeat_jax import models
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+    abstract = models.build_abstract(config)
     graphdef, abs_state = nnx.split(abstract)
 
     def flat(tree):

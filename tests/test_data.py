@@ -2,7 +2,6 @@
 exact resume, bad files, batch contents and the TFDS path without TensorFlow."""
 import contextlib
 import io
-import itertools
 import json
 import math
 import os

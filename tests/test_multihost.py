@@ -58,19 +58,21 @@ def _single(workdir):
     return p.stdout + p.stderr
 
 
-def _two_processes(workdir):
+def _start_two(workdir, *extra):
     port = _free_port()
-    procs = [subprocess.Popen(_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                   f"--process_id={i}"),
-                              cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    return [subprocess.Popen(_cmd(workdir, *extra, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                  f"--process_id={i}"),
+                             cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def _finish(procs, expected_rc):
+    """Wait for both processes; skip where this jaxlib has no CPU collectives; check exit codes."""
     outs = []
     try:
         for p in procs:
             outs.append(p.communicate(timeout=TIMEOUT)[0])
     except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
         pytest.fail("the 2-process run did not finish in time (a collective may be waiting for a peer)")
     finally:
         for p in procs:
@@ -80,8 +82,12 @@ def _two_processes(workdir):
     for p, out in zip(procs, outs):
         if p.returncode != 0 and any(s in out for s in GLOO_ERRORS) and "Traceback" in out:
             pytest.skip(f"CPU collectives (gloo) unavailable in this jaxlib: {out.strip().splitlines()[-1]}")
-        assert p.returncode == 0, out[-4000:]
+        assert p.returncode == expected_rc, out[-4000:]
     return outs
+
+
+def _two_processes(workdir):
+    return _finish(_start_two(workdir), 0)
 
 
 def _losses(workdir) -> dict:
@@ -152,11 +158,7 @@ def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(tmp_path):
     then resumes from that step."""
     import signal
     import time
-    port = _free_port()
-    extra = ["--config.total_steps=100000", "--config.checkpoint.every_steps=1000",
-             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-    procs = [subprocess.Popen(_cmd(tmp_path, *extra, f"--process_id={i}"), cwd=ROOT, env=_env(4),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = _start_two(tmp_path, "--config.total_steps=100000", "--config.checkpoint.every_steps=1000")
     try:
         deadline = time.time() + TIMEOUT
         metrics = tmp_path / "metrics.jsonl"
@@ -165,16 +167,11 @@ def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(tmp_path):
                 "the 2-process run did not start training: " + (procs[0].communicate()[0] or "")[-3000:]
             time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
+    except BaseException:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outs):
-        if p.returncode != 0 and any(s in out for s in GLOO_ERRORS) and "Traceback" in out:
-            pytest.skip(f"CPU collectives (gloo) unavailable in this jaxlib: {out.strip().splitlines()[-1]}")
-        assert p.returncode == 75, out[-3000:]
+            p.kill()
+        raise
+    outs = _finish(procs, 75)
     saved = [int(line.split("saved step ")[1].split(",")[0]) for out in outs for line in out.splitlines()
              if "saved step " in line]
     assert len(saved) == 2 and saved[0] == saved[1] >= 3, saved

@@ -1,6 +1,5 @@
 """Data parallel, FSDP and FSDP + tensor parallel on 8 fake CPU devices agree with one device."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

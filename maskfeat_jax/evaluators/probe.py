@@ -104,8 +104,7 @@ def main():
     args = ap.parse_args()
     path = args.workdir if args.step is None else f"{checkpoint._resolve(args.workdir)[0]}/{args.step}"
     config = checkpoint.saved_config(path)
-    with nnx.use_eager_sharding(False):
-        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))))
+    graphdef, abs_state = nnx.split(models.build_abstract(config))
     params = checkpoint.params_like(path, nnx.to_pure_dict(abs_state))
     print(json.dumps(evaluate(config, graphdef, params, args.split)))
 

@@ -1,4 +1,4 @@
-"""Model construction from a config: ``build(config, rngs)``."""
+"""Model construction from a config: ``build(config, rngs)``, ``build_abstract(config)``."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -30,3 +30,9 @@ def build(config, rngs: nnx.Rngs) -> nnx.Module:
         target_dim = hog.hog_dim(encoder.patch, config.hog.nbins, config.hog.cell_size)
         return heads.MaskFeat(encoder, encoder.size.width, target_dim, rngs=rngs)
     return heads.Classifier(encoder, encoder.size.width, m.num_classes, rngs=rngs)
+
+
+def build_abstract(config) -> nnx.Module:
+    """The model of ``config`` as shapes and dtypes only (no parameters in memory, no sharding)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: build(config, nnx.Rngs(0)))
