@@ -1,6 +1,15 @@
-"""Benchmark: jitted ``hog_targets`` vs a plain vectorised numpy HOG (same definition).
+"""Benchmark: jitted HOG targets against vectorised numpy, and HOG's share of the train step.
+
+Jitted ``hog_targets`` against a plain vectorised numpy HOG of the same definition:
 
     python benchmarks/hog.py [--batch 8] [--size 224] [--iters 20]
+    python benchmarks/hog.py --share [--variant B/16] [--batch 8] [--repeats 3]
+
+``--share`` also builds the trainer's real pre-training step twice (``train_step.hog_share``):
+as is (HOG targets computed in the step from the uint8 batch) and with ``hog_targets``
+replaced by zeros of its shape, times both interleaved, and prints HOG's share of the step
+two ways: the step-time difference (noisy: two multi-second steps) and HOG alone, jitted, over
+the full step (the robust one).
 
 ``time_hog(batch, size, iters)`` returns the median seconds per jitted call, for reuse.
 """
@@ -69,11 +78,34 @@ def time_numpy(batch: int = 8, size: int = 224, iters: int = 20) -> float:
     return _median_time(lambda: numpy_hog_targets(x), iters)
 
 
+def print_share(variant: str, batch: int, size: int, dtype: str, repeats: int, iters: int) -> dict:
+    """Time the train step with and without its HOG targets (see the module docstring)."""
+    from benchmarks import train_step                 # the trainer's step, as benchmarked there
+    config = train_step.make_config(variant, batch, size, dtype, "auto", "none")
+    args = argparse.Namespace(iters=iters, repeats=repeats, warmup=1)
+    s = train_step.hog_share(config, args)
+    print(f"\nHOG share of the {variant} MaskFeat train step ({dtype}, batch {batch}, {size}px; fastest of "
+          f"{repeats} x {iters} steps, interleaved; 'no HOG' = the same step with zeros as targets)")
+    head = (f"{'variant':<8}{'step ms':>10}{'no HOG ms':>11}{'HOG jit ms':>12}{'numpy HOG ms':>14}"
+            f"{'share (diff)':>14}{'share (jit)':>13}{'jit vs numpy':>14}")
+    print(head + "\n" + "-" * len(head))
+    print(f"{variant:<8}{s['step'] * 1e3:>10.1f}{s['no_hog'] * 1e3:>11.1f}{s['hog'] * 1e3:>12.2f}"
+          f"{s['numpy'] * 1e3:>14.2f}{(s['step'] - s['no_hog']) / s['step']:>14.2%}"
+          f"{s['hog'] / s['step']:>13.2%}{s['numpy'] / s['hog']:>13.1f}x", flush=True)
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--share", action="store_true",
+                    help="also time the real train step with and without HOG (see the docstring)")
+    ap.add_argument("--variant", default="B/16", help="ViT variant of the train step for --share")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of the train step for --share")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of the two steps for --share")
+    ap.add_argument("--step_iters", type=int, default=2, help="steps per timed round for --share")
     args = ap.parse_args()
 
     x = _images(args.batch, args.size)
@@ -85,6 +117,8 @@ def main() -> None:
     print(f"{'implementation':<22}{'ms/batch':>10}{'ms/image':>10}{'speed-up':>10}")
     for name, t in (("jax hog_targets (jit)", t_jax), ("numpy vectorised", t_np)):
         print(f"{name:<22}{t * 1e3:>10.2f}{t * 1e3 / args.batch:>10.3f}{t_np / t:>9.1f}x")
+    if args.share:
+        print_share(args.variant, args.batch, args.size, args.dtype, args.repeats, args.step_iters)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,18 @@ times ``--repeats`` runs of ``--iters`` steps (``jax.block_until_ready`` after t
 
 The ceiling is the machine's measured large-matmul rate: numpy float32 4096x4096
 (``perf.numpy_matmul_flops``) and the jitted JAX float32 matmul. On the CPU the numpy rate is
-re-measured right before every timed repeat and is the MFU reference; on an accelerator the
-MFU reference is the vendor's dense bf16 peak per device (``perf.PEAK_FLOPS``).
+re-measured right before and right after every timed repeat, and their mean is that repeat's
+MFU reference; on an accelerator the MFU reference is the vendor's dense bf16 peak per device
+(``perf.PEAK_FLOPS``).
 
     python benchmarks/train_step.py                                  # CPU: mu/16,S/16 at batch 8
     python benchmarks/train_step.py --variant B/16 --batch 8 --hog_share
+    python benchmarks/train_step.py --variant B/16 --profile          # where the step's time goes
+    python benchmarks/train_step.py --variant B/16 --xla_options 'xla_cpu_enable_fast_math=true'
     python benchmarks/train_step.py --variant B/16,L/16 --batch 256 --sweep   # accelerators
 
 Columns are explained in benchmarks/README.md. The machine may be shared: compare ratios
-within one run, not absolute times across runs.
+within one run, not absolute times across runs (the load average is printed at both ends).
 """
 from __future__ import annotations
 
@@ -37,9 +40,17 @@ from maskfeat_jax import config as config_lib, masking, perf, sharding, train  #
 from maskfeat_jax.targets import hog as hog_lib  # noqa: E402
 
 # No XLA CPU flag measured faster for this step on the 2-core development CPU (see README.md:
-# thunk runtime and Eigen threading are already the defaults; disabling YNNPACK dots gained
-# <= 3% in float32, within noise, and loses the bfloat16 matrix units).
+# thunk runtime and Eigen threading are already the defaults; YNNPACK off, YNNPACK for dots
+# only, oneDNN and fast math were all within noise of the default or slower).
 RECOMMENDED_CPU_XLA_FLAGS = ""
+
+
+def loadavg() -> str:
+    """The host's 1/5/15-minute load averages (other processes' share of a shared machine)."""
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def make_config(variant: str, batch: int, image_size: int, dtype: str, attention: str, remat: str):
@@ -70,24 +81,36 @@ def compiler_flops(compiled) -> float:
     return float((cost or {}).get("flops", float("nan"))) * jax.device_count()
 
 
-def compile_step(config):
+def parse_xla_options(text: str) -> dict:
+    """'name=value;name=value' -> XLA compiler options (``true`` / ``false`` become booleans;
+    repeated enum options take comma-separated proto names, e.g.
+    ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT``; an empty value clears them)."""
+    options = {}
+    for item in filter(None, text.split(";")):
+        name, value = item.split("=", 1)
+        options[name.strip()] = {"true": True, "false": False}.get(value.strip(), value.strip())
+    return options
+
+
+def compile_step(config, xla_options: dict | None = None):
     """(setup, mesh, global batch, compiled train step, initial state) for ``config``."""
     mesh = sharding.make_mesh(config.mesh)
     st = train.setup(config, mesh, steps_per_epoch=1000, total_steps=100_000)
     batch = sharding.global_batch(mesh, synthetic_batch(config, st.model.encoder.grid))
     with jax.set_mesh(mesh):
         state = st.init()
-        compiled = train.jit_step(st, mesh, batch).lower(state, batch).compile()
+        compiled = train.jit_step(st, mesh, batch).lower(state, batch).compile(
+            compiler_options=xla_options or None)
     return st, mesh, batch, compiled, state
 
 
 class Run:
     """One compiled configuration, ready to time."""
 
-    def __init__(self, config):
+    def __init__(self, config, xla_options: dict | None = None):
         t0 = time.perf_counter()
         self.config = config
-        self.st, self.mesh, self.batch, self.compiled, self.state = compile_step(config)
+        self.st, self.mesh, self.batch, self.compiled, self.state = compile_step(config, xla_options)
         self.compile_seconds = time.perf_counter() - t0
         self.times: list[float] = []
         self.ceilings: list[float] = []
@@ -100,17 +123,20 @@ class Run:
 
 
 def time_interleaved(runs: list[Run], args) -> None:
-    """Warm-up, then ``--repeats`` rounds; each round times every run once (``--iters`` steps),
-    with the numpy ceiling measured just before each timing on the CPU."""
+    """Warm-up, then ``--repeats`` rounds; each round times every run once (``--iters`` steps).
+    On the CPU the numpy ceiling is measured just before and just after each timing and their
+    mean is that timing's reference (a shared machine's load changes within a round)."""
+    cpu = jax.default_backend() == "cpu"
     for r in runs:
         r.step(args.warmup)
     for _ in range(args.repeats):
         for r in runs:
-            if jax.default_backend() == "cpu":
-                r.ceilings.append(perf.numpy_matmul_flops(iters=1))
+            before = perf.numpy_matmul_flops(iters=1) if cpu else 0.0
             t = time.perf_counter()
             r.step(args.iters)
             r.times.append((time.perf_counter() - t) / args.iters)
+            if cpu:
+                r.ceilings.append(0.5 * (before + perf.numpy_matmul_flops(iters=1)))
 
 
 def summarize(r: Run, args) -> dict:
@@ -121,6 +147,68 @@ def summarize(r: Run, args) -> dict:
             "compiler": compiler_flops(r.compiled), "achieved": max(per_repeat),
             "mfu": float(np.median([a / c for a, c in zip(per_repeat, refs)])), "ceiling": float(np.median(refs)),
             "compile": r.compile_seconds}
+
+
+def profile_step(run: Run, top: int = 10) -> None:
+    """Trace one step (``jax.profiler``) and print where its wall time goes on the XLA CPU
+    threads: while a matmul runs (a dot thunk or a library fusion containing a dot), while only
+    other ops run (largest first, by the op that produced them), and while no op event is open
+    (thunk dispatch, and Eigen dots, whose work runs on the pool after their event closes)."""
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    hlo = run.compiled.as_text()
+    callee = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)", hlo, re.M))
+    bodies = dict(re.findall(r"^%([\w.\-]+) .*?\{\n(.*?)\n\}", hlo, re.M | re.S))
+    op_names = dict(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo, re.M))
+
+    def is_dot(name):
+        return name.startswith("dot") or " dot(" in bodies.get(callee.get(name, ""), "")
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            run.step(1)
+        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(files[0]) if files else None
+    skip = ("ThunkExecutor", "end:", "Slinky", "Threadpool")
+    events = [(e.start_ns, e.start_ns + e.duration_ns, e.name) for p in (data.planes if data else [])
+              for line in p.lines if line.name.startswith("tf_XLA") for e in line.events
+              if not e.name.startswith(skip)]
+    if not events:
+        print("profile: no XLA CPU op events in the trace")
+        return
+    points = sorted([(s, 1, n) for s, _, n in events] + [(e, -1, n) for _, e, n in events])
+    dots = others = 0
+    open_other: collections.Counter = collections.Counter()
+    spent = collections.Counter()
+    t_dot = t_other = t_none = 0
+    last = points[0][0]
+    for t, step, name in points:
+        dt = t - last
+        if dots:
+            t_dot += dt
+        elif others:
+            t_other += dt
+            for k in open_other:
+                spent[k] += dt / len(open_other)
+        else:
+            t_none += dt
+        if is_dot(name):
+            dots += step
+        else:
+            others += step
+            key = re.sub(r"^jit\([^)]*\)/", "", op_names.get(name, name))
+            open_other[key] += step
+            if not open_other[key]:
+                del open_other[key]
+        last = t
+    span = points[-1][0] - points[0][0]
+    print(f"\nprofile of one step ({span / 1e6:.0f} ms traced): a matmul running {t_dot / span:.1%}, "
+          f"only other ops {t_other / span:.1%}, no op event {t_none / span:.1%} (dispatch, Eigen dots' pool work)")
+    for k, v in spent.most_common(top):
+        print(f"  {v / span:6.1%}  {k[:100]}")
 
 
 def hog_share(config, args) -> dict:
@@ -166,6 +254,11 @@ def main(argv=None) -> None:
                     "(default: perf.PEAK_FLOPS by device kind)")
     ap.add_argument("--hog_share", action="store_true",
                     help="also time each variant's step without HOG, and HOG alone (first dtype/option)")
+    ap.add_argument("--xla_options", action="append", default=[], metavar="NAME=VALUE;...",
+                    help="also compile each configuration with these XLA compiler options and time it "
+                    "interleaved with the default (repeatable), e.g. 'xla_cpu_enable_fast_math=true'")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace one step of each configuration and print where its time goes")
     args = ap.parse_args(argv)
     if args.sweep:
         args.dtype, args.remat = "float32,bfloat16", "none,dots_saveable,full"
@@ -173,7 +266,7 @@ def main(argv=None) -> None:
 
     backend, n = jax.default_backend(), jax.device_count()
     print(f"jax {jax.__version__}, {n} x {jax.devices()[0].device_kind} ({backend}), "
-          f"{jax.process_count()} process(es), {os.cpu_count()} CPUs visible")
+          f"{jax.process_count()} process(es), {os.cpu_count()} CPUs visible; load average {loadavg()}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
           + (f"; recommended on CPU: XLA_FLAGS={RECOMMENDED_CPU_XLA_FLAGS!r} (none helped; see "
              "benchmarks/README.md)" if backend == "cpu" else ""))
@@ -182,12 +275,17 @@ def main(argv=None) -> None:
     args.peak, peak_src = perf.peak_flops_per_device(args.peak)
     print(f"ceiling: numpy float32 4096^2 matmul {np_rate / 1e9:.1f} GFLOP/s, jitted JAX float32 4096^2 "
           f"matmul {jax_rate / 1e9:.1f} GFLOP/s per device ({jax_rate / np_rate:.0%} of numpy)")
-    print("MFU reference: " + ("numpy's rate, re-measured before every timed repeat ('ceiling')"
+    print("MFU reference: " + ("numpy's rate, re-measured around every timed repeat ('ceiling')"
                                if backend == "cpu" else f"{args.peak / 1e12:.0f} TFLOP/s per device ({peak_src})"))
     print(f"global batch {args.batch}, {args.image_size}px; {args.warmup} warm-up step(s), then "
           f"{args.repeats} repeats of {args.iters} steps")
 
-    head = (f"{'variant':<8}{'dtype':<10}{'attn':<8}{'remat':<15}{'step ms':>9}{'median':>9}{'img/s':>8}"
+    option_sets = [("", {})] + [(o, parse_xla_options(o)) for o in args.xla_options]
+    if args.xla_options:
+        print("XLA options: " + "; ".join(f"[{i}] {o}" for i, (o, _) in enumerate(option_sets) if i)
+              + " (each timed interleaved with [0], the default)")
+    head = (f"{'variant':<8}{'dtype':<10}{'attn':<8}{'remat':<15}" + (f"{'xla':<5}" if args.xla_options else "")
+            + f"{'step ms':>9}{'median':>9}{'img/s':>8}"
             f"{'GF/step':>9}{'XLA GF':>9}{'GFLOP/s':>9}{'MFU':>7}{'ceiling':>9}{'compile':>9}")
     print(head + "\n" + "-" * len(head))
     configs = {}
@@ -195,15 +293,21 @@ def main(argv=None) -> None:
             args.variant, args.dtype, args.attention, args.remat))):
         config = make_config(variant, args.batch, args.image_size, dtype, attention, remat)
         configs.setdefault(variant, config)
-        run = Run(config)
-        time_interleaved([run], args)
-        del run.state
-        r = summarize(run, args)
-        print(f"{variant:<8}{dtype:<10}{attention:<8}{remat:<15}{r['step'] * 1e3:>9.1f}{r['median'] * 1e3:>9.1f}"
-              f"{args.batch / r['step']:>8.1f}{r['analytic'] / 1e9:>9.1f}{r['compiler'] / 1e9:>9.1f}"
-              f"{r['achieved'] / 1e9:>9.1f}{r['mfu']:>7.1%}{r['ceiling'] / 1e9:>9.1f}{r['compile']:>8.1f}s",
-              flush=True)
+        runs = [Run(config, options) for _, options in option_sets]
+        time_interleaved(runs, args)
+        for i, run in enumerate(runs):
+            r = summarize(run, args)
+            print(f"{variant:<8}{dtype:<10}{attention:<8}{remat:<15}" + (f"[{i}]  " if args.xla_options else "")
+                  + f"{r['step'] * 1e3:>9.1f}{r['median'] * 1e3:>9.1f}"
+                  f"{args.batch / r['step']:>8.1f}{r['analytic'] / 1e9:>9.1f}{r['compiler'] / 1e9:>9.1f}"
+                  f"{r['achieved'] / 1e9:>9.1f}{r['mfu']:>7.1%}{r['ceiling'] / 1e9:>9.1f}{r['compile']:>8.1f}s",
+                  flush=True)
+        if args.profile:
+            profile_step(runs[0])
+        for run in runs:
+            del run.state
 
+    print(f"load average at the end: {loadavg()}")
     if args.hog_share:
         print(f"\nHOG share of the step ({args.dtype.split(',')[0]}, batch {args.batch}; fastest of {args.repeats}, "
               f"interleaved): 'no HOG' = the same step with targets replaced by zeros; 'HOG jit' = hog_targets "

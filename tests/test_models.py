@@ -15,9 +15,6 @@ def _config(task="pretrain", variant="mu/16", size=32, classes=10):
     return c
 
 
-def _abstract(c):
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0)))
 
 
 def _count(model):
@@ -28,7 +25,7 @@ def _count(model):
     ("pretrain", "B/16", 85_882_476), ("pretrain", "L/16", 303_413_356),
     ("finetune", "B/16", 86_567_656), ("finetune", "L/16", 304_326_632)])
 def test_parameter_counts_match_official_models(task, variant, expected):
-    assert _count(_abstract(_config(task, variant, 224, 1000))) == expected
+    assert _count(models.build_abstract(_config(task, variant, 224, 1000))) == expected
 
 
 def _build(c, seed=0):
@@ -104,6 +101,49 @@ def test_attention_implementations_agree(impl):
     ref = jnp.einsum("bhqk,bkhd->bqhd",
                      jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), -1), v)
     np.testing.assert_allclose(models.layers.attention(q, k, v, impl), ref, atol=1e-5)
+
+
+def _plain_attention(q, k, v):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+
+@pytest.mark.parametrize("dtype,tol,logit_scale", [
+    (jnp.float32, 2e-5, 1.0), (jnp.float32, 2e-5, 30.0), (jnp.bfloat16, 0.05, 1.0)])
+def test_einsum_attention_matches_plain_softmax_attention_in_value_and_gradient(dtype, tol, logit_scale):
+    """The 'einsum' path's own backward (``layers.softmax_attention``) against autodiff of the
+    textbook formula in float32 on the same (rounded) inputs, including logits large enough to
+    overflow exp without the max shift."""
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 7, 3, 8)) for i in range(4))
+    q, k, v = (x.astype(dtype).astype(jnp.float32) for x in (q * logit_scale, k, v))
+    run = lambda q, k, v: models.layers.attention(   # noqa: E731
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), "einsum").astype(jnp.float32)
+    out, vjp = jax.vjp(run, q, k, v)
+    ref, vjp_ref = jax.vjp(_plain_attention, q, k, v)
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, atol=tol * float(jnp.abs(b).max()), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
+def test_flat_attention_projections_match_the_einsum_projections(monkeypatch, dtype, tol):
+    """The CPU layout of the qkv / output projections (2-D matmuls on reshaped kernels) against
+    the 4-D einsums used elsewhere: same values and gradients, parameters unchanged."""
+    with nnx.use_eager_sharding(False):
+        attn = vit.Attention(16, 2, rngs=nnx.Rngs(0), dtype=dtype, impl="einsum")
+    gd, st = nnx.split(attn)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    g = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    results = []
+    for flat in (True, False):
+        monkeypatch.setattr(vit, "flat_projections", lambda flat=flat: flat)
+        out, vjp = jax.vjp(lambda s, x: nnx.merge(gd, s)(x).astype(jnp.float32), st, x)
+        results.append((out, jax.tree.leaves(vjp(g))))
+    (out_flat, g_flat), (out_ein, g_ein) = results
+    np.testing.assert_allclose(out_flat, out_ein, rtol=tol, atol=tol)
+    for a, b in zip(g_flat, g_ein):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(jnp.abs(b).max()))
 
 
 def test_remat_policies_give_the_same_gradients():

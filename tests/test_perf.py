@@ -18,9 +18,6 @@ def _config(task="finetune", variant="B/16", size=224, classes=1000):
     return c
 
 
-def _abstract(c):
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0)))
 
 
 def _compiler_flops(fn, *args) -> float:
@@ -40,18 +37,18 @@ def test_vit_b16_forward_flops_match_a_hand_count():
     head = 2 * d * classes                             # linear classifier on the pooled token
     hand = embed + depth * (qkv + scores + mix + proj + mlp) + head
     assert 35.0e9 < hand < 35.3e9                      # ~17.6 GMACs, the figure usually quoted
-    analytic = perf.forward_flops_per_image(_abstract(_config()))
+    analytic = perf.forward_flops_per_image(models.build_abstract(_config()))
     assert analytic == pytest.approx(hand, rel=0.05)
 
 
 def test_vit_b16_classifier_has_86_6m_parameters():
-    model = _abstract(_config())
+    model = models.build_abstract(_config())
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
     assert n == pytest.approx(86.6e6, rel=0.01)
 
 
 def test_training_flops_are_three_forwards_less_the_pixel_gradient():
-    model = _abstract(_config("pretrain"))
+    model = models.build_abstract(_config("pretrain"))
     fwd = perf.forward_flops_per_image(model)
     _, embed = perf.encoder_flops(model.encoder)
     assert perf.model_flops_per_image(model, None) == pytest.approx(3 * fwd - embed)
@@ -135,6 +132,14 @@ def test_cotangent_boundary_is_the_identity_in_both_passes():
     f = lambda x: jnp.sin(layers.cotangent_boundary(x * 3.0)).sum()   # noqa: E731
     ref = lambda x: jnp.sin(x * 3.0).sum()                             # noqa: E731
     np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(ref)(x))
+
+
+def test_cotangent_boundary_passes_non_finite_cotangents_through():
+    # The boundary's predicate reads the first element; a NaN there takes the other branch.
+    x = jnp.ones((3, 4))
+    w = jnp.ones((3, 4)).at[0, 0].set(jnp.nan).at[1, 2].set(jnp.inf)
+    g = jax.grad(lambda x: (layers.cotangent_boundary(x) * w).sum())(x)
+    np.testing.assert_array_equal(g, w)
 
 
 def test_bfloat16_einsum_matches_float32_in_value_and_gradient():

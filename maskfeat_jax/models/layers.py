@@ -7,9 +7,10 @@ Parameters are float32 and carry logical axis names; compute runs in ``dtype``.
 
 Speed notes (measured on a 2-core x86 CPU, see benchmarks/README.md): in bfloat16, matmuls
 take bf16 operands and accumulate in float32 in both passes (``einsum``), the form XLA CPU
-runs on the bfloat16 matrix units; GELU uses ``erf`` rather than ``erfc``;
+runs on bfloat16 matrix units where the CPU has them; GELU uses ``erf`` rather than ``erfc``;
 ``cotangent_boundary`` stops XLA CPU from recomputing the residual-stream gradient in every
-consumer.
+consumer; ``softmax_attention`` normalises attention's output instead of its probabilities
+and has a hand-written backward with one elementwise pass over each ``(N, N)`` tensor.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def cotangent_boundary(x):
     XLA CPU fuses the residual stream's backward additions (cheap elementwise ops) into every
     consumer of the gradient, and each consumer then recomputes the whole chain down from the
     loss: quadratic in depth (a ViT-B/16 step spent about a quarter of its time there). A
-    reduction is never duplicated that way, so the cotangent passes through an exact one
-    (a sum with zeros over a new axis: one read and one write of the activation). Only on the
-    CPU backend, where the problem is; elsewhere a plain identity.
+    conditional is never fused into, so the cotangent passes through one whose branches both
+    return it unchanged (taken on a runtime predicate, so it is not folded away): the producer
+    writes the cotangent once and every consumer reads it. Only on the CPU backend, where the
+    problem is; elsewhere a plain identity. (An exact sum with zeros over a new axis does the
+    same, but costs a padded copy and a library reduction: 3% of a ViT-B/16 step.)
     """
     return x
 
@@ -106,9 +109,11 @@ def _boundary_fwd(x):
 
 
 def _boundary_bwd(_, ct):
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or ct.size == 0:
         return (ct,)
-    return (jnp.stack([ct, jnp.zeros_like(ct)]).sum(0),)
+    first = ct.reshape(-1)[:1].reshape(())
+    # Both branches are the identity (+ 0.0 keeps the second from being merged with the first).
+    return (jax.lax.cond(first == first, lambda c: c, lambda c: c + jnp.zeros((), c.dtype), ct),)
 
 
 cotangent_boundary.defvjp(_boundary_fwd, _boundary_bwd)
@@ -169,10 +174,10 @@ def drop_path(x, rate: float, rng):
 def attention(q, k, v, impl: str):
     """Softmax attention on ``(B, N, H, D)`` inputs with scale ``D**-0.5``.
 
-    ``impl``: 'einsum' (plain XLA einsums in head-major layout, float32 softmax), or 'xla' /
-    'cudnn' through ``jax.nn.dot_product_attention``; 'auto' picks cuDNN flash attention on
-    GPU where it applies, 'einsum' on CPU (its head-major batched matmuls ran attention's
-    forward and backward 1.5x faster there than 'xla', benchmarks/README.md) and 'xla' elsewhere.
+    ``impl``: 'einsum' (XLA einsums in head-major layout with a hand-written backward,
+    ``softmax_attention``), or 'xla' / 'cudnn' through ``jax.nn.dot_product_attention``;
+    'auto' picks cuDNN flash attention on GPU where it applies, 'einsum' on CPU (faster than
+    'xla' there in both passes, benchmarks/README.md) and 'xla' elsewhere.
     """
     if impl == "auto":
         backend = jax.default_backend()
@@ -181,14 +186,56 @@ def attention(q, k, v, impl: str):
         else:
             impl = "einsum" if backend == "cpu" else "xla"
     if impl == "einsum":
-        dt = q.dtype
-        scale = jnp.asarray(q.shape[-1] ** -0.5, dt)
+        scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
         q_BxHxNxD, k_BxHxNxD, v_BxHxNxD = (a.transpose(0, 2, 1, 3) for a in (q * scale, k, v))
-        logits = einsum("bhqd,bhkd->bhqk", q_BxHxNxD, k_BxHxNxD, dt).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out_BxHxNxD = einsum("bhqk,bhkd->bhqd", probs, v_BxHxNxD, dt).astype(dt)
+        out_BxHxNxD = softmax_attention(q_BxHxNxD, k_BxHxNxD, v_BxHxNxD)
         return out_BxHxNxD.transpose(0, 2, 1, 3)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def _dot(spec, a, b):
+    """``einsum`` of two operands of the compute dtype, accumulated and returned in float32."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def softmax_attention(q, k, v):
+    """``softmax(q k^T) v`` per (batch, head) on head-major ``(B, H, N, D)`` inputs (``q``
+    already scaled); logits, softmax and accumulation in float32, result in ``q.dtype``.
+
+    The normalisation is applied to the ``(N, D)`` output rather than to the ``(N, N)``
+    probabilities, and the backward pass uses ``rowsum(p * dp) = rowsum(do * o)``: every
+    ``(N, N)`` tensor is produced by a dot and consumed by one fused elementwise step
+    (exp; the softmax gradient), with no separate normalisation or reduction pass over it.
+    The saved residual is the unnormalised ``exp(logits - max)`` in the compute dtype.
+    """
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    dt = q.dtype
+    logits = _dot("bhqd,bhkd->bhqk", q, k)
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))).astype(dt)
+    r = 1.0 / e.astype(jnp.float32).sum(-1, keepdims=True)        # (B, H, N, 1)
+    out = (_dot("bhqk,bhkd->bhqd", e, v) * r).astype(dt)
+    return out, (q, k, v, e, r, out)
+
+
+def _attention_bwd(res, d_out):
+    q, k, v, e, r, out = res
+    dt = q.dtype
+    dor = d_out.astype(jnp.float32) * r                              # dO / rowsum(e)
+    delta = (dor * out.astype(jnp.float32)).sum(-1, keepdims=True)   # rowsum(p * dp) / rowsum(e)
+    dor_l = dor.astype(dt)
+    # dlogits = p * (dp - rowsum(p * dp)) with p = e / rowsum(e), dp = dO v^T
+    d_logits = (e.astype(jnp.float32) * (_dot("bhqd,bhkd->bhqk", dor_l, v) - delta)).astype(dt)
+    dq = _dot("bhqk,bhkd->bhqd", d_logits, k)
+    dk = _dot("bhqk,bhqd->bhkd", d_logits, q)
+    dv = _dot("bhqk,bhqd->bhkd", e, dor_l)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 REMAT_POLICIES = {
