@@ -29,7 +29,7 @@ TINY = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.in
         "--config.input.global_batch_size=16", "--config.total_steps=4", "--config.evals.probe=False",
         "--config.log_every_steps=1", "--config.optim.warmup_epochs=0", "--config.optim.base_lr=4e-3",
         "--config.peak_flops=1e12"]   # a fixed peak: no CPU matmul measurement at start-up
-TIMEOUT = 150   # seconds per subprocess
+TIMEOUT = 300   # seconds per subprocess (a guard against a hung collective)
 GLOO_ERRORS = ("gloo", "collectives", "UNIMPLEMENTED", "Unimplemented")
 
 
