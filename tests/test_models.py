@@ -146,6 +146,17 @@ def test_flat_attention_projections_match_the_einsum_projections(monkeypatch, dt
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(jnp.abs(b).max()))
 
 
+def test_flat_projections_only_where_the_heads_are_not_split():
+    """2-D projections on CPU, but the 4-D einsums under a mesh that splits the heads ('tensor')."""
+    from maskfeat_jax import config as config_lib, sharding
+    assert vit.flat_projections()
+    c = config_lib.base_config()
+    for mesh_cfg, flat in [((8, 1, 1), True), ((1, 4, 2), False)]:
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
+        with jax.set_mesh(sharding.make_mesh(c.mesh)):
+            assert vit.flat_projections() is flat, mesh_cfg
+
+
 def test_remat_policies_give_the_same_gradients():
     c = _config()
     x, m = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)), jnp.ones((2, 4), bool)

@@ -53,10 +53,13 @@ def flat_projections() -> bool:
 
     On the CPU backend they do: the backward dots then read the kernels in place, where through
     the 4-D einsums XLA CPU re-lays both kernels out in every step (2-3% of a ViT-B/16 step).
-    Elsewhere the einsums keep a head-sharded kernel's layout (a reshape would merge the
-    sharded heads axis). Same values either way.
+    Not when the heads are split over the mesh's 'tensor' axis, nor on other backends: there
+    the einsums keep a head-sharded kernel's layout (a reshape would merge the sharded heads
+    axis). Same values either way.
     """
-    return jax.default_backend() == "cpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    heads_split = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+    return jax.default_backend() == "cpu" and not heads_split
 
 
 class Attention(nnx.Module):
