@@ -27,10 +27,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from maskfeat_jax import host_memory  # noqa: E402
+
+HOST_MEMORY_KEPT = host_memory.keep_freed_memory()    # as the trainer does, before numpy and jax
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -114,6 +119,7 @@ class Run:
         self.compile_seconds = time.perf_counter() - t0
         self.times: list[float] = []
         self.ceilings: list[float] = []
+        self.faults: list[float] = []       # minor page faults per step (the whole process)
 
     def step(self, n: int):
         with jax.set_mesh(self.mesh):
@@ -132,9 +138,11 @@ def time_interleaved(runs: list[Run], args) -> None:
     for _ in range(args.repeats):
         for r in runs:
             before = perf.numpy_matmul_flops(iters=1) if cpu else 0.0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             r.step(args.iters)
             r.times.append((time.perf_counter() - t) / args.iters)
+            r.faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.iters)
             if cpu:
                 r.ceilings.append(0.5 * (before + perf.numpy_matmul_flops(iters=1)))
 
@@ -146,7 +154,7 @@ def summarize(r: Run, args) -> dict:
     return {"step": min(r.times), "median": float(np.median(r.times)), "analytic": analytic,
             "compiler": compiler_flops(r.compiled), "achieved": max(per_repeat),
             "mfu": float(np.median([a / c for a, c in zip(per_repeat, refs)])), "ceiling": float(np.median(refs)),
-            "compile": r.compile_seconds}
+            "compile": r.compile_seconds, "faults": float(np.median(r.faults))}
 
 
 def profile_step(run: Run, top: int = 10) -> None:
@@ -270,6 +278,8 @@ def main(argv=None) -> None:
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
           + (f"; recommended on CPU: XLA_FLAGS={RECOMMENDED_CPU_XLA_FLAGS!r} (none helped; see "
              "benchmarks/README.md)" if backend == "cpu" else ""))
+    print(f"host memory: {'kept' if HOST_MEMORY_KEPT else 'returned to the OS'} "
+          f"({host_memory.ENV}={os.environ.get(host_memory.ENV, 'auto')}; 'faults' = page faults per step)")
     np_rate = perf.numpy_matmul_flops()
     jax_rate = perf.measured_matmul_flops(4096, iters=3)
     args.peak, peak_src = perf.peak_flops_per_device(args.peak)
@@ -286,7 +296,7 @@ def main(argv=None) -> None:
               + " (each timed interleaved with [0], the default)")
     head = (f"{'variant':<8}{'dtype':<10}{'attn':<8}{'remat':<15}" + (f"{'xla':<5}" if args.xla_options else "")
             + f"{'step ms':>9}{'median':>9}{'img/s':>8}"
-            f"{'GF/step':>9}{'XLA GF':>9}{'GFLOP/s':>9}{'MFU':>7}{'ceiling':>9}{'compile':>9}")
+            f"{'GF/step':>9}{'XLA GF':>9}{'GFLOP/s':>9}{'MFU':>7}{'ceiling':>9}{'compile':>9}{'faults':>9}")
     print(head + "\n" + "-" * len(head))
     configs = {}
     for variant, dtype, attention, remat in itertools.product(*(s.split(",") for s in (
@@ -300,7 +310,8 @@ def main(argv=None) -> None:
             print(f"{variant:<8}{dtype:<10}{attention:<8}{remat:<15}" + (f"[{i}]  " if args.xla_options else "")
                   + f"{r['step'] * 1e3:>9.1f}{r['median'] * 1e3:>9.1f}"
                   f"{args.batch / r['step']:>8.1f}{r['analytic'] / 1e9:>9.1f}{r['compiler'] / 1e9:>9.1f}"
-                  f"{r['achieved'] / 1e9:>9.1f}{r['mfu']:>7.1%}{r['ceiling'] / 1e9:>9.1f}{r['compile']:>8.1f}s",
+                  f"{r['achieved'] / 1e9:>9.1f}{r['mfu']:>7.1%}{r['ceiling'] / 1e9:>9.1f}{r['compile']:>8.1f}s"
+                  f"{r['faults']:>9.0f}",
                   flush=True)
         if args.profile:
             profile_step(runs[0])

@@ -3,14 +3,24 @@
 Overrides: ``--config.a.b=value``. Multi-host: ``jax.distributed.initialize`` runs
 automatically on TPU pods and SLURM (or with the explicit coordinator flags below).
 Exit code 75 means the run was preempted (SIGTERM/SIGINT) after saving: rerun it.
+On the CPU, freed host memory stays in the process (``host_memory``; ``MASKFEAT_KEEP_HOST_MEMORY``).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from maskfeat_jax import host_memory
+
+if __name__ == "__main__":         # first thing, before numpy or jax start threads
+    try:
+        host_memory.keep_freed_memory()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
