@@ -19,6 +19,10 @@ MFU reference; on an accelerator the MFU reference is the vendor's dense bf16 pe
     python benchmarks/train_step.py --variant B/16 --xla_options 'xla_cpu_enable_fast_math=true'
     python benchmarks/train_step.py --variant B/16,L/16 --batch 256 --sweep   # accelerators
 
+Like the trainer, it first keeps freed host memory in the process on the CPU
+(``maskfeat_jax/host_memory.py``; ``MASKFEAT_KEEP_HOST_MEMORY=off`` for glibc's default, which
+page-faults XLA CPU's temporaries anew every step: compare the 'faults' column).
+
 Columns are explained in benchmarks/README.md. The machine may be shared: compare ratios
 within one run, not absolute times across runs (the load average is printed at both ends).
 """

@@ -7,8 +7,11 @@ batch 8) and frees it when the call ends. glibc's malloc serves a block that lar
 every step faults the block in again, page by page, and the kernel zeroes each page: 470k
 faults per ViT-B/16 step, about 9% of its CPU time. ``keep_freed_memory`` sets malloc to one
 arena, no ``mmap`` for allocations and no trimming, so the block stays in the heap and the next
-step reuses it; the process's resident memory then stays at its peak, as with jemalloc or
-tcmalloc.
+step reuses it. Freed memory is not handed back, as with jemalloc or tcmalloc: the resident
+memory settles within the first few steps at the default's peak during a step, or, where
+another allocation splits the freed block once, one more copy of the temporaries above it
+(3.5 or 7.0 GiB for that ViT-B/16 step). ``MASKFEAT_KEEP_HOST_MEMORY=off`` restores glibc's
+default.
 
 glibc fixes the arena limit when a second thread first allocates (numpy's BLAS threads do on
 import), so this must run before numpy or jax is imported: ``maskfeat_jax.main`` and
