@@ -71,13 +71,21 @@ def value_and_grad(loss_fn, params, inputs, k: int):
 
 
 def _apply(tx, state: TrainState, loss, grads, metrics):
+    """One optimizer update, or none when the loss or the gradient norm is not finite.
+
+    The skip is a ``lax.cond`` around the whole update rather than a ``where`` over its
+    result: a ``where`` costs one more pass over every parameter and moment each step
+    (plus copies of the moments it forces), the conditional runs just one branch."""
     gnorm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state),
+
+    def update(params_and_opt):
+        params, opt_state = params_and_opt
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(ok, update, lambda p: p, (state.params, state.opt_state))
+    state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                        nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
     metrics = dict(metrics, **{"train/loss": loss, "opt/grad_norm": gnorm,
                                "train/nonfinite_steps": state.nonfinite})

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -60,7 +61,10 @@ def _toy_state():
 def test_nonfinite_update_is_skipped_and_counted(loss, grad):
     tx, state = _toy_state()
     new, m = steps._apply(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
-    np.testing.assert_array_equal(new.params["w"], state.params["w"])
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)          # parameters and moments untouched
+    jitted, _ = jax.jit(steps._apply, static_argnums=0)(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
+    np.testing.assert_array_equal(jitted.params["w"], state.params["w"])
     assert int(new.nonfinite) == 1 and int(m["train/nonfinite_steps"]) == 1 and int(new.step) == 1
     ok, _ = steps._apply(tx, new, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
     assert int(ok.nonfinite) == 1 and not np.array_equal(ok.params["w"], state.params["w"])
