@@ -187,3 +187,18 @@ def test_deep_vit_backward_does_not_recompute_the_residual_gradient():
     hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
     operands = [f.group(1).count("%") for f in re.finditer(r"= \S+ fusion\(([^\n]*?)\), kind=", hlo)]
     assert max(operands) < 40, max(operands)
+
+
+def test_optimizer_benchmark_runs_and_prints_every_update():
+    """``benchmarks/optimizer.py`` on the tiny model: one row per guard, each with a time."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "optimizer.py"), "--variant", "mu/16",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
+            if line.split() and line.split()[0] in ("cond", "where", "unguarded")}
+    assert set(rows) == {"cond", "where", "unguarded"}, out.stdout
+    assert all(float(r[0]) > 0 for r in rows.values())
