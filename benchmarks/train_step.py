@@ -50,7 +50,8 @@ from maskfeat_jax.targets import hog as hog_lib  # noqa: E402
 
 # No XLA CPU flag measured faster for this step on the 2-core development CPU (see README.md:
 # thunk runtime and Eigen threading are already the defaults; YNNPACK off, YNNPACK for dots
-# only, oneDNN and fast math were all within noise of the default or slower).
+# only and fast math were within noise of the default or slower; the oneDNN and XNNPACK dot
+# options change nothing while YNNPACK is on, see benchmarks/README.md).
 RECOMMENDED_CPU_XLA_FLAGS = ""
 
 

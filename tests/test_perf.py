@@ -202,3 +202,18 @@ def test_optimizer_benchmark_runs_and_prints_every_update():
             if line.split() and line.split()[0] in ("cond", "where", "unguarded")}
     assert set(rows) == {"cond", "where", "unguarded"}, out.stdout
     assert all(float(r[0]) > 0 for r in rows.values())
+
+
+def test_dots_benchmark_runs_and_rejects_an_unknown_option_set():
+    """``benchmarks/dots.py`` on the tiny model: a rate per computation and library; a bad set is named."""
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "dots.py")
+    out = subprocess.run([sys.executable, script, "--variant", "mu/16", "--rounds", "1", "--options", "eigen"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("qkv", "fc2", "attention", "square"))]
+    assert len(rows) == 4 and all(float(v) > 0 for r in rows for v in r[-3:]), out.stdout
+    bad = subprocess.run([sys.executable, script, "--options", "mkl"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "'mkl'" in bad.stderr
