@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maskfeat_jax.models import layers, vit  # noqa: E402
+from train_step import parse_xla_options  # noqa: E402  (benchmarks/ is on the path: the script's own folder)
 
 # YNNPACK (the default) claims every dot it supports before the other libraries are asked, so
 # each alternative turns it off first.
@@ -84,10 +85,6 @@ def cases(variant: str, batch: int, rng):
     return out
 
 
-def parse(text: str) -> dict:
-    return dict(item.split("=", 1) for item in text.split(";"))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="B/16")
@@ -100,7 +97,7 @@ def main(argv=None) -> None:
     for name in filter(None, args.options.split(",")):
         if name not in OPTION_SETS:
             raise SystemExit(f"--options: unknown set {name!r}; expected some of {sorted(OPTION_SETS)}")
-        sets[name] = parse(OPTION_SETS[name])
+        sets[name] = parse_xla_options(OPTION_SETS[name])
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs visible; ViT-{args.variant}, "
           f"batch {args.batch}; GFLOP/s (median of {args.rounds} interleaved rounds)")
     for name, value in sets.items():
