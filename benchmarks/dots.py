@@ -3,8 +3,9 @@
 For ViT-``--variant`` at ``--batch`` it times, interleaved round by round:
 
 * the linear layers' forward matmuls, ``(B*N, D) x (D, 3D / 4D / D)`` and ``(B*N, 4D) x (4D, D)``;
-* attention's fused forward and backward (``layers.softmax_attention``: six batched
-  ``(N x K) . (K x N)``-sized dots per layer plus the softmax);
+* attention's batched per-head dots one form at a time (``q.k^T``: logits and the probabilities'
+  gradient; ``p.v``: output and the queries' gradient; ``p^T.g``: keys' and values' gradients),
+  and its fused forward and backward (``layers.softmax_attention``: the six dots plus the softmax);
 * numpy's float32 4096x4096 matmul, the train-step benchmark's reference;
 
 each compiled with XLA's default libraries and with every ``--options`` set (Eigen only,
@@ -12,6 +13,7 @@ oneDNN dots, XNNPACK dots by default), and the same computation in numpy.
 
     python benchmarks/dots.py
     python benchmarks/dots.py --variant L/16 --rounds 5
+    taskset -c 0 python benchmarks/dots.py     # the same on one core: what the second core adds
 
 Figures are GFLOP/s from the median of the rounds; every timed call starts after a short
 pause, since OpenBLAS's threads (and XLA's) keep spinning for a while after their work and slow
@@ -73,12 +75,20 @@ def cases(variant: str, batch: int, rng):
         out.append((f"{name} {rows}x{din}x{dout}", 2 * rows * din * dout, lambda a, b: a @ b,
                     lambda a, b: a @ b, (x, w)))
     q, k, v, g = (rng.standard_normal((batch, h, n, d // h), np.float32) for _ in range(4))
+    p = rng.standard_normal((batch, h, n, n), np.float32)
+    dot_flops = 2 * batch * h * n * n * (d // h)
+    for name, spec, nfn, arrays in [
+            ("q.k^T", "bhqd,bhkd->bhqk", lambda a, b: a @ b.swapaxes(-1, -2), (q, k)),
+            ("p.v", "bhqk,bhkd->bhqd", lambda a, b: a @ b, (p, v)),
+            ("p^T.g", "bhqk,bhqd->bhkd", lambda a, b: a.swapaxes(-1, -2) @ b, (p, g))]:
+        out.append((f"attention {name} {batch}x{h}x{n}x{d // h}", dot_flops,
+                    lambda a, b, spec=spec: jnp.einsum(spec, a, b), nfn, arrays))
 
     def attention(q, k, v, g):
         o, vjp = jax.vjp(layers.softmax_attention, q, k, v)
         return o, vjp(g)
 
-    out.append((f"attention {batch}x{h}x{n}x{d // h} fwd+bwd", 6 * 2 * batch * h * n * n * (d // h),
+    out.append((f"attention {batch}x{h}x{n}x{d // h} fwd+bwd", 6 * dot_flops,
                 attention, numpy_attention, (q, k, v, g)))
     a = rng.standard_normal((4096, 4096), np.float32)
     out.append(("square 4096^3", 2 * 4096 ** 3, lambda a, b: a @ b, lambda a, b: a @ b, (a, a)))
@@ -98,7 +108,7 @@ def main(argv=None) -> None:
         if name not in OPTION_SETS:
             raise SystemExit(f"--options: unknown set {name!r}; expected some of {sorted(OPTION_SETS)}")
         sets[name] = parse_xla_options(OPTION_SETS[name])
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs visible; ViT-{args.variant}, "
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable; ViT-{args.variant}, "
           f"batch {args.batch}; GFLOP/s (median of {args.rounds} interleaved rounds)")
     for name, value in sets.items():
         if value:

@@ -214,6 +214,6 @@ def test_dots_benchmark_runs_and_rejects_an_unknown_option_set():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("qkv", "fc2", "attention", "square"))]
-    assert len(rows) == 4 and all(float(v) > 0 for r in rows for v in r[-3:]), out.stdout
+    assert len(rows) == 7 and all(float(v) > 0 for r in rows for v in r[-3:]), out.stdout
     bad = subprocess.run([sys.executable, script, "--options", "mkl"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "'mkl'" in bad.stderr
