@@ -4,7 +4,7 @@
         --config.input.data_dir=gs://BUCKET/tensorflow_datasets
 
 Smoke test on the CPU with random images:
-    python -m maskfeat_jax.main --config=configs/vit_l_in1k.py --workdir=/tmp/vitb \\
+    python -m maskfeat_jax.main --config=configs/vit_l_in1k.py --workdir=/tmp/vitl \\
         --config.input.dataset=synthetic --config.input.global_batch_size=8 --config.total_steps=3
 
 Global batch 2048 with lr 2e-4 per 256 images (linear scaling, as the official configs
