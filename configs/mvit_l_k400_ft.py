@@ -8,6 +8,11 @@ Official: 16 clips per node, base lr 6e-4, layer decay 0.875, 75 epochs, 5 warm-
 from 1e-8, cosine to 1e-5, drop path 0.2, clip 5.0, RandAugment m7, random erasing 0.25,
 mixup/cutmix, label smoothing 0.1; 1 x 10 views; no repeated augmentation (the official
 config leaves ``AUG.NUM_SAMPLE`` at 1, unlike MViTv2-S). Official result: 84.3 top-1.
+
+The global batch here is MViTv2-S's 256 clips, 16 nodes' worth of the official 16, so the
+linear rule (base lr per 16 clips) gives a peak lr of 9.6e-3, with warm-up start and end lr
+scaled alike. That is a large AdamW step for 48 blocks; to stay at the official single-node
+lr, pass ``--config.input.global_batch_size=16``, or a batch of your own (the lr follows it).
 """
 import importlib.util
 import os

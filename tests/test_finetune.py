@@ -121,3 +121,19 @@ def test_init_from_copies_the_encoder_and_reinitialises_the_head(tmp_path):
     other = train.setup(c, sharding.make_mesh(c.mesh), 10, 10).init().params
     with pytest.raises(ValueError, match="encoder/"):
         checkpoint.init_from(str(pt), other)
+
+
+def test_erase_box_draws_timm_random_erasing_rectangles():
+    """Probability ``p``; area in (0.02, 1/3) of the image, aspect log-uniform in (0.3, 1/0.3), inside."""
+    from maskfeat_jax.data import pipeline
+    rng = np.random.default_rng(0)
+    boxes = np.stack([pipeline.erase_box(rng, 224, 0.25) for _ in range(4000)])
+    drawn = boxes[boxes[:, 2] > 0]
+    assert 0.22 < len(drawn) / len(boxes) < 0.28
+    top, left, h, w = drawn.T
+    assert np.all((top >= 0) & (left >= 0) & (top + h <= 224) & (left + w <= 224))
+    frac, aspect = h * w / 224 ** 2, h / w
+    assert frac.min() > 0.02 * 0.9 and frac.max() < (1 / 3) * 1.1
+    assert aspect.min() > 0.3 * 0.9 and aspect.max() < (1 / 0.3) * 1.1
+    assert aspect.min() < 0.35 and aspect.max() > 2.9          # both ends of the range are reached
+    assert np.all(pipeline.erase_box(rng, 224, 0.0) == 0)

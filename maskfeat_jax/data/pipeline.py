@@ -155,8 +155,10 @@ class TrainMap(grain.transforms.RandomMap):
         return out
 
 
-def erase_box(rng, size: int, p: float, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)) -> np.ndarray:
-    """Random-erasing rectangle ``(top, left, h, w)`` (h = 0: none), applied on device."""
+def erase_box(rng, size: int, p: float, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)) -> np.ndarray:
+    """timm's ``RandomErasing`` rectangle ``(top, left, h, w)`` (h = 0: none): with probability
+    ``p``, up to 10 draws of area ``U(scale) * size**2`` and log-uniform aspect in ``ratio``; the
+    first that fits is kept. The box is filled with N(0, 1) noise on device (``steps.erase``)."""
     if p <= 0 or rng.random() >= p:
         return np.zeros(4, np.int32)
     for _ in range(10):

@@ -17,8 +17,8 @@ Pipelines:
 
 * :func:`pretrain_transform` -- RRC scale (0.5, 1), bicubic, h-flip.
 * :func:`finetune_transform` -- RRC scale (0.08, 1), bicubic, h-flip,
-  RandAugment; :func:`random_erasing` is applied later, after
-  :func:`normalize`.
+  RandAugment; random erasing comes later, on device after normalisation
+  (``pipeline.erase_box`` draws the box, ``steps.erase`` fills it).
 * :func:`eval_transform` -- short side to ``round(size / 0.875)``, centre crop.
 """
 
@@ -385,7 +385,7 @@ def rand_augment(img: np.ndarray | Image.Image, rng: np.random.Generator, num_op
 
 
 # ----------------------------------------------------------------------------
-# normalisation and random erasing (float images)
+# normalisation (float images)
 # ----------------------------------------------------------------------------
 
 def normalize(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
@@ -395,44 +395,6 @@ def normalize(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     return ((img.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-
-
-def random_erasing(img: np.ndarray, rng: np.random.Generator, p: float = 0.25,
-                   scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), mode: str = "pixel") -> np.ndarray:
-    """timm ``RandomErasing`` (count 1) on a normalised float ``(H, W, C)`` image.
-
-    With probability ``p``, up to 10 attempts draw area ``~U(scale) * H * W``
-    and log-uniform aspect in ``ratio``; the first rectangle with
-    ``h < H`` and ``w < W`` is filled with N(0, 1) noise per pixel
-    (``"pixel"``), per channel (``"rand"``) or zeros (``"const"``).
-    Returns a new array; the input is not modified.
-    """
-    img = np.array(img, copy=True)
-    if img.ndim != 3 or not np.issubdtype(img.dtype, np.floating):
-        raise ValueError(f"img must be a float (H, W, C) array, got {img.dtype} {img.shape}")
-    if mode not in ("pixel", "rand", "const"):
-        raise ValueError(f"mode must be 'pixel', 'rand' or 'const', got {mode!r}")
-    if float(rng.random()) > p:
-        return img
-    height, width, chans = img.shape
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = _uniform(rng, *scale) * height * width
-        aspect = math.exp(_uniform(rng, *log_ratio))
-        h = int(round(math.sqrt(target_area * aspect)))
-        w = int(round(math.sqrt(target_area / aspect)))
-        if w < width and h < height:
-            top = int(rng.integers(0, height - h, endpoint=True))
-            left = int(rng.integers(0, width - w, endpoint=True))
-            if mode == "pixel":
-                noise = rng.standard_normal((h, w, chans))
-            elif mode == "rand":
-                noise = rng.standard_normal((1, 1, chans))
-            else:
-                noise = np.zeros((1, 1, chans))
-            img[top:top + h, left:left + w] = noise.astype(img.dtype)
-            break
-    return img
 
 
 # ----------------------------------------------------------------------------
