@@ -114,7 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input.image_size",
-              "hog.nbins", "hog.cell_size")
+              "hog.nbins", "hog.cell_size", "video.num_frames")
+# keys that change the optimizer state's structure only through a threshold: clipping on or off,
+# layer-wise decay on or off
+STRUCTURE_KEYS = {"optim.grad_clip": ("clipping", lambda v: v > 0),
+                  "optim.layer_decay": ("layer-wise decay", lambda v: v < 1.0)}
 
 
 def _get(config, dotted):
@@ -134,16 +138,26 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
     if config.model.name == "mvit":
         _validate_video(config)
-        vsize, patch = vit.SIZES["mu"], 16   # MViTv2 head counts are checked by the model
+        from maskfeat_jax.models import mvit
+        blocks = mvit.block_configs(mvit.parse_variant(config.model.variant), config.task == "pretrain")
+        patch, widths = 16, sorted({d for b in blocks for d in b[:2]})   # prediction stride 16
+        heads, mlps = min(b[2] for b in blocks), sorted({4 * b[0] for b in blocks})
     else:
         vsize, patch = vit.parse_variant(config.model.variant)
+        widths, heads, mlps = [vsize.width], vsize.heads, [vsize.mlp]
+    outputs = (config.model.num_classes if config.task == "finetune"
+               else 3 * config.hog.nbins * (patch // max(config.hog.cell_size, 1)) ** 2)
     _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
-    if vsize.heads % tensor or vsize.mlp % tensor:
-        raise ValueError(f"config.mesh.tensor={tensor} does not divide the {vsize.heads} heads / {vsize.mlp} "
-                         f"MLP units of config.model.variant={config.model.variant!r}")
-    if vsize.width % fsdp:
-        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the width {vsize.width} of "
-                         f"config.model.variant={config.model.variant!r}")
+    variant = f"config.model.variant={config.model.variant!r}"
+    if heads % tensor or any(m % tensor for m in mlps):
+        raise ValueError(f"config.mesh.tensor={tensor} does not divide the {heads} heads (fewest in a block) / "
+                         f"{mlps} MLP units of {variant}")
+    if outputs % tensor:
+        raise ValueError(f"config.mesh.tensor={tensor} does not divide the head's {outputs} outputs "
+                         f"({'config.model.num_classes' if config.task == 'finetune' else 'HOG features per token'})")
+    if any(w % fsdp for w in widths):
+        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the width{'s' * (len(widths) > 1)} "
+                         f"{', '.join(map(str, widths))} of {variant}")
     size = config.input.image_size
     if size % patch:
         raise ValueError(f"config.input.image_size={size} is not a multiple of the patch size {patch} "
@@ -162,6 +176,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if k < 1 or gb % (k * num_devices):
         raise ValueError(f"config.optim.grad_accum_steps={k}: config.input.global_batch_size={gb} must split "
                          f"into {k} micro-batches of a multiple of the {num_devices} devices")
+    for key in ("log_every_steps", "evals.every_steps", "checkpoint.every_steps"):
+        if _get(config, key) < 1:
+            raise ValueError(f"config.{key}={_get(config, key)} must be at least 1 (a value above the run's "
+                             f"steps acts only at the last step)")
     if config.nonfinite not in ("error", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
     ds = config.input.dataset
@@ -207,15 +225,21 @@ def _check_tfds(name, data_dir):
 
 
 def shape_differences(saved: dict, config) -> list[str]:
-    """Keys that change parameter shapes and differ between a saved and a new config."""
+    """Keys that change the shapes or the structure of the train state and differ between a
+    saved and a new config (a checkpoint of one cannot be restored into the other)."""
     out = []
-    for key in SHAPE_KEYS:
+    saved = ml_collections.ConfigDict(saved)
+    for key in SHAPE_KEYS + tuple(STRUCTURE_KEYS):
         try:
-            old = _get(ml_collections.ConfigDict(saved), key)
+            old, new = _get(saved, key), _get(config, key)
         except (KeyError, AttributeError):
             continue
-        new = _get(config, key)
-        if old != new:
+        if key in STRUCTURE_KEYS:
+            what, on = STRUCTURE_KEYS[key]
+            if on(old) != on(new):
+                out.append(f"{key}: saved {old!r}, now {new!r} ({what} {'on' if on(new) else 'off'} now, "
+                           f"which changes the optimizer state)")
+        elif old != new:
             out.append(f"{key}: saved {old!r}, now {new!r}")
     return out
 

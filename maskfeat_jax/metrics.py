@@ -71,6 +71,11 @@ class Throughput:
         self.last, self.data_wait = (step, now), 0.0
         return out
 
+    def restart(self, step: int) -> None:
+        """The next window starts now, at finished step ``step``: time spent since the last read
+        outside training (evaluation, figures) is not counted as step time."""
+        self.last, self.data_wait = (step, time.time()), 0.0
+
 
 class Progress:
     """One console line per logged step (a live bar when attached to a terminal)."""

@@ -99,6 +99,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- data
     train_source = sources.make(config, config.input.train_split)
+    n_labels = getattr(train_source, "num_classes", None)
+    if config.task == "finetune" and n_labels is not None and n_labels > config.model.num_classes:
+        raise ValueError(f"config.model.num_classes={config.model.num_classes}, but the labels of "
+                         f"config.input.dataset={config.input.dataset!r} ({config.input.train_split}) run to "
+                         f"{n_labels - 1}: set config.model.num_classes={n_labels}")
     gb = config.input.global_batch_size
     num_sample, steps_per_epoch = 1, max(len(train_source) // gb, 1)
     if config.model.name == "mvit":    # an epoch is one pass over the videos (repeated augmentation)
@@ -138,6 +143,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if config.get("init_from"):
                 state = state.replace(params=checkpoint.init_from(config.init_from, state.params, mesh))
     start_step = int(jax.device_get(state.step))
+    skipped_before = int(jax.device_get(state.nonfinite))   # skips already in a resumed checkpoint
 
     # ---- evaluators
     writer = metrics_lib.Writer(workdir)
@@ -187,16 +193,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 print(f"profiler trace of steps {config.profile_start_step}..{step - 1} in {workdir}/profile",
                       flush=True)
             if pending is not None:   # read step N-1's metrics after dispatching step N
-                last = _flush(pending, config, writer, progress, meter)
+                last = _flush(pending, config, writer, progress, meter, skipped_before)
                 pending = None
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
                 perf_m = {"train/epoch": step / steps_per_epoch}
                 pending = (step, step_metrics, perf_m)
                 if is_last or stop["signal"] is not None:
-                    last = _flush(pending, config, writer, progress, meter)
+                    last = _flush(pending, config, writer, progress, meter, skipped_before)
                     pending = None
-            if step % config.evals.every_steps == 0 or is_last:
+            figs_every = config.evals.figures_every_steps
+            evaluate_now = (step % config.evals.every_steps == 0 or is_last) and (
+                evaluator is not None or (config.evals.probe and jax.process_count() == 1))
+            figures_now = figs_every > 0 and config.task == "pretrain" and config.model.name == "vit" and (
+                step % figs_every == 0 or is_last) and jax.process_count() == 1
+            if (evaluate_now or figures_now) and pending is not None:
+                last = _flush(pending, config, writer, progress, meter, skipped_before)   # speed before
+                pending = None                                          # the evaluation's time counts
+            if evaluate_now:
                 res = evaluator.run(state.params) if evaluator is not None else {}
                 if config.evals.probe and jax.process_count() == 1:
                     res.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
@@ -205,11 +219,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     last.update(res)
                     if jax.process_index() == 0:
                         print(" | ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
-            figs_every = config.evals.figures_every_steps
-            if figs_every > 0 and config.task == "pretrain" and config.model.name == "vit" and (
-                    step % figs_every == 0 or is_last) and jax.process_count() == 1:
+            if figures_now:
                 from maskfeat_jax import visualize
                 visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
+            if evaluate_now or figures_now:
+                meter.restart(step)      # both waited for this step; their time is not training time
             ckpt.save(step, state, train_iter, config, topology, force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()
@@ -217,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 PREEMPTED_EXIT_CODE)
                 raise Preempted()
         if pending is not None:
-            last = _flush(pending, config, writer, progress, meter)
+            last = _flush(pending, config, writer, progress, meter, skipped_before)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -228,18 +242,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def _flush(pending, config, writer, progress, meter) -> dict:
-    """Fetches a logged step's metrics (already computed), writes and prints them."""
+def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) -> dict:
+    """Fetches a logged step's metrics (already computed), writes and prints them.
+
+    In ``config.nonfinite='error'`` mode it raises on a skipped (non-finite) update made by this
+    run; skips already counted in the checkpoint it resumed from (``skipped_before``) do not
+    count again, so a run stopped this way can be resumed."""
     step, device_metrics, extra = pending
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     m.update(extra)
     m.update(meter.mark(step))
     writer.write(step, m)
     progress.update(step, m)
-    if m.get("train/nonfinite_steps", 0) > 0 and config.nonfinite == "error":
+    new = int(m.get("train/nonfinite_steps", 0)) - skipped_before
+    if new > 0 and config.nonfinite == "error":
         raise FloatingPointError(
-            f"non-finite loss or gradient norm by step {step} (config.nonfinite='error'); the update was "
-            f"not applied and no non-finite state was saved. Set config.nonfinite='skip' to skip such steps.")
+            f"non-finite loss or gradient norm in {new} step(s) by step {step} (config.nonfinite='error'); "
+            f"those updates were not applied and no non-finite state was saved, so the run can be resumed. "
+            f"Set config.nonfinite='skip' to skip such steps and go on.")
     return m
 
 
@@ -269,8 +289,11 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
                         err, nxt)
         print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}); {nxt}",
               flush=True)
-    raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored; move the folder away to start "
-                       f"from scratch")
+    raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored (the last error is above). If "
+                       f"the config changed since they were written in a way that changes the train state "
+                       f"(model, optimizer), resume with the saved config (JSON in "
+                       f"{ckpt.directory}/<step>/config/metadata); if the checkpoints are damaged, move the "
+                       f"folder away to start from scratch")
 
 
 def _check_resume_config(ckpt, step, config):

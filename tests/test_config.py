@@ -39,6 +39,16 @@ def _cfg(**kw):
     ({"optim.grad_accum_steps": 2, "input.global_batch_size": 16}, None),
     ({"optim.grad_accum_steps": 0}, "config.optim.grad_accum_steps"),
     ({"input.dataset": "imagenet2012", "input.data_dir": "gs://bucket/tfds"}, None),   # checked when opened
+    ({"task": "finetune", "model.num_classes": 10, "mesh.tensor": 4, "mesh.data": 2, "model.variant": "demo/16"},
+     "config.mesh.tensor"),                                  # 10 classes over 4 devices
+    ({"task": "finetune", "model.num_classes": 12, "mesh.tensor": 4, "mesh.data": 2, "model.variant": "demo/16"},
+     None),
+    ({"model.name": "mvit", "model.variant": "S", "input.dataset": "video_demo", "mesh.tensor": 2, "mesh.data": 4},
+     "config.mesh.tensor"),                                  # MViTv2-S starts with 1 head
+    ({"model.name": "mvit", "model.variant": "L", "input.dataset": "video_demo", "mesh.tensor": 2, "mesh.data": 4},
+     None),
+    ({"model.name": "mvit", "model.variant": "S", "input.dataset": "video_demo", "mesh.fsdp": 8, "mesh.data": 1},
+     None),                                                  # widths 96..768
 ])
 def test_validation_names_the_key(overrides, key):
     if key is None:   # valid
@@ -46,6 +56,13 @@ def test_validation_names_the_key(overrides, key):
         return
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         config_lib.validate(_cfg(**overrides), num_devices=8)
+
+
+def test_mvit_fsdp_is_checked_against_every_stage_width():
+    mvit_s = {"model.name": "mvit", "model.variant": "S", "input.dataset": "video_demo", "mesh.data": 1}
+    config_lib.validate(_cfg(**mvit_s, **{"mesh.fsdp": 3, "input.global_batch_size": 6}), num_devices=3)
+    with pytest.raises(ValueError, match=r"config\.mesh\.fsdp=5 does not divide the widths 96, 192, 384, 768"):
+        config_lib.validate(_cfg(**mvit_s, **{"mesh.fsdp": 5, "input.global_batch_size": 10}), num_devices=5)
 
 
 def test_valid_config_passes():
@@ -71,6 +88,20 @@ def test_shape_differences_lists_changed_keys():
     now = _cfg(**{"model.variant": "demo/16", "optim.base_lr": 1.0})
     diffs = config_lib.shape_differences(saved, now)
     assert len(diffs) == 1 and "model.variant" in diffs[0]
+
+
+def test_optimizer_structure_changes_count_as_shape_changes():
+    """Clipping or layer decay switched on or off changes the optimizer state; new values do not."""
+    saved = _cfg(**{"optim.grad_clip": 1.0, "optim.layer_decay": 1.0}).to_dict()
+    assert config_lib.shape_differences(saved, _cfg(**{"optim.grad_clip": 5.0, "optim.layer_decay": 1.0})) == []
+    diffs = config_lib.shape_differences(saved, _cfg(**{"optim.grad_clip": 0.0, "optim.layer_decay": 0.75}))
+    assert len(diffs) == 2 and "clipping off" in diffs[0] and "layer-wise decay on" in diffs[1], diffs
+
+
+def test_zero_intervals_are_rejected_naming_the_key():
+    for key in ("log_every_steps", "evals.every_steps", "checkpoint.every_steps"):
+        with pytest.raises(ValueError, match=f"config.{key}=0"):
+            config_lib.validate(_cfg(**{key: 0}), 1)
 
 
 @pytest.mark.parametrize("name", ["demo", "vit_b_in1k", "vit_l_in1k"])

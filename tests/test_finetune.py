@@ -137,3 +137,12 @@ def test_erase_box_draws_timm_random_erasing_rectangles():
     assert aspect.min() > 0.3 * 0.9 and aspect.max() < (1 / 0.3) * 1.1
     assert aspect.min() < 0.35 and aspect.max() > 2.9          # both ends of the range are reached
     assert np.all(pipeline.erase_box(rng, 224, 0.0) == 0)
+
+
+def test_labels_beyond_the_heads_classes_are_refused_before_compiling(tmp_path):
+    from maskfeat_jax import config as config_lib, train
+    c = config_lib.base_config()
+    c.task, c.model.variant, c.input.image_size, c.model.num_classes = "finetune", "mu/16", 32, 5
+    c.input.dataset, c.input.global_batch_size, c.total_steps = "digits", 8, 1
+    with pytest.raises(ValueError, match=r"config.model.num_classes=5.*set config.model.num_classes=10"):
+        train.train_and_evaluate(c, str(tmp_path))

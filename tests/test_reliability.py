@@ -85,6 +85,32 @@ def test_nonfinite_stops_the_run_in_error_mode_naming_the_step(tmp_path):
     w.close()
 
 
+def test_error_mode_counts_only_this_runs_skips_so_a_stopped_run_resumes(tmp_path):
+    """A checkpoint saved with one skipped update resumes; a new skip after the resume still stops it."""
+    from maskfeat_jax import config as config_lib, metrics
+    c = config_lib.base_config()
+    w = metrics.Writer(str(tmp_path))
+    prog, meter = metrics.Progress(10, 5, 0), metrics.Throughput(8, 1.0, 1, 1.0)
+    resumed = (8, {"train/loss": jnp.float32(1.0), "train/nonfinite_steps": jnp.int32(1)}, {})
+    assert train._flush(resumed, c, w, prog, meter, skipped_before=1)["train/nonfinite_steps"] == 1
+    again = (9, {"train/loss": jnp.float32(np.nan), "train/nonfinite_steps": jnp.int32(2)}, {})
+    with pytest.raises(FloatingPointError, match="1 step.*by step 9"):
+        train._flush(again, c, w, prog, meter, skipped_before=1)
+    w.close()
+
+
+def test_throughput_restart_leaves_evaluation_time_out_of_the_step_time():
+    import time
+    from maskfeat_jax import metrics
+    meter = metrics.Throughput(8, 1.0, 1, 1.0)
+    meter.mark(0)
+    time.sleep(0.3)                 # "evaluation"
+    meter.restart(0)
+    time.sleep(0.05)
+    out = meter.mark(1)
+    assert 0.04 < out["perf/step_seconds"] < 0.25, out
+
+
 def _final_params(workdir, step):
     from maskfeat_jax import checkpoint
     import jax
