@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONFIG="${CONFIG:-configs/vit_l_in1k.py}"
-WORKDIR="${WORKDIR:?set WORKDIR=<local dir or gs://bucket/path>}"
+WORKDIR="${WORKDIR:?set WORKDIR=<local dir, or a mounted bucket>}"
 DATA_DIR="${DATA_DIR:?set DATA_DIR=<dir with the TFDS array_record files, e.g. /data/tensorflow_datasets>}"
 
 # Which GPUs, e.g. CUDA_VISIBLE_DEVICES=0,1,2,3. Unset: all of them.

@@ -2,8 +2,11 @@
 # MaskFeat on a Cloud TPU VM pod slice: install on every worker, then run the same command
 # on all of them. jax.distributed.initialize() finds the other workers by itself.
 #
-#   TPU=<tpu-name> ZONE=<zone> WORKDIR=gs://<bucket>/maskfeat/vit_l \
+#   TPU=<tpu-name> ZONE=<zone> WORKDIR=/gcs/<bucket>/maskfeat/vit_l \
 #   DATA_DIR=gs://<bucket>/tensorflow_datasets launch/tpu_pod.sh [--config.x=y ...]
+#
+# WORKDIR is a file-system path that every worker sees, e.g. a bucket mounted with GCS FUSE
+# at the same place on every worker (launch/README.md); gs:// URLs are refused by main.
 #
 # Things marked <LIKE_THIS> are placeholders: set them in the environment or edit the
 # defaults below. Extra arguments are passed on to maskfeat_jax.main.
@@ -14,7 +17,11 @@ set -euo pipefail
 TPU="${TPU:?set TPU=<tpu-name>}"
 ZONE="${ZONE:?set ZONE=<zone, e.g. us-central2-b>}"
 PROJECT="${PROJECT:-}"                                 # empty: gcloud's default project
-WORKDIR="${WORKDIR:?set WORKDIR=gs://<bucket>/maskfeat/<run-name>}"
+WORKDIR="${WORKDIR:?set WORKDIR=/gcs/<bucket>/maskfeat/<run-name> (a GCS FUSE mount on every worker)}"
+if [[ "$WORKDIR" == *://* ]]; then
+  echo "WORKDIR=$WORKDIR: use a path every worker sees (a GCS FUSE mount of the bucket), not a URL" >&2
+  exit 2
+fi
 DATA_DIR="${DATA_DIR:?set DATA_DIR=gs://<bucket>/tensorflow_datasets (TFDS array_record files)}"
 CONFIG="${CONFIG:-configs/vit_l_in1k.py}"
 # Where the code comes from: "copy" ships this checkout (uncommitted edits included),
@@ -52,8 +59,7 @@ for a in "$@"; do extra+=" $(printf '%q' "$a")"; done
 # Every worker runs the same command. --distributed=True makes main call
 # jax.distributed.initialize(), which reads the pod topology from the TPU metadata.
 # The dataset location goes in TFDS_DATA_DIR, which tfds reads when config.input.data_dir
-# is unset. Don't pass a gs:// path as --config.input.data_dir: config.validate checks that
-# it exists with os.path.isdir, and that check fails for GCS (see launch/README.md).
+# is unset (see launch/README.md).
 "${gc[@]}" ssh "$TPU" --worker=all "${where[@]}" --command="cd ~/$REMOTE_DIR && \
   TFDS_DATA_DIR=$DATA_DIR JAX_COMPILATION_CACHE_DIR=$CACHE_DIR \
   python3 -m maskfeat_jax.main --config=$CONFIG --workdir=$WORKDIR --distributed=True \

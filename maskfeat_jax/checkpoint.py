@@ -60,6 +60,24 @@ class Checkpointer:
         logging.info("restored step %d from %s", step, self.directory)
         return restored["state"]
 
+    def set_aside(self, step: int) -> str:
+        """Renames the checkpoint at ``step`` (one that could not be restored) to
+        ``<step>.unrestorable`` (kept for inspection, no longer a step), so that the run that fell
+        back to an older one saves its own steps again. Process 0 renames; every process waits."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unrestorable"
+        if jax.process_index() == 0:
+            n = 1
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.unrestorable-{n}"
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.mngr.reload()
+        return dst
+
     def wait(self):
         self.mngr.wait_until_finished()
 

@@ -193,6 +193,16 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         _check_tfds(ds, config.input.data_dir)
 
 
+def validate_workdir(workdir: str) -> None:
+    """The workdir must be a filesystem path: checkpoints, metrics and TensorBoard are written
+    with file-system calls, which would turn ``gs://b/x`` into a local folder ``gs:/b/x``."""
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir}: URL workdirs are not supported; every host would write to a "
+                         f"local folder of that name. Mount the bucket with GCS FUSE (e.g. gcsfuse "
+                         f"--implicit-dirs BUCKET /gcs/BUCKET on every host) and pass the mount path, or use a "
+                         f"shared filesystem")
+
+
 def _validate_video(config):
     from maskfeat_jax.models import mvit
     mvit.parse_variant(config.model.variant)

@@ -92,7 +92,7 @@ def main(argv):
         else:
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except ValueError as e:  # config/input errors name their key: one clear line, no traceback
-        if not str(e).startswith("config"):
+        if not str(e).startswith(("config", "--workdir")):
             raise
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -92,6 +92,7 @@ def jit_step(s: Setup, mesh, batch):
 
 def train_and_evaluate(config, workdir: str) -> dict:
     # ---- config check (before anything is read or compiled)
+    config_lib.validate_workdir(workdir)
     config_lib.validate(config, jax.device_count(), jax.process_count())
 
     # ---- mesh
@@ -282,6 +283,8 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
             err = e
         else:
+            for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
+                print(f"checkpoint at step {bad} set aside as {ckpt.set_aside(bad)}", flush=True)
             print(f"resuming from step {step}", flush=True)
             return state, (saved if changed else None)
         nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
@@ -332,6 +335,7 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
 def evaluate(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in ``workdir`` without training: top-1/top-5 for a
     classifier, k-NN and linear probe on frozen features for any model."""
+    config_lib.validate_workdir(workdir)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(config.mesh)
     st = setup(config, mesh, steps_per_epoch=1, total_steps=1)

@@ -43,11 +43,15 @@ def test_damaged_and_half_written_checkpoints_fall_back_to_the_last_good_one(tmp
     for f in (ck / "6" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
             f.write_bytes(f.read_bytes()[:16])
-    out = _run(tmp_path, 8)
+    # the rerun ends at the damaged step: the damaged checkpoint is set aside, so step 6 saves anew
+    out = _run(tmp_path, 6)
     assert "checkpoint at step 6 could not be restored" in out and "resuming from step 3" in out
+    assert "set aside" in out and (ck / "6.unrestorable" / "state").is_dir()
     assert not (ck / "9.orbax-checkpoint-tmp-1234").exists()       # cleaned up at start-up
+    assert _steps(tmp_path) == [3, 6]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in rows if "train/loss" in r][-5:] == [4, 5, 6, 7, 8]
+    assert [r["step"] for r in rows if "train/loss" in r][-3:] == [4, 5, 6]
+    assert "resuming from step 6" in _run(tmp_path, 8)             # the new step 6 reads back
 
 
 def _toy_state():
