@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import grain
 import jax
@@ -60,22 +61,37 @@ class Checkpointer:
         logging.info("restored step %d from %s", step, self.directory)
         return restored["state"]
 
-    def set_aside(self, step: int) -> str:
+    def set_aside(self, step: int, wait_s: float = 60.0) -> str | None:
         """Renames the checkpoint at ``step`` (one that could not be restored) to
         ``<step>.unrestorable`` (kept for inspection, no longer a step), so that the run that fell
-        back to an older one saves its own steps again. Process 0 renames; every process waits."""
+        back to an older one saves its own steps again. Process 0 renames and tells the others
+        whether it could; each then waits until its own listing no longer shows ``step`` (a shared
+        filesystem may lag), so that every process agrees on the steps before the next save.
+        Returns the new name, or None when the rename failed (the step stays)."""
         src = os.path.join(self.directory, str(step))
-        dst = f"{src}.unrestorable"
+        dst, ok = f"{src}.unrestorable", True
         if jax.process_index() == 0:
             n = 1
             while os.path.exists(dst):
                 n += 1
                 dst = f"{src}.unrestorable-{n}"
-            os.rename(src, dst)
+            try:
+                os.rename(src, dst)
+            except OSError as e:
+                ok = False
+                logging.warning("could not set aside checkpoint %s (%s)", src, e)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+            ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+        if not ok:
+            return None
+        deadline = time.time() + wait_s
         self.mngr.reload()
+        while step in self.mngr.all_steps():
+            if time.time() > deadline:
+                raise RuntimeError(f"checkpoint {src} was renamed but is still listed after {wait_s:.0f} s")
+            time.sleep(1.0)
+            self.mngr.reload()
         return dst
 
     def wait(self):

@@ -100,11 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- data
     train_source = sources.make(config, config.input.train_split)
-    n_labels = getattr(train_source, "num_classes", None)
-    if config.task == "finetune" and n_labels is not None and n_labels > config.model.num_classes:
-        raise ValueError(f"config.model.num_classes={config.model.num_classes}, but the labels of "
-                         f"config.input.dataset={config.input.dataset!r} ({config.input.train_split}) run to "
-                         f"{n_labels - 1}: set config.model.num_classes={n_labels}")
+    sources.check_labels(train_source, config, config.input.train_split)
     gb = config.input.global_batch_size
     num_sample, steps_per_epoch = 1, max(len(train_source) // gb, 1)
     if config.model.name == "mvit":    # an epoch is one pass over the videos (repeated augmentation)
@@ -275,7 +271,12 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
             _check_resume_config(ckpt, step, config)
             saved = ckpt.saved_topology(step)
             changed = saved is not None and saved != topology
-            state = ckpt.restore(step, abstract_state, None if changed else train_iter)
+            try:
+                state = ckpt.restore(step, abstract_state, None if changed else train_iter)
+            except OSError as e:          # perhaps the storage, not the checkpoint: read it once more
+                logging.warning("reading checkpoint %d failed (%s); retrying once", step, e)
+                time.sleep(5.0)
+                state = ckpt.restore(step, abstract_state, None if changed else train_iter)
         except ValueError as e:
             if "shape-changing" in str(e):
                 raise
@@ -284,7 +285,9 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
             err = e
         else:
             for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
-                print(f"checkpoint at step {bad} set aside as {ckpt.set_aside(bad)}", flush=True)
+                moved = ckpt.set_aside(bad)
+                print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
+                      "could not be set aside: this run saves again only after that step"), flush=True)
             print(f"resuming from step {step}", flush=True)
             return state, (saved if changed else None)
         nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"

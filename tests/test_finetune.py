@@ -1,5 +1,6 @@
 """Fine-tuning: mixup/cutmix targets, random erasing, init_from, evaluation, probes, end to end."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -136,6 +137,20 @@ def test_erase_box_draws_timm_random_erasing_rectangles():
     assert frac.min() > 0.02 * 0.9 and frac.max() < (1 / 3) * 1.1
     assert aspect.min() > 0.3 * 0.9 and aspect.max() < (1 / 0.3) * 1.1
     assert aspect.min() < 0.35 and aspect.max() > 2.9          # both ends of the range are reached
+
+    class Ends:   # p passes; the smallest area and the largest log-aspect; top-left corner
+        def random(self):
+            return 0.0
+
+        def uniform(self, a, b):
+            return a if a > 0 else b
+
+        def integers(self, lo, hi):
+            return lo
+
+    area = 1000 ** 2 * 0.02
+    np.testing.assert_array_equal(pipeline.erase_box(Ends(), 1000, 1.0),
+                                  [0, 0, round(math.sqrt(area / 0.3)), round(math.sqrt(area * 0.3))])
     assert np.all(pipeline.erase_box(rng, 224, 0.0) == 0)
 
 

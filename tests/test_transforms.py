@@ -403,56 +403,58 @@ def test_normalize(noise):
     np.testing.assert_allclose(T.normalize(noise, (0.5,) * 3, (0.5,) * 3), noise / 127.5 - 1, atol=1e-6)
 
 
-def test_random_erasing_p0_identity(noise):
-    x = T.normalize(noise)
-    out = T.random_erasing(x, _rng(0), p=0.0)
-    np.testing.assert_array_equal(out, x)
-    assert out is not x
+def _erase(x, box, seed=0):
+    """The trainer's erasing: ``pipeline.erase_box`` draws the box, ``steps.erase`` fills it."""
+    import jax
+    import jax.numpy as jnp
+    from maskfeat_jax import steps
+    return np.asarray(steps.erase(jax.random.key(seed), jnp.asarray(x)[None], jnp.asarray(box)[None])[0])
 
 
-def test_random_erasing_rectangle(noise):
-    x = T.normalize(noise)
-    x_before = x.copy()
+def test_random_erasing_p0_identity():
+    from maskfeat_jax.data import pipeline
+    x = T.normalize(_rng(0).integers(0, 256, (H, H, 3), dtype=np.uint8))
+    box = pipeline.erase_box(_rng(0), H, 0.0)
+    np.testing.assert_array_equal(box, 0)
+    np.testing.assert_array_equal(_erase(x, box), x)
+
+
+def test_random_erasing_rectangle():
+    from maskfeat_jax.data import pipeline
+    x = T.normalize(_rng(0).integers(0, 256, (H, H, 3), dtype=np.uint8))
     erased = 0
     for seed in range(50):
-        out = T.random_erasing(x, _rng(seed), p=1.0)
+        box = pipeline.erase_box(_rng(seed), H, 1.0)
+        out = _erase(x, box, seed)
         assert out.dtype == np.float32 and out.shape == x.shape
         diff = (out != x).any(-1)
         if not diff.any():
+            assert box[2] == 0
             continue
         erased += 1
         idx = np.argwhere(diff)
         (t, l), (b, r) = idx.min(0), idx.max(0) + 1
-        assert diff[t:b, l:r].mean() > 0.99  # a filled rectangle of noise
-        assert b - t < H and r - l < W
-        area = (b - t) * (r - l) / (H * W)
+        np.testing.assert_array_equal([t, l, b - t, r - l], box)   # exactly the drawn box, filled
+        assert diff[t:b, l:r].all() and b - t < H and r - l < H
+        area = (b - t) * (r - l) / (H * H)
         assert 0.01 <= area <= 0.42  # (0.02, 1/3) up to rounding of h and w
         patch = out[t:b, l:r]
-        assert abs(patch.mean()) < 1.0 and 0.5 < patch.std() < 1.5
-    np.testing.assert_array_equal(x, x_before)  # input untouched
+        assert abs(patch.mean()) < 1.0 and 0.5 < patch.std() < 1.5     # N(0, 1) noise
     assert erased >= 45
-    np.testing.assert_array_equal(T.random_erasing(x, _rng(4), p=1.0), T.random_erasing(x, _rng(4), p=1.0))
-    rate = np.mean([not np.array_equal(T.random_erasing(x, _rng(s)), x) for s in range(400)])
+    np.testing.assert_array_equal(pipeline.erase_box(_rng(4), H, 1.0), pipeline.erase_box(_rng(4), H, 1.0))
+    rate = np.mean([pipeline.erase_box(_rng(s), H, 0.25)[2] > 0 for s in range(400)])
     assert 0.17 < rate < 0.33
 
 
 def test_random_erasing_requires_strictly_smaller_rectangle():
-    x = T.normalize(_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8))
+    from maskfeat_jax.data import pipeline
     for seed in range(5):  # a 10 x 10 rectangle never fits strictly inside 10 x 10
-        out = T.random_erasing(x, _rng(seed), p=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-        np.testing.assert_array_equal(out, x)
-    out = T.random_erasing(x, _rng(0), p=1.0, scale=(0.81, 0.81), ratio=(1.0, 1.0))
-    assert (out != x).any(-1).sum() == 81
-
-
-def test_random_erasing_modes(noise):
-    x = T.normalize(noise)
-    out = T.random_erasing(x, _rng(1), p=1.0, mode="const")
-    assert (out == 0).all(-1).sum() > 0.01 * H * W
-    with pytest.raises(ValueError, match="mode"):
-        T.random_erasing(x, _rng(1), mode="foo")
-    with pytest.raises(ValueError, match="img"):
-        T.random_erasing(noise, _rng(1))
+        box = pipeline.erase_box(_rng(seed), 10, 1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+        np.testing.assert_array_equal(box, 0)
+    box = pipeline.erase_box(_rng(0), 10, 1.0, scale=(0.81, 0.81), ratio=(1.0, 1.0))
+    assert list(box[2:]) == [9, 9]
+    x = T.normalize(_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8))
+    assert (_erase(x, box) != x).any(-1).sum() == 81
 
 
 # ----------------------------------------------------------------------------

@@ -115,6 +115,16 @@ def video_csv_dir(config) -> str:
     return config.video.csv_dir
 
 
+def check_labels(source, config, split: str) -> None:
+    """A classifier with fewer outputs than the dataset's labels would train and score silently
+    wrong (``one_hot`` of an out-of-range label is all zeros): refuse it, naming the key."""
+    n = getattr(source, "num_classes", None)
+    if config.task == "finetune" and n is not None and n > config.model.num_classes:
+        raise ValueError(f"config.model.num_classes={config.model.num_classes}, but the labels of "
+                         f"config.input.dataset={config.input.dataset!r} ({split}) run to {n - 1}: set "
+                         f"config.model.num_classes={n}")
+
+
 def make(config, split: str):
     """The source for ``split`` of ``config.input.dataset``."""
     inp = config.input

@@ -18,6 +18,7 @@ class Evaluator:
         self.config, self.mesh = config, mesh
         self.video = config.model.name == "mvit"
         self.source = sources.make(config, config.input.eval_split)
+        sources.check_labels(self.source, config, config.input.eval_split)
         self.batch = config.evals.batch_size // jax.process_count()
         if config.evals.batch_size % jax.device_count():
             raise ValueError(f"config.evals.batch_size={config.evals.batch_size} is not divisible by the "
