@@ -16,6 +16,7 @@ import time
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -127,7 +128,6 @@ def _resolve(path: str) -> tuple[str, int]:
 
 def read_params(path: str) -> dict:
     """The parameter tree of a checkpoint, as host numpy arrays (any mesh, any task)."""
-    import numpy as np
     directory, step = _resolve(path)
     item = os.path.join(directory, str(step), "state")
     from absl import logging as absl_logging
@@ -151,7 +151,6 @@ def init_from(path: str, params, mesh=None):
     src = _flat(read_params(path))
     dst = _flat(params)
     import jax.numpy as jnp
-    import numpy as np
     loaded, new, interpolated = [], [], []
     out = {}
     for key, x in dst.items():

@@ -151,3 +151,23 @@ def test_global_batch_k_holds_the_same_examples_for_any_process_count():
         a, h0, h1, ref = next(one), next(two[0]), next(two[1]), next(stream)
         np.testing.assert_array_equal(a["image"], ref["image"])          # start_batch = skipping batches
         np.testing.assert_array_equal(np.concatenate([h0["image"], h1["image"]]), a["image"])   # 1 or 2 hosts
+
+
+def test_set_aside_on_several_processes_shares_the_rename_and_relists(tmp_path, monkeypatch):
+    """The multi-process branch: process 0's outcome is broadcast; every process relists the steps."""
+    import grain
+    from jax.experimental import multihost_utils
+    from maskfeat_jax import checkpoint, config as config_lib
+    ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1, max_to_keep=5)
+    state = {"w": jnp.ones((3,))}
+    it = iter(grain.MapDataset.range(4).to_iter_dataset())
+    for s in (1, 2):
+        ck.save(s, state, it, config_lib.base_config(), force=True)
+    ck.wait()
+    shared = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: shared.append(int(x)) or x)
+    moved = ck.set_aside(2)
+    assert shared == [1] and moved.endswith("2.unrestorable") and os.path.isdir(moved)
+    assert ck.mngr.all_steps() == [1] and ck.latest_step() == 1
+    ck.close()
