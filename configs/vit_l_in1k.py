@@ -1,6 +1,6 @@
 """MaskFeat pre-training of ViT-L/16 on ImageNet-1k (spec 9.1, in1k_VIT_L_MaskFeat_PT).
 
-    python -m maskfeat_jax.main --config=configs/vit_l_in1k.py --workdir=/gcs/BUCKET/maskfeat_vit_l \\
+    python -m maskfeat_jax.main --config=configs/vit_l_in1k.py --workdir=gs://BUCKET/maskfeat_vit_l \\
         --config.input.data_dir=gs://BUCKET/tensorflow_datasets
 
 Smoke test on the CPU with random images:

@@ -2,11 +2,11 @@
 # MaskFeat on a Cloud TPU VM pod slice: install on every worker, then run the same command
 # on all of them. jax.distributed.initialize() finds the other workers by itself.
 #
-#   TPU=<tpu-name> ZONE=<zone> WORKDIR=/gcs/<bucket>/maskfeat/vit_l \
+#   TPU=<tpu-name> ZONE=<zone> WORKDIR=gs://<bucket>/maskfeat/vit_l \
 #   DATA_DIR=gs://<bucket>/tensorflow_datasets launch/tpu_pod.sh [--config.x=y ...]
 #
-# WORKDIR is a file-system path that every worker sees, e.g. a bucket mounted with GCS FUSE
-# at the same place on every worker (launch/README.md); gs:// URLs are refused by main.
+# WORKDIR is one place every worker sees: a gs:// URL (written through gcsfs and Orbax's
+# TensorStore, installed below with the package's [gcs] extra) or a GCS FUSE mount path.
 #
 # Things marked <LIKE_THIS> are placeholders: set them in the environment or edit the
 # defaults below. Extra arguments are passed on to maskfeat_jax.main.
@@ -17,11 +17,7 @@ set -euo pipefail
 TPU="${TPU:?set TPU=<tpu-name>}"
 ZONE="${ZONE:?set ZONE=<zone, e.g. us-central2-b>}"
 PROJECT="${PROJECT:-}"                                 # empty: gcloud's default project
-WORKDIR="${WORKDIR:?set WORKDIR=/gcs/<bucket>/maskfeat/<run-name> (a GCS FUSE mount on every worker)}"
-if [[ "$WORKDIR" == *://* ]]; then
-  echo "WORKDIR=$WORKDIR: use a path every worker sees (a GCS FUSE mount of the bucket), not a URL" >&2
-  exit 2
-fi
+WORKDIR="${WORKDIR:?set WORKDIR=gs://<bucket>/maskfeat/<run-name>}"
 DATA_DIR="${DATA_DIR:?set DATA_DIR=gs://<bucket>/tensorflow_datasets (TFDS array_record files)}"
 CONFIG="${CONFIG:-configs/vit_l_in1k.py}"
 # Where the code comes from: "copy" ships this checkout (uncommitted edits included),
@@ -49,7 +45,7 @@ if [[ "$INSTALL" == 1 ]]; then
   fi
   # jax[tpu] pulls the matching libtpu from PyPI; the package pins jax to the tested range.
   "${gc[@]}" ssh "$TPU" --worker=all "${where[@]}" --command="set -e; $fetch; \
-    python3 -m pip install -q -U 'jax[tpu]>=0.10,<0.11' && python3 -m pip install -q -e ~/$REMOTE_DIR"
+    python3 -m pip install -q -U 'jax[tpu]>=0.10,<0.11' && python3 -m pip install -q -e ~/$REMOTE_DIR[gcs]"
 fi
 
 # Quote each extra argument so it reaches main unchanged through the remote shell.

@@ -7,11 +7,13 @@ then ``config.init_from`` (weights only, see ``init_from``), then scratch.
 
 Each checkpoint also records the input topology (processes, workers per process, global
 batch) that wrote its iterator state; grain's state is only meaningful for that topology.
+
+Paths may be local or ``gs://`` URLs (``storage``); on GCS, Orbax marks a finished save with a
+commit file instead of renaming it.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import grain
@@ -19,10 +21,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maskfeat_jax import storage
+
 
 class Checkpointer:
     def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = storage.path(workdir) / "checkpoints"
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, cleanup_tmp_directories=True, create=True,
@@ -49,7 +53,7 @@ class Checkpointer:
 
     def saved_topology(self, step: int) -> dict | None:
         """The input topology saved at ``step`` (None for a checkpoint written without one)."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), "topology")):
+        if not (self.directory / str(step) / "topology").exists():
             return None
         return self.mngr.restore(step, args=ocp.args.Composite(topology=ocp.args.JsonRestore()))["topology"]
 
@@ -69,15 +73,15 @@ class Checkpointer:
         whether it could; each then waits until its own listing no longer shows ``step`` (a shared
         filesystem may lag), so that every process agrees on the steps before the next save.
         Returns the new name, or None when the rename failed (the step stays)."""
-        src = os.path.join(self.directory, str(step))
-        dst, ok = f"{src}.unrestorable", True
+        src = self.directory / str(step)
+        dst, ok = self.directory / f"{step}.unrestorable", True
         if jax.process_index() == 0:
             n = 1
-            while os.path.exists(dst):
+            while dst.exists():
                 n += 1
-                dst = f"{src}.unrestorable-{n}"
+                dst = self.directory / f"{step}.unrestorable-{n}"
             try:
-                os.rename(src, dst)
+                src.rename(dst)
             except OSError as e:
                 ok = False
                 logging.warning("could not set aside checkpoint %s (%s)", src, e)
@@ -93,7 +97,7 @@ class Checkpointer:
                 raise RuntimeError(f"checkpoint {src} was renamed but is still listed after {wait_s:.0f} s")
             time.sleep(1.0)
             self.mngr.reload()
-        return dst
+        return str(dst)
 
     def wait(self):
         self.mngr.wait_until_finished()
@@ -115,21 +119,21 @@ def _flat(tree) -> dict:
 
 def _resolve(path: str) -> tuple[str, int]:
     """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, step)."""
-    path = os.path.abspath(path)
-    if os.path.basename(path).isdigit():
-        return os.path.dirname(path), int(os.path.basename(path))
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+    path = storage.path(path)
+    if path.name.isdigit():
+        return str(path.parent), int(path.name)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
     if not steps:
-        raise ValueError(f"config.init_from={path!r}: no checkpoint found there")
-    return path, max(steps)
+        raise ValueError(f"config.init_from={str(path)!r}: no checkpoint found there")
+    return str(path), max(steps)
 
 
 def read_params(path: str) -> dict:
     """The parameter tree of a checkpoint, as host numpy arrays (any mesh, any task)."""
     directory, step = _resolve(path)
-    item = os.path.join(directory, str(step), "state")
+    item = storage.path(directory) / str(step) / "state"
     from absl import logging as absl_logging
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)   # the item has no step-level metadata file: fine
@@ -197,8 +201,8 @@ def saved_config(path: str):
 
     import ml_collections
     directory, step = _resolve(path)
-    with open(os.path.join(directory, str(step), "config", "metadata")) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+    text = (storage.path(directory) / str(step) / "config" / "metadata").read_text()
+    return ml_collections.ConfigDict(_tuples(json.loads(text)))
 
 
 def _tuples(d):

@@ -193,14 +193,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         _check_tfds(ds, config.input.data_dir)
 
 
-def validate_workdir(workdir: str) -> None:
-    """The workdir must be a filesystem path: checkpoints, metrics and TensorBoard are written
-    with file-system calls, which would turn ``gs://b/x`` into a local folder ``gs:/b/x``."""
-    if "://" in workdir:
-        raise ValueError(f"--workdir={workdir}: URL workdirs are not supported; every host would write to a "
-                         f"local folder of that name. Mount the bucket with GCS FUSE (e.g. gcsfuse "
-                         f"--implicit-dirs BUCKET /gcs/BUCKET on every host) and pass the mount path, or use a "
-                         f"shared filesystem")
+def validate_workdir(workdir: str, init_from: str = "") -> None:
+    """The workdir (and ``config.init_from``): a local or mounted path, or a ``gs://`` URL
+    (with gcsfs installed); anything else is refused before the run starts."""
+    from maskfeat_jax import storage
+    storage.check_url(workdir, "--workdir")
+    storage.check_url(init_from or "", "config.init_from")
 
 
 def _validate_video(config):

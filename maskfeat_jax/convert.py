@@ -306,10 +306,11 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     """Converts ``src`` for ``config`` and saves step 0 under ``out/checkpoints``."""
     import jax
     import ml_collections
-    from maskfeat_jax import checkpoint, sharding, train
+    from maskfeat_jax import checkpoint, sharding, storage, train
 
-    ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
-    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    storage.check_url(out, "--out")
+    ckpt_dir = storage.path(out) / "checkpoints"
+    if ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir()):
         raise ConversionError(f"--out={out!r} already holds checkpoints in {ckpt_dir}; choose an empty --out")
     state_dict, cfg_yaml = load_state_dict(src, allow_pickle)
     check_official_cfg(cfg_yaml, config)
@@ -349,7 +350,7 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     n = sum(v.size for v in converted.values())
     print(f"converted {len(state_dict)} tensors ({len(converted)} parameters, {n:,} values) from {src} "
           f"to {ckpt_dir}/0", flush=True)
-    return {"parameters": n, "directory": os.path.join(ckpt_dir, "0")}
+    return {"parameters": n, "directory": str(ckpt_dir / "0")}
 
 
 # --------------------------------------------------------------------------------------

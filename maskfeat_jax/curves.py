@@ -7,14 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from maskfeat_jax import storage
+
 
 def read(workdir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    text = (storage.path(workdir) / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     pts = sorted({r["step"]: r[key] for r in rows if key in r and math.isfinite(r[key])}.items())
     if not pts:
         raise ValueError(f"no {key!r} in {workdir}/metrics.jsonl")
@@ -55,9 +57,11 @@ def main(argv=None):
     ap.add_argument("--key", default="train/loss")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    out = a.out or os.path.join(a.workdir, a.key.replace("/", "_") + ".png")
+    out = storage.path(a.out) if a.out else storage.path(a.workdir) / (a.key.replace("/", "_") + ".png")
     steps, values = read(a.workdir, a.key)
-    plot(steps, values, title=f"{a.key} ({os.path.basename(os.path.normpath(a.workdir))})").save(out)
+    with out.open("wb") as f:
+        plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})").save(f, format="PNG")
+    out = str(out)
     print(out)
     return out
 

@@ -1,5 +1,6 @@
 """Metric writing: ``WORKDIR/metrics.jsonl`` (one JSON object per logged step), TensorBoard
-(tensorboardX, no TensorFlow), and a console line. Only process 0 writes.
+(tensorboardX, no TensorFlow), and a console line. Only process 0 writes. ``WORKDIR`` may be a
+``gs://`` URL (``storage``).
 
 Names are grouped: ``train/``, ``eval/<name>/``, ``perf/``, ``opt/``, ``data/``.
 """
@@ -8,11 +9,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import sys
 import time
 
 import jax
+
+from maskfeat_jax import storage
 
 
 class Writer:
@@ -20,11 +22,10 @@ class Writer:
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = storage.LineLog(storage.path(workdir) / "metrics.jsonl")
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))
             except ImportError:  # TensorBoard is optional
                 self._tb = None
 
@@ -32,8 +33,7 @@ class Writer:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write(json.dumps({"step": int(step), **clean}))
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):

@@ -10,7 +10,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -22,7 +24,7 @@ import optax
 from flax import nnx
 
 from maskfeat_jax import checkpoint, config as config_lib, metrics as metrics_lib, models, optim, perf
-from maskfeat_jax import sharding, steps
+from maskfeat_jax import sharding, steps, storage
 from maskfeat_jax.data import pipeline, sources
 from maskfeat_jax.evaluators import classification, probe
 
@@ -92,7 +94,7 @@ def jit_step(s: Setup, mesh, batch):
 
 def train_and_evaluate(config, workdir: str) -> dict:
     # ---- config check (before anything is read or compiled)
-    config_lib.validate_workdir(workdir)
+    config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
 
     # ---- mesh
@@ -163,6 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
     train_step = None
     pending, last = None, {}
+    trace_dir = None          # where the profiler writes while it traces
     meter = metrics_lib.Throughput(gb, flops_per_image, jax.device_count(), peak)
     step = start_step
     try:
@@ -178,17 +181,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     train_step = train_step.lower(state, batch).compile()
                 writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
             if step == config.profile_start_step:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                trace_dir = tempfile.mkdtemp(prefix="maskfeat_profile_") if storage.is_url(workdir) \
+                    else os.path.join(workdir, "profile")
+                jax.profiler.start_trace(trace_dir)
             with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
             step += 1
             if multihost and multihost_utils.reached_preemption_sync_point(step):
                 stop["signal"] = "SIGTERM (preemption notice, agreed by all hosts)"
-            if config.profile_start_step >= 0 and step == config.profile_start_step + config.profile_num_steps:
+            if trace_dir is not None and step == config.profile_start_step + config.profile_num_steps:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                if storage.is_url(workdir):       # the profiler writes local files: copy them over
+                    storage.upload_tree(trace_dir, f"{workdir}/profile")
+                    shutil.rmtree(trace_dir, ignore_errors=True)
                 print(f"profiler trace of steps {config.profile_start_step}..{step - 1} in {workdir}/profile",
                       flush=True)
+                trace_dir = None
             if pending is not None:   # read step N-1's metrics after dispatching step N
                 last = _flush(pending, config, writer, progress, meter, skipped_before)
                 pending = None
@@ -338,7 +347,7 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
 def evaluate(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in ``workdir`` without training: top-1/top-5 for a
     classifier, k-NN and linear probe on frozen features for any model."""
-    config_lib.validate_workdir(workdir)
+    config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(config.mesh)
     st = setup(config, mesh, steps_per_epoch=1, total_steps=1)

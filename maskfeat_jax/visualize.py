@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import warnings
 from typing import Sequence
@@ -327,12 +326,14 @@ def write_to_tensorboard(writer, step: int, figures: Sequence[np.ndarray], tag: 
 # ----------------------------------------------------------------------------
 
 def _checkpoint_dir(workdir: str, step: int | None) -> tuple[str, int]:
-    path = os.path.abspath(workdir)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if os.path.basename(path).isdigit():          # a step folder
-        path, step = os.path.dirname(path), int(os.path.basename(path)) if step is None else step
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+    from maskfeat_jax import storage
+    path = storage.path(workdir)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit():                       # a step folder
+        path, step = path.parent, int(path.name) if step is None else step
+    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit()) if path.is_dir() else []
+    path = str(path)
     if not steps:
         raise ValueError(f"--workdir={workdir}: no checkpoint found in {path}")
     if step is None:
@@ -362,33 +363,34 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     if not flags.FLAGS.is_parsed():  # grain/orbax read absl flags; we parse our own with argparse
         flags.FLAGS.mark_as_parsed()
 
-    from maskfeat_jax import checkpoint
+    from maskfeat_jax import checkpoint, storage
 
     try:
         directory, step = _checkpoint_dir(args.workdir, args.step)
         config = load_saved_config(directory, step)
         with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
             warnings.simplefilter("ignore", UserWarning)
-            params = checkpoint.read_params(os.path.join(directory, str(step)))
+            params = checkpoint.read_params(f"{directory}/{step}")
         figs = make_figures(config, params, num_images=args.num_images, seed=args.seed, split=args.split,
                             start=args.start, cell_px=args.cell_px)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    workdir = os.path.abspath(args.workdir)
-    if os.path.basename(workdir) == "checkpoints" or os.path.basename(workdir).isdigit():
-        workdir = os.path.dirname(directory)
-    out = args.out or os.path.join(workdir, "figures")
-    os.makedirs(out, exist_ok=True)
+    workdir = storage.path(args.workdir)
+    if workdir.name == "checkpoints" or workdir.name.isdigit():
+        workdir = storage.path(directory).parent
+    out = storage.path(args.out) if args.out else workdir / "figures"
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, fig in enumerate(figs):
-        p = os.path.join(out, f"hog_{i}.png")
-        Image.fromarray(fig).save(p)
-        paths.append(p)
+        p = out / f"hog_{i}.png"
+        with p.open("wb") as f:
+            Image.fromarray(fig).save(f, format="PNG")
+        paths.append(str(p))
         print(p, flush=True)
     if args.tensorboard:
         from tensorboardX import SummaryWriter
-        with SummaryWriter(os.path.join(workdir, "tensorboard")) as w:
+        with SummaryWriter(str(workdir / "tensorboard")) as w:
             write_to_tensorboard(w, step, figs)
     return paths
 

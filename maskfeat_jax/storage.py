@@ -1,0 +1,85 @@
+"""Where a run's files go: a local (or mounted) folder, or a Google Cloud Storage bucket.
+
+``--workdir`` (and ``config.init_from``) may be a path or a ``gs://bucket/path`` URL. Orbax
+writes checkpoints to either (for GCS through TensorStore, with a commit marker instead of a
+rename: still atomic). Everything else this package writes goes through ``etils.epath``, which
+reaches GCS through ``gcsfs`` (``pip install maskfeat_jax[gcs]``; no TensorFlow needed).
+
+GCS objects cannot be appended to, so ``LineLog`` (``metrics.jsonl``) rewrites the whole object
+on each write there; on a filesystem it appends. A rewritten object is replaced whole or not at
+all, never left half-written. gcsfs's listing cache is off by default here: a listing must show
+what other hosts and processes wrote since (checkpoint steps above all).
+"""
+from __future__ import annotations
+
+import os
+
+import fsspec
+from etils import epath
+
+SCHEMES = ("gs://",)
+for _protocol in ("gs", "gcs"):     # epath opens gcsfs through fsspec, which applies this config
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def path(p) -> epath.Path:
+    """``p`` as an ``epath.Path``: URLs as they are, local paths made absolute."""
+    p = str(p)
+    return epath.Path(p) if is_url(p) else epath.Path(os.path.abspath(os.path.expanduser(p)))
+
+
+def check_url(p: str, key: str) -> None:
+    """Refuses URLs this package cannot write, before anything runs; ``key`` names the flag or
+    config key in the message."""
+    if not is_url(p):
+        return
+    if not str(p).startswith(SCHEMES):
+        raise ValueError(f"{key}={p}: only {', '.join(SCHEMES)} URLs are supported (or a local or mounted path)")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{key}={p}: gs:// paths need gcsfs: pip install 'maskfeat_jax[gcs]' (or gcsfs)") from None
+
+
+class LineLog:
+    """A text file written one line at a time: appended on a filesystem; on object stores,
+    the lines already there are read once and the whole object is rewritten on each write."""
+
+    def __init__(self, p):
+        self.path = path(p)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._url = is_url(self.path)
+        if self._url:
+            self._text = self.path.read_text() if self.path.exists() else ""
+            if self._text and not self._text.endswith("\n"):
+                self._text += "\n"
+        else:
+            self._file = open(self.path, "a")
+
+    def write(self, line: str) -> None:
+        if self._url:
+            self._text += line + "\n"
+            self.path.write_text(self._text)
+        else:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._url:
+            self._file.close()
+
+
+def upload_tree(src: str, dst) -> None:
+    """Copies the local folder ``src`` into ``dst`` (a path or URL), file by file."""
+    dst = path(dst)
+    for root, _, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        out = dst if rel == "." else dst / rel
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                (out / name).write_bytes(f.read())

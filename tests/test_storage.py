@@ -1,0 +1,89 @@
+"""gs:// workdirs: the trainer, its checkpoints, metrics, TensorBoard and profile on a bucket.
+
+GCS is played by a local emulator (the ``bucket`` fixture in conftest.py); nothing leaves this
+machine. Two processes writing one gs:// workdir: ``test_multihost.py``.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maskfeat_jax import checkpoint, config as config_lib, curves, storage
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
+        "--config.input.global_batch_size=16", "--config.log_every_steps=1", "--config.evals.probe=False",
+        "--config.checkpoint.every_steps=2", "--config.checkpoint.max_to_keep=5"]
+
+
+def _main(workdir, steps, *extra):
+    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={workdir}", *ARGS,
+                        f"--config.total_steps={steps}", *extra], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def _names(url):
+    return sorted(p.name for p in storage.path(url).iterdir())
+
+
+def test_line_log_appends_on_a_filesystem_and_rewrites_on_gcs(tmp_path, bucket):
+    for where in (str(tmp_path / "run" / "m.jsonl"), f"{bucket}/run/m.jsonl"):
+        log = storage.LineLog(where)
+        log.write("a")
+        log.write("b")
+        log.close()
+        log = storage.LineLog(where)           # a resumed run adds to what is there
+        log.write("c")
+        log.close()
+        assert storage.path(where).read_text() == "a\nb\nc\n", where
+
+
+def test_unsupported_urls_are_refused_naming_the_key(monkeypatch):
+    with pytest.raises(ValueError, match=r"--workdir=s3://b/run: only gs://"):
+        config_lib.validate_workdir("s3://b/run")
+    with pytest.raises(ValueError, match=r"config.init_from=hf://x"):
+        config_lib.validate_workdir("/tmp/run", "hf://x")
+    config_lib.validate_workdir("gs://b/run", "gs://b/pt")
+    config_lib.validate_workdir("/gcs/b/run")
+    monkeypatch.setitem(sys.modules, "gcsfs", None)          # not installed
+    with pytest.raises(ValueError, match=r"--workdir=gs://b/run: gs:// paths need gcsfs: pip install"):
+        config_lib.validate_workdir("gs://b/run")
+
+
+def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
+    run = f"{bucket}/run"
+    out = _main(run, 4, "--config.profile_start_step=1", "--config.profile_num_steps=1")
+    assert f"profiler trace of steps 1..1 in {run}/profile" in out
+    assert _names(f"{run}/checkpoints") == ["2", "4"]
+    out = _main(run, 6)
+    assert "step 5/6" in out and "step 1/6" not in out        # resumed at step 4, not from scratch
+    assert _names(f"{run}/checkpoints") == ["2", "4", "6"]
+    rows = [json.loads(x) for x in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert "perf/mfu" in rows[-1]
+    assert any(n.startswith("events.out.tfevents") for n in _names(f"{run}/tensorboard"))
+    import fsspec
+    assert any(f.endswith(".xplane.pb") for f in fsspec.filesystem("gs").find(f"{run}/profile"))
+
+    # the tools read a gs:// run too
+    params = checkpoint.read_params(run)
+    assert params["head"]["kernel"].shape == (32, 108)
+    assert checkpoint.saved_config(run).total_steps == 6
+    png = curves.main([f"--workdir={run}"])
+    assert png == f"{run}/train_loss.png"
+    with storage.path(png).open("rb") as f:
+        from PIL import Image
+        assert np.asarray(Image.open(f)).shape[:2] == (360, 640)
+
+    # a checkpoint that cannot be restored is set aside on a bucket as on a disk
+    ckpt = checkpoint.Checkpointer(run, every_steps=2, max_to_keep=5)
+    assert ckpt.set_aside(6) == f"{run}/checkpoints/6.unrestorable"
+    assert ckpt.mngr.all_steps() == [2, 4]
+    assert "6.unrestorable" in _names(f"{run}/checkpoints")
+    ckpt.close()
