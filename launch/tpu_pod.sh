@@ -45,7 +45,7 @@ if [[ "$INSTALL" == 1 ]]; then
   fi
   # jax[tpu] pulls the matching libtpu from PyPI; the package pins jax to the tested range.
   "${gc[@]}" ssh "$TPU" --worker=all "${where[@]}" --command="set -e; $fetch; \
-    python3 -m pip install -q -U 'jax[tpu]>=0.10,<0.11' && python3 -m pip install -q -e ~/$REMOTE_DIR[gcs]"
+    python3 -m pip install -q -U 'jax[tpu]>=0.10,<0.11' && python3 -m pip install -q -e \"\$HOME/$REMOTE_DIR[gcs]\""
 fi
 
 # Quote each extra argument so it reaches main unchanged through the remote shell.

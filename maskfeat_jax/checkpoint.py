@@ -81,8 +81,8 @@ class Checkpointer:
                 n += 1
                 dst = self.directory / f"{step}.unrestorable-{n}"
             try:
-                src.rename(dst)
-            except OSError as e:
+                src.rename(dst)     # on a flat GCS bucket: object by object, not atomic
+            except Exception as e:  # noqa: BLE001 - OSError on disks; gcsfs raises HttpError, ValueError
                 ok = False
                 logging.warning("could not set aside checkpoint %s (%s)", src, e)
         if jax.process_count() > 1:

@@ -308,7 +308,10 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     import ml_collections
     from maskfeat_jax import checkpoint, sharding, storage, train
 
-    storage.check_url(out, "--out")
+    try:
+        storage.check_url(out, "--out")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     ckpt_dir = storage.path(out) / "checkpoints"
     if ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir()):
         raise ConversionError(f"--out={out!r} already holds checkpoints in {ckpt_dir}; choose an empty --out")

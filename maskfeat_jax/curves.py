@@ -60,7 +60,8 @@ def main(argv=None):
     out = storage.path(a.out) if a.out else storage.path(a.workdir) / (a.key.replace("/", "_") + ".png")
     steps, values = read(a.workdir, a.key)
     with out.open("wb") as f:
-        plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})").save(f, format="PNG")
+        fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
+        plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})").save(f, format=fmt)
     out = str(out)
     print(out)
     return out

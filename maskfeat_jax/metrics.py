@@ -28,6 +28,10 @@ class Writer:
                 self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))
             except ImportError:  # TensorBoard is optional
                 self._tb = None
+            except Exception as e:  # noqa: BLE001 - gs://: google-cloud-storage without a project or credentials
+                print(f"TensorBoard events are not written ({type(e).__name__}: {e}); metrics.jsonl is",
+                      flush=True)
+                self._tb = None
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:

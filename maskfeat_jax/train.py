@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -182,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
             if step == config.profile_start_step:
                 trace_dir = tempfile.mkdtemp(prefix="maskfeat_profile_") if storage.is_url(workdir) \
-                    else os.path.join(workdir, "profile")
+                    else str(storage.path(workdir) / "profile")
                 jax.profiler.start_trace(trace_dir)
             with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
@@ -191,12 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 stop["signal"] = "SIGTERM (preemption notice, agreed by all hosts)"
             if trace_dir is not None and step == config.profile_start_step + config.profile_num_steps:
                 jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                if storage.is_url(workdir):       # the profiler writes local files: copy them over
-                    storage.upload_tree(trace_dir, f"{workdir}/profile")
-                    shutil.rmtree(trace_dir, ignore_errors=True)
-                print(f"profiler trace of steps {config.profile_start_step}..{step - 1} in {workdir}/profile",
-                      flush=True)
+                _stop_profile(trace_dir, workdir, f"steps {config.profile_start_step}..{step - 1}")
                 trace_dir = None
             if pending is not None:   # read step N-1's metrics after dispatching step N
                 last = _flush(pending, config, writer, progress, meter, skipped_before)
@@ -241,11 +235,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        if trace_dir is not None:      # the run ended inside the profiling window
+            _stop_profile(trace_dir, workdir, f"steps {config.profile_start_step}..{step - 1}")
         ckpt.close()
         writer.close()
         if hasattr(train_iter, "close"):
             train_iter.close()
     return last
+
+
+def _stop_profile(trace_dir: str, workdir: str, what: str) -> None:
+    """Stops the profiler; for a URL workdir, copies its local trace folder there."""
+    jax.profiler.stop_trace()
+    if storage.is_url(workdir):
+        storage.upload_tree(trace_dir, f"{workdir}/profile")
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    print(f"profiler trace of {what} in {workdir}/profile", flush=True)
 
 
 def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) -> dict:

@@ -17,7 +17,7 @@ from maskfeat_jax import checkpoint, config as config_lib, curves, storage
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
         "--config.input.global_batch_size=16", "--config.log_every_steps=1", "--config.evals.probe=False",
-        "--config.checkpoint.every_steps=2", "--config.checkpoint.max_to_keep=5"]
+        "--config.checkpoint.every_steps=2", "--config.checkpoint.max_to_keep=2"]
 
 
 def _main(workdir, steps, *extra):
@@ -58,12 +58,13 @@ def test_unsupported_urls_are_refused_naming_the_key(monkeypatch):
 
 def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
     run = f"{bucket}/run"
-    out = _main(run, 4, "--config.profile_start_step=1", "--config.profile_num_steps=1")
-    assert f"profiler trace of steps 1..1 in {run}/profile" in out
+    # the profiling window outlasts the run: the trace is stopped and copied at the end
+    out = _main(run, 4, "--config.profile_start_step=3", "--config.profile_num_steps=5")
+    assert f"profiler trace of steps 3..3 in {run}/profile" in out
     assert _names(f"{run}/checkpoints") == ["2", "4"]
     out = _main(run, 6)
     assert "step 5/6" in out and "step 1/6" not in out        # resumed at step 4, not from scratch
-    assert _names(f"{run}/checkpoints") == ["2", "4", "6"]
+    assert _names(f"{run}/checkpoints") == ["4", "6"]          # max_to_keep=2 deleted step 2
     rows = [json.loads(x) for x in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert "perf/mfu" in rows[-1]
@@ -82,8 +83,20 @@ def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
         assert np.asarray(Image.open(f)).shape[:2] == (360, 640)
 
     # a checkpoint that cannot be restored is set aside on a bucket as on a disk
-    ckpt = checkpoint.Checkpointer(run, every_steps=2, max_to_keep=5)
+    ckpt = checkpoint.Checkpointer(run, every_steps=2, max_to_keep=2)
     assert ckpt.set_aside(6) == f"{run}/checkpoints/6.unrestorable"
-    assert ckpt.mngr.all_steps() == [2, 4]
+    assert ckpt.mngr.all_steps() == [4]
     assert "6.unrestorable" in _names(f"{run}/checkpoints")
     ckpt.close()
+
+
+def test_conversion_refuses_unsupported_out_urls():
+    from maskfeat_jax import convert
+    with pytest.raises(convert.ConversionError, match=r"--out=s3://b/x: only gs://"):
+        convert.convert("unused.pth", config_lib.base_config(), "s3://b/x")
+
+
+def test_profile_window_on_a_local_workdir(tmp_path):
+    out = _main(tmp_path, 3, "--config.profile_start_step=1", "--config.profile_num_steps=1")
+    assert f"profiler trace of steps 1..1 in {tmp_path}/profile" in out
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
