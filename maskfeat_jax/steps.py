@@ -73,6 +73,10 @@ def value_and_grad(loss_fn, params, inputs, k: int):
 def _apply(tx, state: TrainState, loss, grads, metrics):
     """One optimizer update, or none when the loss or the gradient norm is not finite.
 
+    A skipped update leaves the parameters and Adam's moments and bias-correction count as
+    they were, but still advances the lr schedule's count, so the lr stays the schedule's
+    value at the step (as a scheduler stepped every iteration does in PyTorch).
+
     The skip is a ``lax.cond`` around the whole update rather than a ``where`` over its
     result: a ``where`` costs one more pass over every parameter and moment each step
     (plus copies of the moments it forces), the conditional runs just one branch."""
@@ -84,7 +88,13 @@ def _apply(tx, state: TrainState, loss, grads, metrics):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    params, opt_state = jax.lax.cond(ok, update, lambda p: p, (state.params, state.opt_state))
+    def skip(params_and_opt):
+        params, opt_state = params_and_opt
+        is_sched = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+        return params, jax.tree.map(lambda s: s._replace(count=optax.safe_increment(s.count)) if is_sched(s) else s,
+                                    opt_state, is_leaf=is_sched)
+
+    params, opt_state = jax.lax.cond(ok, update, skip, (state.params, state.opt_state))
     state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                        nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
     metrics = dict(metrics, **{"train/loss": loss, "opt/grad_norm": gnorm,

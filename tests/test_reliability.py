@@ -74,6 +74,23 @@ def test_nonfinite_update_is_skipped_and_counted(loss, grad):
     assert int(ok.nonfinite) == 1 and not np.array_equal(ok.params["w"], state.params["w"])
 
 
+def test_a_skipped_update_advances_the_lr_schedule_but_not_adams_count():
+    sched = lambda count: jnp.where(count >= 1, 0.5, 0.0)   # noqa: E731 - lr 0 at the first step only
+    tx = optax.adamw(sched, weight_decay=0.0)
+    params = {"w": jnp.ones((3,))}
+    state = steps.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params), nonfinite=jnp.array(0))
+    skipped, _ = steps._apply(tx, state, jnp.float32(np.nan), {"w": jnp.ones((3,))}, {})
+    np.testing.assert_array_equal(skipped.params["w"], params["w"])
+    kinds = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+    counts = {type(s).__name__: int(s.count) for s in jax.tree.leaves(
+        skipped.opt_state, is_leaf=lambda s: isinstance(s, kinds)) if isinstance(s, kinds)}
+    assert counts == {"ScaleByAdamState": 0, "ScaleByScheduleState": 1}
+    # step 1 applies the schedule's lr at step 1 (0.5), not its lr at step 0 (0.0); Adam's first
+    # bias-corrected step moves each weight by lr
+    good, _ = steps._apply(tx, skipped, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
+    np.testing.assert_allclose(good.params["w"], 0.5, rtol=1e-5)
+
+
 def test_nonfinite_stops_the_run_in_error_mode_naming_the_step(tmp_path):
     from maskfeat_jax import config as config_lib, metrics
     c = config_lib.base_config()
