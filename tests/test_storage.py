@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from maskfeat_jax import checkpoint, config as config_lib, curves, storage
 
@@ -79,8 +80,12 @@ def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
     png = curves.main([f"--workdir={run}"])
     assert png == f"{run}/train_loss.png"
     with storage.path(png).open("rb") as f:
-        from PIL import Image
         assert np.asarray(Image.open(f)).shape[:2] == (360, 640)
+
+    from maskfeat_jax import visualize
+    assert visualize.main([f"--workdir={run}", "--num_images", "1"]) == [f"{run}/figures/hog_0.png"]
+    with storage.path(f"{run}/figures/hog_0.png").open("rb") as f:
+        assert np.asarray(Image.open(f)).max() > 0
 
     # a checkpoint that cannot be restored is set aside on a bucket as on a disk
     ckpt = checkpoint.Checkpointer(run, every_steps=2, max_to_keep=2)
