@@ -5,9 +5,11 @@ mask and layer-wise lr decay, as configured) for ``--variant``, and times three 
 updates of the whole state with donated buffers, interleaved round by round:
 
 * ``cond``: ``steps._apply``, what the trainer runs: the update inside ``lax.cond`` on a
-  finite loss and gradient norm, so a non-finite step leaves parameters and moments as they were;
-* ``where``: the same guard written as a ``where`` over every updated parameter and moment
-  (one more pass over them, and the copies of the moments it forces);
+  finite loss and gradient norm, so a non-finite step leaves parameters and moments as they were
+  (only the lr schedule's count advances);
+* ``where``: the guard written as a ``where`` over every updated parameter and moment
+  (one more pass over them, and the copies of the moments it forces); unlike ``cond`` it also
+  holds back the lr schedule's count on a skip, which makes no difference to the timing;
 * ``unguarded``: the update alone, the floor.
 
     python benchmarks/optimizer.py                       # ViT-B/16
