@@ -117,17 +117,27 @@ def _flat(tree) -> dict:
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): x for path, x in leaves}
 
 
-def _resolve(path: str) -> tuple[str, int]:
-    """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, step)."""
-    path = storage.path(path)
-    if path.name.isdigit():
-        return str(path.parent), int(path.name)
+def locate(path: str) -> tuple[str, int | None, list[int]]:
+    """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, the step
+    folder's step or None, the steps saved there in order)."""
+    path, named = storage.path(path), None
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
+    if path.name.isdigit():                       # a step folder
+        path, named = path.parent, int(path.name)
+    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit()) if path.is_dir() else []
+    return str(path), named, steps
+
+
+def _resolve(path: str) -> tuple[str, int]:
+    """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, step):
+    the step folder's, else the latest."""
+    directory, named, steps = locate(path)
+    if named is not None:
+        return directory, named
     if not steps:
-        raise ValueError(f"config.init_from={str(path)!r}: no checkpoint found there")
-    return str(path), max(steps)
+        raise ValueError(f"config.init_from={directory!r}: no checkpoint found there")
+    return directory, steps[-1]
 
 
 def read_params(path: str) -> dict:

@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 stop["signal"] = "SIGTERM (preemption notice, agreed by all hosts)"
             if trace_dir is not None and step == config.profile_start_step + config.profile_num_steps:
                 jax.block_until_ready(state)
-                _stop_profile(trace_dir, workdir, f"steps {config.profile_start_step}..{step - 1}")
+                _stop_profile(trace_dir, workdir, config.profile_start_step, step)
                 trace_dir = None
             if pending is not None:   # read step N-1's metrics after dispatching step N
                 last = _flush(pending, config, writer, progress, meter, skipped_before)
@@ -236,7 +236,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
         if trace_dir is not None:      # the run ended inside the profiling window
-            _stop_profile(trace_dir, workdir, f"steps {config.profile_start_step}..{step - 1}")
+            _stop_profile(trace_dir, workdir, config.profile_start_step, step)
         ckpt.close()
         writer.close()
         if hasattr(train_iter, "close"):
@@ -244,13 +244,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def _stop_profile(trace_dir: str, workdir: str, what: str) -> None:
-    """Stops the profiler; for a URL workdir, copies its local trace folder there."""
+def _stop_profile(trace_dir: str, workdir: str, first: int, step: int) -> None:
+    """Stops the profiler (steps ``first`` to ``step - 1`` traced); for a URL workdir, copies
+    its local trace folder there."""
     jax.profiler.stop_trace()
     if storage.is_url(workdir):
         storage.upload_tree(trace_dir, f"{workdir}/profile")
         shutil.rmtree(trace_dir, ignore_errors=True)
-    print(f"profiler trace of {what} in {workdir}/profile", flush=True)
+    print(f"profiler trace of steps {first}..{step - 1} in {workdir}/profile", flush=True)
 
 
 def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) -> dict:

@@ -326,14 +326,9 @@ def write_to_tensorboard(writer, step: int, figures: Sequence[np.ndarray], tag: 
 # ----------------------------------------------------------------------------
 
 def _checkpoint_dir(workdir: str, step: int | None) -> tuple[str, int]:
-    from maskfeat_jax import storage
-    path = storage.path(workdir)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.name.isdigit():                       # a step folder
-        path, step = path.parent, int(path.name) if step is None else step
-    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit()) if path.is_dir() else []
-    path = str(path)
+    from maskfeat_jax import checkpoint
+    path, named, steps = checkpoint.locate(workdir)
+    step = named if step is None else step
     if not steps:
         raise ValueError(f"--workdir={workdir}: no checkpoint found in {path}")
     if step is None:
