@@ -3,6 +3,11 @@
     python -m maskfeat_jax.convert --src=CHECKPOINT.pyth --config=configs/FILE.py --out=DIR \\
         [--config.x=y ...] [--allow_pickle]
 
+``--src`` may also be a ``.npz`` of the same tensors keyed by the official names (read
+without PyTorch). The reverse direction, a checkpoint of ours -> the official names and
+layouts, is ``maskfeat_jax.export``; it uses the name tables and transforms below, each
+transform carrying its inverse (``Transform.to_torch``).
+
 The config decides the model (family ``config.model.name``, size, ``config.task``); every
 tensor of the PyTorch state dict is mapped onto that model's parameter tree, and the result
 is written as step 0 of ``DIR/checkpoints`` in the trainer's own format (TrainState with a
@@ -44,38 +49,42 @@ from typing import Callable
 import numpy as np
 
 # --------------------------------------------------------------------------------------
-# Tensor transforms: PyTorch layout -> ours. ``torch_shape(ours)`` is the shape the
-# checkpoint tensor must have for a parameter of shape ``ours``; ``apply(t, ours)`` converts.
+# Tensor transforms, both directions side by side. ``torch_shape(ours)`` is the shape the
+# checkpoint tensor must have for a parameter of shape ``ours``; ``apply(t, ours)`` converts
+# PyTorch layout -> ours, ``to_torch(x)`` ours -> PyTorch layout (its exact inverse: only
+# transposes and reshapes, no arithmetic).
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
     torch_shape: Callable[[tuple], tuple]
     apply: Callable[[np.ndarray, tuple], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
 
 
-def _conv_torch_shape(s):               # ours (*kernel, C_in, C_out) <- torch (C_out, C_in, *kernel)
+def _conv_torch_shape(s):               # ours (*kernel, C_in, C_out) <-> torch (C_out, C_in, *kernel)
     return (s[-1], s[-2], *s[:-2])
 
 
-def _conv_apply(t, s):
-    return np.transpose(t, (*range(2, t.ndim), 1, 0))
-
-
 TRANSFORMS = {
-    "copy": Transform(lambda s: tuple(s), lambda t, s: t),
-    # Linear weight (out, in) -> kernel (in, out)
-    "linear": Transform(lambda s: (s[1], s[0]), lambda t, s: t.T),
-    # Conv weight (out, in, *k) -> (*k, in, out)
-    "conv": Transform(_conv_torch_shape, _conv_apply),
-    # qkv Linear weight (3*heads*hd, D) -> (D, 3, heads, hd): output rows are (3, heads, hd)
-    "qkv_kernel": Transform(lambda s: (math.prod(s[1:]), s[0]), lambda t, s: t.T.reshape(s)),
-    "qkv_bias": Transform(lambda s: (math.prod(s),), lambda t, s: t.reshape(s)),
-    # output projection weight (D, heads*hd) -> (heads, hd, D): input columns are (heads, hd)
-    "proj_kernel": Transform(lambda s: (s[2], s[0] * s[1]), lambda t, s: t.T.reshape(s)),
-    # depthwise pooling conv (hd, 1, *k) -> (*k, hd)
+    "copy": Transform(lambda s: tuple(s), lambda t, s: t, lambda x: x),
+    # Linear weight (out, in) <-> kernel (in, out)
+    "linear": Transform(lambda s: (s[1], s[0]), lambda t, s: t.T, lambda x: x.T),
+    # Conv weight (out, in, *k) <-> (*k, in, out)
+    "conv": Transform(_conv_torch_shape,
+                      lambda t, s: np.transpose(t, (*range(2, t.ndim), 1, 0)),
+                      lambda x: np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))),
+    # qkv Linear weight (3*heads*hd, D) <-> (D, 3, heads, hd): output rows are (3, heads, hd)
+    "qkv_kernel": Transform(lambda s: (math.prod(s[1:]), s[0]), lambda t, s: t.T.reshape(s),
+                            lambda x: x.reshape(x.shape[0], -1).T),
+    "qkv_bias": Transform(lambda s: (math.prod(s),), lambda t, s: t.reshape(s), lambda x: x.reshape(-1)),
+    # output projection weight (D, heads*hd) <-> (heads, hd, D): input columns are (heads, hd)
+    "proj_kernel": Transform(lambda s: (s[2], s[0] * s[1]), lambda t, s: t.T.reshape(s),
+                             lambda x: x.reshape(-1, x.shape[-1]).T),
+    # depthwise pooling conv (hd, 1, *k) <-> (*k, hd)
     "depthwise": Transform(lambda s: (s[-1], 1, *s[:-1]),
-                           lambda t, s: np.transpose(t[:, 0], (*range(1, t.ndim - 1), 0))),
+                           lambda t, s: np.transpose(t[:, 0], (*range(1, t.ndim - 1), 0)),
+                           lambda x: np.transpose(x, (x.ndim - 1, *range(x.ndim - 1)))[:, None]),
 }
 
 # --------------------------------------------------------------------------------------
@@ -222,7 +231,7 @@ def convert_state_dict(state_dict: dict, target_shapes: dict, family: str, task:
 
 
 # --------------------------------------------------------------------------------------
-# Reading .pyth files (PyTorch needed here only).
+# Reading .pyth files (PyTorch needed here only) and .npz files (no PyTorch).
 
 
 def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object]:
@@ -231,7 +240,14 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object
     Accepts ``{"model_state": sd, ...}`` (what PySlowFast saves), ``{"model": sd}``,
     ``{"state_dict": sd}`` or a bare state dict; a ``module.`` prefix (DDP) and
     ``_checkpoint_wrapped_module.`` parts (activation checkpointing wrappers) are stripped.
+    A ``.npz`` file (arrays keyed by the official names, as ``maskfeat_jax.export`` writes)
+    is read with numpy alone; it has no cfg.
     """
+    if str(path).endswith(".npz"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--src={path!r} does not exist")
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}, None
     try:
         import torch
     except ImportError:
@@ -365,7 +381,7 @@ def _define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file (see configs/) describing the model.",
                                     lock_config=True)
-    flags.DEFINE_string("src", None, "The official checkpoint (.pyth).")
+    flags.DEFINE_string("src", None, "The official checkpoint (.pyth), or its tensors as .npz.")
     flags.DEFINE_string("out", None, "Output directory: the checkpoint goes to OUT/checkpoints/0.")
     flags.DEFINE_bool("allow_pickle", False, "Load with torch.load(weights_only=False) (trusted files only).")
     flags.mark_flags_as_required(["config", "src", "out"])

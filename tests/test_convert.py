@@ -1,6 +1,7 @@
 """Official checkpoint conversion: a small PyTorch re-implementation of the official ViT
 (PySlowFast names and layouts, written here from the spec), saved as a ``.pyth``-like
-dict, converted with the command, and compared with our model on the same input and mask."""
+dict, converted with the command, and compared with our model on the same input and mask; the
+checkpoints exported back (``maskfeat_jax.export``) load into it with ``strict=True``."""
 import importlib.util
 import os
 import subprocess
@@ -16,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from maskfeat_jax import checkpoint, convert, models  # noqa: E402
+from maskfeat_jax import checkpoint, convert, export, models  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE, CLASSES, HOG_DIM = 32, 2, 2, 64, 16, 32, 10, 108
@@ -149,6 +150,19 @@ def _save(model, path, wrap="model_state", prefix=""):
     return sd
 
 
+def _export_loads_strictly(workdir, fresh, expected, path):
+    """``workdir`` exported to the ``.pyth`` ``path`` loads into the reference model ``fresh``
+    with ``strict=True`` (every tensor present, none extra), each equal to ``expected``."""
+    export.export(str(workdir), str(path))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(ckpt) == ["model_state"]
+    fresh.load_state_dict(ckpt["model_state"], strict=True)
+    got = fresh.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
 # ---------------------------------------------------------------------------------------
 
 def _run(src, out, *extra, check=True):
@@ -256,6 +270,17 @@ def test_pretrain_conversion_feeds_init_from_and_resume(pretrain_ckpt):
     assert next(it)["image"].shape == (c.input.global_batch_size, SIZE, SIZE, 3)
 
 
+def test_export_loads_into_the_official_models(pretrain_ckpt, tmp_path):
+    torch_model, out, _ = pretrain_ckpt
+    _export_loads_strictly(out, OfficialViT(pretrain=True), torch_model.state_dict(), tmp_path / "pt.pyth")
+    # the backbone alone is what the official fine-tuning model loads: only its head is missing
+    export.export(str(out), str(tmp_path / "enc.pyth"), encoder_only=True)
+    missing, unexpected = OfficialViT(pretrain=False).load_state_dict(
+        torch.load(tmp_path / "enc.pyth", weights_only=True)["model_state"], strict=False)
+    assert sorted(missing) == ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
+    assert unexpected == []
+
+
 def test_finetune_logits_match_official_and_evaluate(tmp_path):
     torch_model = _official(pretrain=False, seed=1)
     _save(torch_model, tmp_path / "maskfeat_ft.pyth", wrap="model_state")
@@ -267,6 +292,8 @@ def test_finetune_logits_match_official_and_evaluate(tmp_path):
     got = np.asarray(model(jnp.asarray(images.transpose(0, 2, 3, 1)))["logits_BxC"])
     assert got.shape == expected.shape == (3, CLASSES)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    _export_loads_strictly(tmp_path / "out", OfficialViT(pretrain=False), torch_model.state_dict(),
+                           tmp_path / "ft.pyth")
     from maskfeat_jax import train
     if not hasattr(train, "evaluate"):
         pytest.skip("train.evaluate (--mode=eval) is not available")
@@ -541,7 +568,8 @@ def test_mvit_outputs_match_official(pretrain):
 
 
 def test_mvit_pretraining_checkpoint_converts_through_the_command(tmp_path):
-    """MViTv2 through ``python -m maskfeat_jax.convert``: the converted weights read back equal."""
+    """MViTv2 through ``python -m maskfeat_jax.convert``: the converted weights read back equal,
+    and exported back they load into the reference model."""
     if _mvit_available() is None:
         pytest.skip("maskfeat_jax.models.mvit is not available")
     torch.manual_seed(4)
@@ -554,3 +582,4 @@ def test_mvit_pretraining_checkpoint_converts_through_the_command(tmp_path):
     got = checkpoint.read_params(str(tmp_path / "out"))
     np.testing.assert_array_equal(got["encoder"]["cls_token"], sd["cls_token"].numpy())
     np.testing.assert_array_equal(got["head"]["kernel"], sd["pred_head.projections.0.weight"].numpy().T)
+    _export_loads_strictly(tmp_path / "out", OfficialMViT(True), sd, tmp_path / "mvit.pyth")

@@ -1,0 +1,175 @@
+"""Checks every video of a Kinetics-style CSV before training, and writes a clean CSV.
+
+    python -m maskfeat_jax.data.check_videos --csv=/data/k400/csv/train.csv [--root=DIR] \\
+        [--out=clean.csv] [--workers=N] [--min_frames=K] [--decode=first|all]
+
+The training input skips a video it cannot decode (a blank clip with ``valid=False``,
+counted in ``data/invalid_examples``), so a damaged dataset trains on fewer videos
+without stopping. This command finds those videos up front. The CSV is read with
+:func:`maskfeat_jax.data.video.parse_csv` (a malformed line fails with the same
+``file:line`` message) and each video is opened with the loader's own PyAV helpers,
+then classified:
+
+* ``ok``;
+* ``missing``: no such file;
+* ``unreadable``: the container cannot be opened or has no video stream. An mp4 cut
+  short lands here when its index (the ``moov`` atom) follows the frames, as FFmpeg
+  and PyAV write it by default; with the index first it opens and is ``corrupt``;
+* ``corrupt``: opens, but decoding fails or yields no frame. ``--decode=first`` decodes
+  the first frame only (fast); ``--decode=all`` decodes and counts every frame, which
+  also finds damage further in;
+* ``too_short``: fewer than ``--min_frames`` frames (counted with ``--decode=all``, else
+  the container header's count). Informational: the loader repeats the last frame of a
+  video shorter than its clip span.
+
+Every video that is not ``ok`` prints one line ``category<TAB>line<TAB>path<TAB>reason``
+on stdout (``path`` as opened, joined to the root), in CSV line order, also with
+``--workers > 1``; the per-category summary goes to stderr. ``--out`` writes
+the ``ok`` lines verbatim (same paths, same labels), so the file is a drop-in
+replacement when it resolves its relative paths against the same root. Exit status: 0
+when every video is ok, 1 when some are not, 2 on a usage error or an unreadable CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import sys
+from typing import NamedTuple
+
+from maskfeat_jax.data import video
+
+__all__ = ["CATEGORIES", "Check", "check_video", "check_csv", "main"]
+
+CATEGORIES = ("ok", "missing", "unreadable", "corrupt", "too_short")
+
+
+class Check(NamedTuple):
+    """What :func:`check_video` found; a tuple, so it crosses the process pool as is."""
+    category: str
+    reason: str = ""
+    frames: int = 0         # decoded (--decode=all) or header count; 0 if unknown or bad
+    seconds: float = 0.0    # frames / fps; 0 if unknown
+
+
+def check_video(path: str, decode: str = "first", min_frames: int = 0) -> Check:
+    """Classifies one video (module docstring). Never raises on a bad file."""
+    if not os.path.exists(path):
+        return Check("missing", "no such file")
+    category = "unreadable"
+    try:
+        with video._open(path) as container:
+            stream = video._video_stream(container)
+            # One decoding thread: with frame threading FFmpeg can drop a damaged frame
+            # without reporting it. The parallelism here is --workers.
+            stream.thread_count = 1
+            fps = video._fps(stream)
+            header = video._header_frame_count(container, stream, fps)
+            category = "corrupt"
+            frames = container.decode(stream)
+            first = next(frames, None)
+            if first is None:
+                raise ValueError("no decodable video frames")
+            first.to_ndarray(format="rgb24")   # as the loader does: catches odd pixel formats
+            if decode == "all" or (min_frames and header == 0):
+                n = 1 + sum(1 for _ in frames)
+            else:
+                n = header
+    except Exception as e:  # noqa: BLE001 - any failure is a finding about this file
+        return Check(category, " ".join(f"{type(e).__name__}: {e}".split()))
+    seconds = n / fps if fps > 0 else 0.0
+    if min_frames and n < min_frames:
+        return Check("too_short", f"{n} frames < --min_frames={min_frames} (the loader repeats the last frame)",
+                     n, seconds)
+    return Check("ok", "", n, seconds)
+
+
+def _numbered_lines(csv_path: str) -> list[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines: the lines ``parse_csv`` turns into items."""
+    with open(csv_path, encoding="utf-8") as f:
+        return [(i, line.strip()) for i, line in enumerate(f, start=1) if line.strip()]
+
+
+def check_csv(csv_path: str, root: str | None = None, *, decode: str = "first", min_frames: int = 0,
+              workers: int = 1):
+    """Yields ``((line number, line text), video path, Check)`` for every video of ``csv_path``,
+    in line order. Raises ValueError (naming file and line) on a malformed CSV, before any
+    video is opened."""
+    items = video.parse_csv(csv_path, root)
+    lines = _numbered_lines(csv_path)
+    assert len(lines) == len(items), "parse_csv and _numbered_lines disagree on blank lines"
+    paths = [path for path, _ in items]
+    check = functools.partial(check_video, decode=decode, min_frames=min_frames)
+    if workers <= 1 or len(paths) < 2:
+        yield from zip(lines, paths, map(check, paths))
+        return
+    # spawn, not fork: the parent may have imported jax (threads) before getting here.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(paths))) as pool:
+        yield from zip(lines, paths, pool.imap(check, paths, chunksize=8))   # imap keeps the order
+
+
+def _write_atomic(path: str, lines: list[str]) -> None:
+    """``path`` holds either its old content or all of ``lines``, never a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"   # same folder: os.replace is then an atomic rename
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{line}\n" for line in lines)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m maskfeat_jax.data.check_videos",
+                                description="Check every video of a Kinetics-style CSV (path label lines).")
+    p.add_argument("--csv", required=True, help="the CSV to check (train.csv, val.csv)")
+    p.add_argument("--root", default=None,
+                   help="folder of relative video paths, as config.video.root (default: the CSV's folder)")
+    p.add_argument("--out", default=None,
+                   help="write the ok lines, unchanged, to this CSV (relative paths stay relative: keep it "
+                        "next to the input CSV or set config.video.root)")
+    p.add_argument("--workers", type=int, default=1, help="processes checking videos in parallel (1: this one)")
+    p.add_argument("--min_frames", type=int, default=0,
+                   help="report videos with fewer frames as too_short (0: no check). Informational: the "
+                        "loader repeats the last frame of a video shorter than its clip span")
+    p.add_argument("--decode", choices=("first", "all"), default="first",
+                   help="first: decode the first frame only (fast); all: decode and count every frame")
+    a = p.parse_args(argv)
+    if a.workers < 1 or a.min_frames < 0:
+        p.error("--workers must be >= 1 and --min_frames >= 0")
+    if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        p.error(f"--out={a.out}: no such folder")
+
+    counts = dict.fromkeys(CATEGORIES, 0)
+    good, frames, seconds = [], 0, 0.0
+    try:
+        for (lineno, text), path, r in check_csv(a.csv, a.root, decode=a.decode, min_frames=a.min_frames,
+                                               workers=a.workers):
+            counts[r.category] += 1
+            if r.category == "ok":
+                good.append(text)
+                frames, seconds = frames + r.frames, seconds + r.seconds
+            else:
+                print(f"{r.category}\t{lineno}\t{path}\t{r.reason}", flush=True)
+    except (OSError, ValueError) as e:   # no such CSV, malformed line (file:line in the message)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total = sum(counts.values())
+    if a.out:
+        _write_atomic(a.out, good)
+    err = sys.stderr
+    print(f"{a.csv}: {total} videos checked (--decode={a.decode})", file=err)
+    for category, n in counts.items():
+        print(f"  {category:<10} {n:>8}", file=err)
+    print(f"  ok videos: {frames} frames, {seconds / 3600:.2f} h"
+          + (" (header counts)" if a.decode == "first" else ""), file=err)
+    if a.out:
+        print(f"wrote {len(good)} ok lines to {a.out}", file=err)
+    return 0 if counts["ok"] == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
