@@ -27,6 +27,7 @@ def reports():
     return {name: dry_run.run(_config(mesh)) for name, mesh in [("dp", (8, 1, 1)), ("fsdp", (1, 8, 1))]}
 
 
+@pytest.mark.xdist_group("dry_run_reports")
 def test_reports_memory_and_flops_per_device(reports):
     r = reports["dp"]
     assert r["devices"] == 8 and r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and r["batch_per_device"] == 2
@@ -44,6 +45,7 @@ def test_reports_memory_and_flops_per_device(reports):
     assert "DOES NOT FIT in 0.001 GiB" in text
 
 
+@pytest.mark.xdist_group("dry_run_reports")
 def test_fsdp_over_8_holds_an_eighth_of_the_parameters(reports):
     dp, fsdp = reports["dp"], reports["fsdp"]
     for key in ("params_bytes_per_device", "opt_state_bytes_per_device"):

@@ -81,9 +81,17 @@ def _main(*args, check=True):
     return p
 
 
-def test_pretrain_then_finetune_from_it_then_eval(tmp_path):
-    pt, ft = tmp_path / "pt", tmp_path / "ft"
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 4-step tiny pre-training workdir, shared by the tests that start from one."""
+    pt = tmp_path_factory.mktemp("pt")
     _main("--config=configs/demo.py", f"--workdir={pt}", "--config.total_steps=4", "--config.evals.probe=False", *TINY)
+    return pt
+
+
+@pytest.mark.xdist_group("finetune_pretrained")
+def test_pretrain_then_finetune_from_it_then_eval(tmp_path, pretrained):
+    pt, ft = pretrained, tmp_path / "ft"
     p = _main("--config=configs/demo_ft.py", f"--workdir={ft}", f"--config.init_from={pt}",
               "--config.total_steps=4", "--config.evals.every_steps=4", "--config.evals.batch_size=40", *TINY)
     out = p.stdout
@@ -102,9 +110,9 @@ def test_pretrain_then_finetune_from_it_then_eval(tmp_path):
     assert res["step"] == 4 and res["eval/examples"] == 360 and "eval/knn_top1" in res
 
 
-def test_init_from_copies_the_encoder_and_reinitialises_the_head(tmp_path):
-    pt = tmp_path / "pt"
-    _main("--config=configs/demo.py", f"--workdir={pt}", "--config.total_steps=2", "--config.evals.probe=False", *TINY)
+@pytest.mark.xdist_group("finetune_pretrained")
+def test_init_from_copies_the_encoder_and_reinitialises_the_head(pretrained):
+    pt = pretrained
     from maskfeat_jax import config as config_lib, sharding, train
     c = config_lib.base_config()
     c.task, c.model.variant, c.input.image_size, c.model.num_classes = "finetune", "mu/16", 32, 10

@@ -113,7 +113,7 @@ def test_resume_refuses_a_shape_changing_config(tmp_path):
 def test_vit_b16_runs_on_cpu_with_synthetic_data(tmp_path):
     p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={tmp_path}",
                         "--config=configs/vit_b_in1k.py", "--config.input.dataset=synthetic",
-                        "--config.input.global_batch_size=8", "--config.total_steps=2",
+                        "--config.input.global_batch_size=2", "--config.total_steps=2",
                         "--config.input.worker_count=0", "--config.log_every_steps=1"],
                        cwd=ROOT, env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1"),
                        capture_output=True, text=True, timeout=900)   # 1 device: 8 replicas of ViT-B = 11 GB

@@ -103,6 +103,7 @@ def runs(tmp_path_factory):
     return d, one, two
 
 
+@pytest.mark.xdist_group("multihost_runs")
 def test_two_processes_see_eight_devices(runs):
     _, one, (out0, out1) = runs
     assert "devices: 8 x cpu on 1 process(es)" in one
@@ -110,6 +111,7 @@ def test_two_processes_see_eight_devices(runs):
     assert "devices:" not in out1    # the summary is printed by process 0 only
 
 
+@pytest.mark.xdist_group("multihost_runs")
 def test_losses_match_one_process(runs):
     d, _, _ = runs
     one, two = _losses(d / "one"), _losses(d / "two")
@@ -119,6 +121,7 @@ def test_losses_match_one_process(runs):
     assert len([r for r in rows if "train/loss" in r]) == 4
 
 
+@pytest.mark.xdist_group("multihost_runs")
 def test_final_parameters_match_one_process(runs):
     d, _, _ = runs
     import jax

@@ -62,6 +62,7 @@ TARGETS = {
 }
 
 
+@pytest.mark.xdist_group("reshard_saved")
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_restore_onto_another_mesh(saved, name):
     workdir, ref = saved
@@ -86,6 +87,7 @@ def test_restore_onto_another_mesh(saved, name):
     assert split > 0   # the new mesh really splits some of the restored arrays
 
 
+@pytest.mark.xdist_group("reshard_saved")
 def test_restored_state_trains_on_the_new_mesh(saved):
     """One more step on FSDP+TP from the restored state matches one more step on the saving mesh."""
     workdir, _ = saved
