@@ -243,7 +243,7 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object
     A ``.npz`` file (arrays keyed by the official names, as ``maskfeat_jax.export`` writes)
     is read with numpy alone; it has no cfg.
     """
-    if str(path).endswith(".npz"):
+    if str(path).lower().endswith(".npz"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--src={path!r} does not exist")
         with np.load(path, allow_pickle=False) as f:

@@ -13,9 +13,10 @@ What is written, every tensor float32 in the official layout:
   (``mask_token``, ``pred_head.*``) or the classifier (``norm``, ``head.projection``);
 * for a pre-training checkpoint, also the HOG layer's buffers that the official ``MaskMViT``
   registers (``operators.HOGLayerC``): the Sobel filters ``hogs.0.weight_x`` (3, 1, 3, 3) and
-  ``hogs.0.weight_y`` (its transpose), and ``hogs.0.gkern`` when ``config.hog.gaussian_window``
-  is set. They are constants, not trained, but part of that model's state dict, so the file
-  loads into it with ``load_state_dict(..., strict=True)``;
+  ``hogs.0.weight_y`` (its transpose). They are constants, not trained, but part of that
+  model's state dict, so the file loads into it with ``load_state_dict(..., strict=True)``.
+  That model builds its HOG layer without a Gaussian window, so no ``hogs.0.gkern`` is
+  written whatever ``config.hog.gaussian_window`` was;
 * with ``--encoder_only``, only the backbone, as fine-tuning loads it (``config.init_from``):
   no ``mask_token``, ``pred_head.*``, ``hogs.*``, nor a classifier's ``norm`` and
   ``head.projection``.
@@ -43,15 +44,10 @@ class ExportError(convert.ConversionError):
     """A checkpoint or an ``--out`` that cannot be exported (the message names which)."""
 
 
-def _hog_buffers(gaussian_window: int) -> dict:
+def _hog_buffers() -> dict:
     """The official HOG layer's buffers, in its layout: Sobel filters per RGB channel."""
     weight_x = np.tile(np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32), (3, 1, 1, 1))
-    out = {"hogs.0.weight_x": weight_x, "hogs.0.weight_y": np.ascontiguousarray(weight_x.transpose(0, 1, 3, 2))}
-    if gaussian_window:
-        from maskfeat_jax.targets import hog
-        g = int(gaussian_window)
-        out["hogs.0.gkern"] = hog._gaussian_window(g, g, g)     # one g x g kernel, summing to 1
-    return out
+    return {"hogs.0.weight_x": weight_x, "hogs.0.weight_y": np.ascontiguousarray(weight_x.transpose(0, 1, 3, 2))}
 
 
 def _is_head(ours: str) -> bool:
@@ -63,8 +59,7 @@ def _natural(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
-def to_official(params: dict, family: str, task: str, *, encoder_only: bool = False,
-                gaussian_window: int = 0) -> dict:
+def to_official(params: dict, family: str, task: str, *, encoder_only: bool = False) -> dict:
     """``{our flattened path: array}`` -> ``{official name: float32 array}`` (see the module
     docstring for what is included). Raises ``ExportError`` naming every parameter the tables
     do not name."""
@@ -88,7 +83,7 @@ def to_official(params: dict, family: str, task: str, *, encoder_only: bool = Fa
         raise ExportError(f"no official name is known for these parameters of config.model.name={family!r}, "
                           f"config.task={task!r} (convert.ENCODER_RULES / HEAD_RULES):\n  " + "\n  ".join(unmapped))
     if task == "pretrain" and not encoder_only:
-        out.update(_hog_buffers(gaussian_window))
+        out.update(_hog_buffers())
     return {k: out[k] for k in sorted(out, key=_natural)}
 
 
@@ -127,6 +122,8 @@ def _write(state_dict: dict, out: str, ext: str) -> None:
             else:
                 torch = _torch(out)
                 torch.save({"model_state": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -149,8 +146,7 @@ def export(workdir: str, out: str, *, step: int | None = None, encoder_only: boo
     config = checkpoint.saved_config(step_dir)
     family, task = config.model.name, config.task
     params = checkpoint._flat(checkpoint.read_params(step_dir))
-    state_dict = to_official(params, family, task, encoder_only=encoder_only,
-                            gaussian_window=config.get("hog", {}).get("gaussian_window", 0))
+    state_dict = to_official(params, family, task, encoder_only=encoder_only)
     _write(state_dict, out, ext)
     n = sum(v.size for v in state_dict.values())
     print(f"exported {len(state_dict)} tensors ({n:,} values; config.model.name={family!r}, "

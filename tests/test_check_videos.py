@@ -94,7 +94,8 @@ def test_decode_all_finds_late_damage_and_short_videos(videos, capsys):
 def test_loader_agrees_on_good_and_unreadable_videos(videos):
     d, _ = videos
     for name, ok in [("ok_a", True), ("short", True), ("missing", False), ("random", False),
-                     ("truncated", False), ("text", False), ("audio", False)]:
+                     ("truncated", False), ("text", False), ("audio", False), ("zeroed", False),
+                     ("tail", True)]:     # training recovers the damaged last frame; --decode=all does not
         _, decoded = video.decode_clip(str(d / f"{name}.mp4"), None, num_frames=4, sampling_rate=1,
                                        mode="test", num_clips=1)
         assert decoded is ok, name
@@ -146,3 +147,29 @@ def test_workers_give_the_same_report(videos, capsys):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert (run.returncode, run.stdout, run.stderr) == (code, out, err)
     assert code == 1 and len(out.splitlines()) == 8
+
+
+def test_a_video_the_training_loader_cannot_read_is_corrupt(videos, monkeypatch):
+    d, _ = videos
+    assert check_videos.check_video(str(d / "ok_a.mp4")).category == "ok"
+    monkeypatch.setattr(video, "decode_clip", lambda *a, **k: (None, False))
+    r = check_videos.check_video(str(d / "ok_a.mp4"))
+    assert r.category == "corrupt" and "decode_clip" in r.reason
+
+
+def test_empty_csv_dead_worker_and_unwritable_out_exit_2(videos, capsys, tmp_path, monkeypatch):
+    d, _ = videos
+    (tmp_path / "empty.csv").write_text("\n\n")
+    assert check_videos.main([f"--csv={tmp_path / 'empty.csv'}"]) == 2
+    assert "lists no videos" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()                          # os.replace onto a folder fails
+    assert check_videos.main([f"--csv={d / 'all.csv'}", f"--out={tmp_path / 'taken'}"]) == 2
+    assert f"--out={tmp_path / 'taken'}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.csv", "taken"]   # no temp file left
+
+    def dies(*a, **k):
+        raise check_videos.BrokenProcessPool("worker died")
+        yield
+    monkeypatch.setattr(check_videos, "check_csv", dies)
+    assert check_videos.main([f"--csv={d / 'all.csv'}", "--workers=2"]) == 2
+    assert "--workers=1" in capsys.readouterr().err

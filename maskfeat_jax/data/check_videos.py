@@ -19,23 +19,32 @@ then classified:
   the first frame only (fast); ``--decode=all`` decodes and counts every frame, which
   also finds damage further in;
 * ``too_short``: fewer than ``--min_frames`` frames (counted with ``--decode=all``, else
-  the container header's count). Informational: the loader repeats the last frame of a
-  video shorter than its clip span.
+  the container header's count). Training itself would use such a video (it repeats the
+  last frame of a video shorter than its clip span); ``--min_frames`` is for leaving them out.
+
+A video that passes these checks is also read once the way training reads it
+(``video.decode_clip``: seek to a clip start, decoding threads, 16 frames at rate 4); if that
+fails it is ``corrupt`` too. ``--decode=all`` decodes on one thread and is stricter than
+training, which may recover a damaged frame that this check reports.
 
 Every video that is not ``ok`` prints one line ``category<TAB>line<TAB>path<TAB>reason``
 on stdout (``path`` as opened, joined to the root), in CSV line order, also with
-``--workers > 1``; the per-category summary goes to stderr. ``--out`` writes
-the ``ok`` lines verbatim (same paths, same labels), so the file is a drop-in
-replacement when it resolves its relative paths against the same root. Exit status: 0
-when every video is ok, 1 when some are not, 2 on a usage error or an unreadable CSV.
+``--workers > 1``; the per-category summary goes to stderr. ``--out`` writes the ``ok``
+lines as they are (same paths, same labels; surrounding whitespace and blank lines
+dropped), so the file is a drop-in replacement when it resolves its relative paths against
+the same root. Exit status: 0 when every video is ok, 1 when some are not, 2 on a usage
+error, an unreadable or empty CSV, a worker process that died, or an ``--out`` that cannot
+be written.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import multiprocessing
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 from maskfeat_jax.data import video
@@ -79,6 +88,8 @@ def check_video(path: str, decode: str = "first", min_frames: int = 0) -> Check:
     except Exception as e:  # noqa: BLE001 - any failure is a finding about this file
         return Check(category, " ".join(f"{type(e).__name__}: {e}".split()))
     seconds = n / fps if fps > 0 else 0.0
+    if not video.decode_clip(path, None, mode="test", num_clips=1)[1]:   # as training reads it
+        return Check("corrupt", "video.decode_clip (the training loader) could not read a clip")
     if min_frames and n < min_frames:
         return Check("too_short", f"{n} frames < --min_frames={min_frames} (the loader repeats the last frame)",
                      n, seconds)
@@ -98,15 +109,18 @@ def check_csv(csv_path: str, root: str | None = None, *, decode: str = "first", 
     video is opened."""
     items = video.parse_csv(csv_path, root)
     lines = _numbered_lines(csv_path)
-    assert len(lines) == len(items), "parse_csv and _numbered_lines disagree on blank lines"
+    if len(lines) != len(items):
+        raise ValueError(f"{csv_path}: {len(items)} videos parsed from {len(lines)} non-blank lines")
     paths = [path for path, _ in items]
     check = functools.partial(check_video, decode=decode, min_frames=min_frames)
     if workers <= 1 or len(paths) < 2:
         yield from zip(lines, paths, map(check, paths))
         return
-    # spawn, not fork: the parent may have imported jax (threads) before getting here.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(paths))) as pool:
-        yield from zip(lines, paths, pool.imap(check, paths, chunksize=8))   # imap keeps the order
+    # spawn, not fork: the parent may have imported jax (threads) before getting here. A worker
+    # that dies (a crash inside FFmpeg) raises BrokenProcessPool here instead of hanging.
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(paths)),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from zip(lines, paths, pool.map(check, paths, chunksize=8))   # map keeps the order
 
 
 def _write_atomic(path: str, lines: list[str]) -> None:
@@ -115,6 +129,8 @@ def _write_atomic(path: str, lines: list[str]) -> None:
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{line}\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -133,8 +149,8 @@ def main(argv=None) -> int:
                         "next to the input CSV or set config.video.root)")
     p.add_argument("--workers", type=int, default=1, help="processes checking videos in parallel (1: this one)")
     p.add_argument("--min_frames", type=int, default=0,
-                   help="report videos with fewer frames as too_short (0: no check). Informational: the "
-                        "loader repeats the last frame of a video shorter than its clip span")
+                   help="report videos with fewer frames as too_short and leave them out of --out (0: no "
+                        "check); training would use them, repeating the last frame")
     p.add_argument("--decode", choices=("first", "all"), default="first",
                    help="first: decode the first frame only (fast); all: decode and count every frame")
     a = p.parse_args(argv)
@@ -157,9 +173,20 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:   # no such CSV, malformed line (file:line in the message)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenProcessPool:
+        print("error: a worker process died (a crash while decoding?); rerun with --workers=1 to find "
+              "the video", file=sys.stderr)
+        return 2
     total = sum(counts.values())
+    if total == 0:
+        print(f"error: {a.csv} lists no videos (training refuses it)", file=sys.stderr)
+        return 2
     if a.out:
-        _write_atomic(a.out, good)
+        try:
+            _write_atomic(a.out, good)
+        except OSError as e:
+            print(f"error: --out={a.out}: {e}", file=sys.stderr)
+            return 2
     err = sys.stderr
     print(f"{a.csv}: {total} videos checked (--decode={a.decode})", file=err)
     for category, n in counts.items():
