@@ -114,20 +114,13 @@ def _write(state_dict: dict, out: str, ext: str) -> None:
     """Writes a temporary file beside ``out`` and renames it to ``out``."""
     out = os.path.abspath(os.path.expanduser(out))
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            if ext == ".npz":
-                np.savez(f, **state_dict)
-            else:
-                torch = _torch(out)
-                torch.save({"model_state": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from maskfeat_jax import storage
+    with storage.atomic_write(out, "wb") as f:
+        if ext == ".npz":
+            np.savez(f, **state_dict)
+        else:
+            torch = _torch(out)
+            torch.save({"model_state": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, f)
 
 
 def export(workdir: str, out: str, *, step: int | None = None, encoder_only: bool = False) -> dict:

@@ -4,6 +4,8 @@
 writes checkpoints to either (for GCS through TensorStore, with a commit marker instead of a
 rename: still atomic). Everything else this package writes goes through ``etils.epath``, which
 reaches GCS through ``gcsfs`` (``pip install maskfeat_jax[gcs]``; no TensorFlow needed).
+Files that are only ever local (exports, CSVs) are written with ``atomic_write``: a
+temporary file beside the target, flushed to disk, then renamed onto it.
 
 GCS objects cannot be appended to, so ``LineLog`` (``metrics.jsonl``) rewrites the whole object
 on each write there; on a filesystem it appends. A rewritten object is replaced whole or not at
@@ -11,6 +13,8 @@ all, never left half-written. gcsfs's listing cache is off by default here: a li
 what other hosts and processes wrote since (checkpoint steps above all).
 """
 from __future__ import annotations
+
+import contextlib
 
 import os
 
@@ -71,6 +75,23 @@ class LineLog:
     def close(self) -> None:
         if not self._url:
             self._file.close()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+    """Opens a temporary file beside the local ``path`` for writing; on success it is flushed to
+    disk and renamed to ``path`` (so ``path`` holds its old content or the whole new one, never a
+    part), on failure removed."""
+    tmp = f"{path}.tmp{os.getpid()}"     # same folder: os.replace is then an atomic rename
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def upload_tree(src: str, dst) -> None:

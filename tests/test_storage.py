@@ -105,3 +105,16 @@ def test_profile_window_on_a_local_workdir(tmp_path):
     out = _main(tmp_path, 3, "--config.profile_start_step=1", "--config.profile_num_steps=1")
     assert f"profiler trace of steps 1..1 in {tmp_path}/profile" in out
     assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_write(str(target)) as f:
+            f.write("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    with storage.atomic_write(str(target), "wb") as f:
+        f.write(b"new\n")
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]

@@ -47,6 +47,7 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
+from maskfeat_jax import storage
 from maskfeat_jax.data import video
 
 __all__ = ["CATEGORIES", "Check", "check_video", "check_csv", "main"]
@@ -96,21 +97,13 @@ def check_video(path: str, decode: str = "first", min_frames: int = 0) -> Check:
     return Check("ok", "", n, seconds)
 
 
-def _numbered_lines(csv_path: str) -> list[tuple[int, str]]:
-    """``(line number, text)`` of the non-blank lines: the lines ``parse_csv`` turns into items."""
-    with open(csv_path, encoding="utf-8") as f:
-        return [(i, line.strip()) for i, line in enumerate(f, start=1) if line.strip()]
-
-
 def check_csv(csv_path: str, root: str | None = None, *, decode: str = "first", min_frames: int = 0,
               workers: int = 1):
     """Yields ``((line number, line text), video path, Check)`` for every video of ``csv_path``,
     in line order. Raises ValueError (naming file and line) on a malformed CSV, before any
     video is opened."""
     items = video.parse_csv(csv_path, root)
-    lines = _numbered_lines(csv_path)
-    if len(lines) != len(items):
-        raise ValueError(f"{csv_path}: {len(items)} videos parsed from {len(lines)} non-blank lines")
+    lines = video.csv_lines(csv_path)         # the lines parse_csv read, one per item
     paths = [path for path, _ in items]
     check = functools.partial(check_video, decode=decode, min_frames=min_frames)
     if workers <= 1 or len(paths) < 2:
@@ -121,21 +114,6 @@ def check_csv(csv_path: str, root: str | None = None, *, decode: str = "first", 
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(paths)),
                                                 mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from zip(lines, paths, pool.map(check, paths, chunksize=8))   # map keeps the order
-
-
-def _write_atomic(path: str, lines: list[str]) -> None:
-    """``path`` holds either its old content or all of ``lines``, never a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"   # same folder: os.replace is then an atomic rename
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(f"{line}\n" for line in lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -183,7 +161,8 @@ def main(argv=None) -> int:
         return 2
     if a.out:
         try:
-            _write_atomic(a.out, good)
+            with storage.atomic_write(a.out) as f:
+                f.writelines(f"{line}\n" for line in good)
         except OSError as e:
             print(f"error: --out={a.out}: {e}", file=sys.stderr)
             return 2

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from maskfeat_jax import storage
 from maskfeat_jax.data import sources
 
 __all__ = ["make_video_demo", "ensure_video_demo", "render_clip", "pick_codec", "main"]
@@ -88,10 +89,8 @@ def _encode(path: str, clip: np.ndarray, codec: str, options: dict) -> None:
 
 
 def _write_csv(path: str, rows: list[tuple[str, int]]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with storage.atomic_write(path) as f:   # a CSV exists only once all its videos do
         f.writelines(f"{rel} {label}\n" for rel, label in rows)
-    os.replace(tmp, path)  # atomic: a CSV exists only once all its videos do
 
 
 def make_video_demo(out: str, *, num_train: int = 200, num_val: int = 50, frames: int = 32, size: int = 64,

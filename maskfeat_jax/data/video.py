@@ -77,6 +77,13 @@ VIDEO_RANDAUG_FILL = (128, 128, 128)
 # CSV source
 # ----------------------------------------------------------------------------
 
+def csv_lines(path: str) -> list[tuple[int, str]]:
+    """``(1-based line number, stripped text)`` of the non-blank lines of a CSV: the lines
+    ``parse_csv`` turns into videos, one each."""
+    with open(os.fspath(path), encoding="utf-8") as f:
+        return [(lineno, line.strip()) for lineno, line in enumerate(f, start=1) if line.strip()]
+
+
 def parse_csv(path: str, root: str | None = None) -> list[tuple[str, int]]:
     """``[(video_path, label), ...]`` from a ``path label`` / ``path,label`` file.
 
@@ -89,23 +96,19 @@ def parse_csv(path: str, root: str | None = None) -> list[tuple[str, int]]:
     if root is None:
         root = os.path.dirname(os.path.abspath(path))
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = _SPLIT_RE.split(line)
-            if len(fields) != 2 or not fields[0]:
-                raise ValueError(f"{path}:{lineno}: expected 'path label' (space or comma separated), "
-                                 f"got {len(fields)} field(s): {line!r}")
-            video, label = fields
-            try:
-                label = int(label)
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: label {label!r} is not an integer: {line!r}") from None
-            if label < 0:
-                raise ValueError(f"{path}:{lineno}: label {label} is negative: {line!r}")
-            items.append((os.path.join(root, video), label))
+    for lineno, line in csv_lines(path):
+        fields = _SPLIT_RE.split(line)
+        if len(fields) != 2 or not fields[0]:
+            raise ValueError(f"{path}:{lineno}: expected 'path label' (space or comma separated), "
+                             f"got {len(fields)} field(s): {line!r}")
+        video, label = fields
+        try:
+            label = int(label)
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: label {label!r} is not an integer: {line!r}") from None
+        if label < 0:
+            raise ValueError(f"{path}:{lineno}: label {label} is negative: {line!r}")
+        items.append((os.path.join(root, video), label))
     return items
 
 
