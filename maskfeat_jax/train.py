@@ -48,6 +48,12 @@ class Setup:
     step_fn: Any                 # pure (state, batch) -> (state, metrics), not yet jitted
 
 
+# XLA CPU spends most of the initialisation's compile in LLVM on the random-number programs (one
+# per parameter); its level-1 optimisation halves that (MViTv2 'mu': 17 s -> 8 s) and gives
+# bit-identical parameters, which run once.
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+
+
 def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
     """Model and optimizer built abstractly, the sharded state's layout, and the step."""
     repl = sharding.replicated(mesh)
@@ -79,7 +85,8 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
 
     def init():
         with jax.set_mesh(mesh):
-            return jax.jit(init_state, out_shardings=state_sh)()
+            lowered = jax.jit(init_state, out_shardings=state_sh).lower()
+            return lowered.compile(compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend(), {}))()
 
     return Setup(model, graphdef, tx, schedule, state_sh, abs_state, init, step_fn)
 

@@ -1,4 +1,5 @@
-"""Tests run on 8 fake CPU devices; absl flags are marked parsed for grain. ``bucket`` gives a
+"""Tests run on 8 fake CPU devices compiled at XLA CPU's optimisation level 1 (``xla_flags``);
+absl flags are marked parsed for grain. ``bucket`` gives a
 test a fresh bucket on a local GCS emulator.
 
 The ``python -m maskfeat_jax.main`` subprocesses that many tests start share one persistent
@@ -17,7 +18,16 @@ import time
 import urllib.request
 import uuid
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for ``devices`` fake CPU devices. With XLA CPU's level-1 optimisation: on the
+    suite's small shapes compiling costs far more than running, and level 1 compiles about a
+    third faster, with the same results to within rounding."""
+    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # gcsfs's default filesystem asks GCS's control API for each bucket's layout (hierarchical or
 # not); the emulator has no such API, so the tests use gcsfs's plain filesystem.

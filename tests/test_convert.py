@@ -18,6 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from maskfeat_jax import checkpoint, convert, export, models  # noqa: E402
+from conftest import xla_flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE, CLASSES, HOG_DIM = 32, 2, 2, 64, 16, 32, 10, 108
@@ -167,7 +168,7 @@ def _export_loads_strictly(workdir, fresh, expected, path):
 
 def _run(src, out, *extra, check=True):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+               XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "maskfeat_jax.convert", f"--src={src}", "--config=configs/demo.py",
            f"--out={out}", *TINY, *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from maskfeat_jax import checkpoint
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
@@ -36,7 +37,7 @@ GLOO_ERRORS = ("gloo", "collectives", "UNIMPLEMENTED", "Unimplemented")
 def _env(devices: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"   # overrides conftest's 8
+    env["XLA_FLAGS"] = xla_flags(devices)   # overrides conftest's 8
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
