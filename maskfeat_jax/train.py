@@ -133,15 +133,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
+    per_batch = gb // num_sample      # examples (videos) the iterator passes per batch
+    read_at_start = 0                 # examples read before `start_step`, recorded with each checkpoint
     with jax.set_mesh(mesh):
         if latest is not None:
-            state, saved_topology = _restore_latest_good(ckpt, st.abstract_state, train_iter, config, topology)
-            if saved_topology is not None:    # written by another input topology: restart the input at `step`
-                seen = int(jax.device_get(state.step)) * saved_topology["global_batch_size"] \
-                    // saved_topology.get("num_sample", 1)                  # examples (videos) read so far
-                at = seen // (gb // num_sample)
-                print(f"input topology changed ({saved_topology} -> {topology}): the data iterator starts at "
-                      f"batch {at} instead of restoring its saved state", flush=True)
+            state, saved, changed = _restore_latest_good(ckpt, st.abstract_state, train_iter, config, topology)
+            read_at_start = _examples_read(saved, int(jax.device_get(state.step)), per_batch)
+            if changed:               # written by another input topology: restart the input where it was
+                at = read_at_start // per_batch
+                read_at_start = at * per_batch
+                print(f"input topology changed ({_input_topology(saved)} -> {topology}): the data iterator "
+                      f"starts at batch {at} instead of restoring its saved state", flush=True)
                 train_iter = make_iter(at)
         else:
             state = st.init()
@@ -231,7 +233,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
             if evaluate_now or figures_now:
                 meter.restart(step)      # both waited for this step; their time is not training time
-            ckpt.save(step, state, train_iter, config, topology, force=is_last or stop["signal"] is not None)
+            ckpt.save(step, state, train_iter, config,
+                      dict(topology, examples_read=read_at_start + (step - start_step) * per_batch),
+                      force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()
                 logging.warning("signal %s: saved step %d, exiting with code %d", stop["signal"], step,
@@ -285,14 +289,14 @@ def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) ->
 def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
     """Restores the newest checkpoint that reads back; a damaged one is reported and skipped.
 
-    Returns (state, the saved input topology if it differs from ``topology``, else None). The
+    Returns (state, the saved input topology or None, whether it differs from ``topology``). The
     iterator is restored in place only when the topologies agree."""
     steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
     for i, step in enumerate(steps_desc):
         try:
             _check_resume_config(ckpt, step, config)
             saved = ckpt.saved_topology(step)
-            changed = saved is not None and saved != topology
+            changed = saved is not None and _input_topology(saved) != topology
             try:
                 state = ckpt.restore(step, abstract_state, None if changed else train_iter)
             except OSError as e:          # perhaps the storage, not the checkpoint: read it once more
@@ -311,7 +315,7 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
                 print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
                       "could not be set aside: this run saves again only after that step"), flush=True)
             print(f"resuming from step {step}", flush=True)
-            return state, (saved if changed else None)
+            return state, saved, changed
         nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
         logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
                         err, nxt)
@@ -322,6 +326,21 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
                        f"(model, optimizer), resume with the saved config (JSON in "
                        f"{ckpt.directory}/<step>/config/metadata); if the checkpoints are damaged, move the "
                        f"folder away to start from scratch")
+
+
+def _input_topology(saved: dict) -> dict:
+    """A checkpoint's saved topology without its position (``examples_read``)."""
+    return {k: v for k, v in saved.items() if k != "examples_read"}
+
+
+def _examples_read(saved: dict | None, step: int, per_batch: int) -> int:
+    """Examples (videos) the input had passed at a checkpoint of ``step``. Checkpoints written
+    before the count was recorded give ``step`` batches of their own size."""
+    if saved is None:
+        return step * per_batch
+    if "examples_read" in saved:
+        return int(saved["examples_read"])
+    return step * saved["global_batch_size"] // saved.get("num_sample", 1)
 
 
 def _check_resume_config(ckpt, step, config):

@@ -152,6 +152,21 @@ def test_resume_on_another_input_topology_restarts_the_input_at_the_step(tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_restart_position_counts_examples_across_two_global_batch_changes(tmp_path):
+    """Each checkpoint records the examples read so far: 3 steps of 16 and 3 of 8 are 72
+    examples, so a resume at global batch 24 starts at batch 3. Counting the step times the
+    last batch size (6 x 8 = 48 examples) would start it at batch 2."""
+    run = tmp_path / "run"
+    _run(run, 3, "--config.input.worker_count=0")                                   # 3 x 16
+    out = _run(run, 6, "--config.input.worker_count=0", "--config.input.global_batch_size=8")
+    assert "resuming from step 3" in out and "starts at batch 6 " in out            # 48 / 8
+    from maskfeat_jax import checkpoint
+    ckpt = checkpoint.Checkpointer(str(run), 3, 5)
+    assert ckpt.saved_topology(6)["examples_read"] == 72 and ckpt.saved_topology(3)["examples_read"] == 48
+    out = _run(run, 7, "--config.input.worker_count=0", "--config.input.global_batch_size=24")
+    assert "resuming from step 6" in out and "starts at batch 3 " in out            # 72 / 24
+
+
 def test_global_batch_k_holds_the_same_examples_for_any_process_count():
     from maskfeat_jax import config as config_lib
     from maskfeat_jax.data import pipeline, sources
