@@ -126,26 +126,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
         make_iter = lambda start: iter(pipeline.train_dataset(  # noqa: E731
             config, train_source, model.encoder.grid, start_batch=start))
-    train_iter = make_iter(0)
     topology = {"process_count": jax.process_count(), "worker_count": pipeline.worker_count(config),
                 "global_batch_size": gb, "num_sample": num_sample}
 
     # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
+    # Recorded with each checkpoint beside the topology: the examples (videos) read so far, and
+    # the batch the iterator was built to start at (grain's saved position counts from there).
     per_batch = gb // num_sample      # examples (videos) the iterator passes per batch
-    read_at_start = 0                 # examples read before `start_step`, recorded with each checkpoint
+    read_at_start, iter_start = 0, 0  # at `start_step`
     with jax.set_mesh(mesh):
         if latest is not None:
-            state, saved, changed = _restore_latest_good(ckpt, st.abstract_state, train_iter, config, topology)
+            state, saved, train_iter = _restore_latest_good(ckpt, st.abstract_state, make_iter, config, topology)
             read_at_start = _examples_read(saved, int(jax.device_get(state.step)), per_batch)
-            if changed:               # written by another input topology: restart the input where it was
-                at = read_at_start // per_batch
-                read_at_start = at * per_batch
+            iter_start = (saved or {}).get("start_batch", 0)
+            if train_iter is None:    # written by another input topology: restart the input where it was
+                iter_start = read_at_start // per_batch
+                read_at_start = iter_start * per_batch
                 print(f"input topology changed ({_input_topology(saved)} -> {topology}): the data iterator "
-                      f"starts at batch {at} instead of restoring its saved state", flush=True)
-                train_iter = make_iter(at)
+                      f"starts at batch {iter_start} instead of restoring its saved state", flush=True)
+                train_iter = make_iter(iter_start)
         else:
+            train_iter = make_iter(0)
             state = st.init()
             if config.get("init_from"):
                 state = state.replace(params=checkpoint.init_from(config.init_from, state.params, mesh))
@@ -234,7 +237,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if evaluate_now or figures_now:
                 meter.restart(step)      # both waited for this step; their time is not training time
             ckpt.save(step, state, train_iter, config,
-                      dict(topology, examples_read=read_at_start + (step - start_step) * per_batch),
+                      dict(topology, examples_read=read_at_start + (step - start_step) * per_batch,
+                           start_batch=iter_start),
                       force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()
@@ -286,23 +290,24 @@ def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) ->
     return m
 
 
-def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
+def _restore_latest_good(ckpt, abstract_state, make_iter, config, topology):
     """Restores the newest checkpoint that reads back; a damaged one is reported and skipped.
 
-    Returns (state, the saved input topology or None, whether it differs from ``topology``). The
-    iterator is restored in place only when the topologies agree."""
+    Returns (state, the saved input topology or None, the restored data iterator). The iterator
+    (``make_iter(start batch)``) is restored only when the topologies agree, else it is None."""
     steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
     for i, step in enumerate(steps_desc):
         try:
             _check_resume_config(ckpt, step, config)
             saved = ckpt.saved_topology(step)
             changed = saved is not None and _input_topology(saved) != topology
+            train_iter = None if changed else make_iter((saved or {}).get("start_batch", 0))
             try:
-                state = ckpt.restore(step, abstract_state, None if changed else train_iter)
+                state = ckpt.restore(step, abstract_state, train_iter)
             except OSError as e:          # perhaps the storage, not the checkpoint: read it once more
                 logging.warning("reading checkpoint %d failed (%s); retrying once", step, e)
                 time.sleep(5.0)
-                state = ckpt.restore(step, abstract_state, None if changed else train_iter)
+                state = ckpt.restore(step, abstract_state, train_iter)
         except ValueError as e:
             if "shape-changing" in str(e):
                 raise
@@ -315,7 +320,7 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
                 print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
                       "could not be set aside: this run saves again only after that step"), flush=True)
             print(f"resuming from step {step}", flush=True)
-            return state, saved, changed
+            return state, saved, train_iter
         nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
         logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
                         err, nxt)
@@ -329,8 +334,8 @@ def _restore_latest_good(ckpt, abstract_state, train_iter, config, topology):
 
 
 def _input_topology(saved: dict) -> dict:
-    """A checkpoint's saved topology without its position (``examples_read``)."""
-    return {k: v for k, v in saved.items() if k != "examples_read"}
+    """A checkpoint's saved topology without its position (``examples_read``, ``start_batch``)."""
+    return {k: v for k, v in saved.items() if k not in ("examples_read", "start_batch")}
 
 
 def _examples_read(saved: dict | None, step: int, per_batch: int) -> int:

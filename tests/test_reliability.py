@@ -152,19 +152,28 @@ def test_resume_on_another_input_topology_restarts_the_input_at_the_step(tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_restart_position_counts_examples_across_two_global_batch_changes(tmp_path):
-    """Each checkpoint records the examples read so far: 3 steps of 16 and 3 of 8 are 72
-    examples, so a resume at global batch 24 starts at batch 3. Counting the step times the
-    last batch size (6 x 8 = 48 examples) would start it at batch 2."""
-    run = tmp_path / "run"
-    _run(run, 3, "--config.input.worker_count=0")                                   # 3 x 16
-    out = _run(run, 6, "--config.input.worker_count=0", "--config.input.global_batch_size=8")
-    assert "resuming from step 3" in out and "starts at batch 6 " in out            # 48 / 8
+def test_the_input_position_survives_global_batch_changes_and_plain_resumes(tmp_path):
+    """Each checkpoint records the examples read so far and the batch its iterator started at.
+    3 steps of 16 are 48 examples: resumed at batch 8 the input restarts at batch 6; a plain
+    resume of that run (same topology) restores grain's position, which counts from batch 6, and
+    ends bit-identical to the run that was not stopped; 3 + 6 steps later, 96 examples, a resume
+    at batch 24 restarts at batch 4 (the step times the last batch size would give batch 3)."""
+    run, w0 = tmp_path / "run", "--config.input.worker_count=0"
+    _run(run, 3, w0)
+    out = _run(run, 9, w0, "--config.input.global_batch_size=8")
+    assert "resuming from step 3" in out and "starts at batch 6 " in out
+    ref = _final_params(run, 9)
+    shutil.rmtree(run / "checkpoints" / "9")                   # as if the run had stopped after step 6
+    out = _run(run, 9, w0, "--config.input.global_batch_size=8")
+    assert "resuming from step 6" in out and "input topology changed" not in out
+    for a, b in zip(ref, _final_params(run, 9)):
+        np.testing.assert_array_equal(a, b)
     from maskfeat_jax import checkpoint
     ckpt = checkpoint.Checkpointer(str(run), 3, 5)
-    assert ckpt.saved_topology(6)["examples_read"] == 72 and ckpt.saved_topology(3)["examples_read"] == 48
-    out = _run(run, 7, "--config.input.worker_count=0", "--config.input.global_batch_size=24")
-    assert "resuming from step 6" in out and "starts at batch 3 " in out            # 72 / 24
+    saved = [ckpt.saved_topology(s) for s in (3, 6, 9)]
+    assert [t["examples_read"] for t in saved] == [48, 72, 96] and [t["start_batch"] for t in saved] == [0, 6, 6]
+    out = _run(run, 10, w0, "--config.input.global_batch_size=24")
+    assert "resuming from step 9" in out and "starts at batch 4 " in out
 
 
 def test_global_batch_k_holds_the_same_examples_for_any_process_count():
