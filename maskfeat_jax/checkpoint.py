@@ -6,8 +6,9 @@ Restore order (written once, here): the latest checkpoint in ``WORKDIR/checkpoin
 then ``config.init_from`` (weights only, see ``init_from``), then scratch.
 
 Each checkpoint also records the input topology (processes, workers per process, global
-batch) that wrote its iterator state, and the examples the input had read by then; grain's
-state is only meaningful for that topology, and the count places a restart under another.
+batch) that wrote its iterator state, the examples the input had read by then and the batch
+the iterator started at; grain's state is only meaningful for that topology and counts from
+that batch, and the example count places a restart under another topology.
 
 Paths may be local or ``gs://`` URLs (``storage``); on GCS, Orbax marks a finished save with a
 commit file instead of renaming it.

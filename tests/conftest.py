@@ -19,7 +19,6 @@ import urllib.request
 import uuid
 
 
-
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for ``devices`` fake CPU devices. With XLA CPU's level-1 optimisation: on the
     suite's small shapes compiling costs far more than running, and level 1 compiles about a
