@@ -114,7 +114,8 @@ def abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _flat(tree) -> dict:
+def flat_params(tree) -> dict:
+    """A nested tree as one dict keyed by ``/``-joined paths (``"blocks/0/attn/qkv/kernel"``)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): x for path, x in leaves}
 
@@ -164,8 +165,8 @@ def init_from(path: str, params, mesh=None):
     Keys present in both are loaded (shape mismatch is an error naming the key); keys
     only in ``params`` (the new head) keep their fresh init; keys only in the checkpoint
     (mask token, HOG head, optimizer) are ignored. The report is logged and returned."""
-    src = _flat(read_params(path))
-    dst = _flat(params)
+    src = flat_params(read_params(path))
+    dst = flat_params(params)
     import jax.numpy as jnp
     loaded, new, interpolated = [], [], []
     out = {}
@@ -195,7 +196,7 @@ def init_from(path: str, params, mesh=None):
 
 def params_like(path: str, like):
     """The checkpoint's parameters arranged as the tree ``like`` (all keys must match)."""
-    src, dst = _flat(read_params(path)), _flat(like)
+    src, dst = flat_params(read_params(path)), flat_params(like)
     missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
     if missing or extra:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")

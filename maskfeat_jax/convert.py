@@ -303,11 +303,6 @@ def check_official_cfg(cfg_yaml, config) -> None:
 # Writing the trainer's checkpoint.
 
 
-def _flat(tree) -> dict:
-    from maskfeat_jax import checkpoint
-    return checkpoint._flat(tree)
-
-
 def _initial_iterator(config, grid):
     """A not-yet-consumed training iterator of the configured pipeline. Its saved state (the
     position 0 of every stage) does not depend on the data source, so a tiny synthetic
@@ -344,13 +339,13 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
                 f"converting {family!r} checkpoints: the name table (ENCODER_RULES[{family!r}]) is written, "
                 f"but models.build cannot build config.model.name={family!r} yet ({e})") from e
         raise
-    target = _flat(st.abstract_state.params)
+    target = checkpoint.flat_params(st.abstract_state.params)
     converted = convert_state_dict(state_dict, {k: v.shape for k, v in target.items()},
                                    family, config.task)
 
     state = st.init()
     leaves, treedef = jax.tree_util.tree_flatten(state.params)
-    flat_keys = list(_flat(state.params))
+    flat_keys = list(checkpoint.flat_params(state.params))
     new_leaves = [jax.device_put(converted[k].astype(x.dtype), x.sharding) for k, x in zip(flat_keys, leaves)]
     state = state.replace(params=jax.tree_util.tree_unflatten(treedef, new_leaves))
 
@@ -360,7 +355,7 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     ckpt.close()
 
     # read back through the path fine-tuning uses, and check every tensor
-    saved = _flat(checkpoint.read_params(out))
+    saved = checkpoint.flat_params(checkpoint.read_params(out))
     if set(saved) != set(converted):
         raise RuntimeError(f"saved parameters differ from the converted ones: {sorted(set(saved) ^ set(converted))}")
     for k, v in converted.items():

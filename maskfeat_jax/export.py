@@ -138,7 +138,7 @@ def export(workdir: str, out: str, *, step: int | None = None, encoder_only: boo
     step_dir = str(storage.path(directory) / str(step))
     config = checkpoint.saved_config(step_dir)
     family, task = config.model.name, config.task
-    params = checkpoint._flat(checkpoint.read_params(step_dir))
+    params = checkpoint.flat_params(checkpoint.read_params(step_dir))
     state_dict = to_official(params, family, task, encoder_only=encoder_only)
     _write(state_dict, out, ext)
     n = sum(v.size for v in state_dict.values())

@@ -35,7 +35,7 @@ def _config(family, task):
 
 def _shapes(family, task):
     model = models.build_abstract(_config(family, task))
-    return {k: tuple(v.shape) for k, v in checkpoint._flat(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {k: tuple(v.shape) for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 def _random(shapes, seed=0):
@@ -229,8 +229,8 @@ def test_command_writes_npz_that_converts_back_to_the_same_checkpoint(official_a
         np.testing.assert_array_equal(got[k], v, err_msg=k)
     # back through the import command's path, with the config saved in the workdir
     convert.convert(str(tmp_path / "out" / "a.npz"), checkpoint.saved_config(str(tmp / "a")), str(tmp_path / "b"))
-    a = checkpoint._flat(checkpoint.read_params(str(tmp / "a")))
-    b = checkpoint._flat(checkpoint.read_params(str(tmp_path / "b")))
+    a = checkpoint.flat_params(checkpoint.read_params(str(tmp / "a")))
+    b = checkpoint.flat_params(checkpoint.read_params(str(tmp_path / "b")))
     assert set(a) == set(b) and len(a) == 33
     for k in a:
         assert a[k].dtype == b[k].dtype

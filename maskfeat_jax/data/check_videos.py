@@ -69,7 +69,7 @@ def check_video(path: str, decode: str = "first", min_frames: int = 0) -> Check:
         return Check("missing", "no such file")
     category = "unreadable"
     try:
-        with video._open(path) as container:
+        with video.open_container(path) as container:
             stream = video._video_stream(container)
             # One decoding thread: with frame threading FFmpeg can drop a damaged frame
             # without reporting it. The parallelism here is --workers.

@@ -181,7 +181,8 @@ def temporal_indices(num_video_frames: int, num_frames: int, sampling_rate: int,
     return np.clip(np.floor(index + 1e-6), 0, num_video_frames - 1).astype(np.int64)
 
 
-def _open(src):
+def open_container(src):
+    """A PyAV container read from a path, a path-like or the file's bytes."""
     import av
     if isinstance(src, (bytes, bytearray)):
         src = io.BytesIO(src)
@@ -253,7 +254,7 @@ def _read(container, stream, index: np.ndarray, fps: float, short_side, seek: bo
 
 
 def _count_frames(src) -> int:
-    with _open(src) as container:
+    with open_container(src) as container:
         stream = _video_stream(container)
         return sum(1 for _ in container.decode(stream))
 
@@ -287,7 +288,7 @@ def decode_clip(path, rng: np.random.Generator | None = None, *, num_frames: int
     u = float(rng.random()) if mode == "train" else 0.0
     ci, nc = (-1, 1) if mode == "train" else (int(clip_index), int(num_clips))
     try:
-        with _open(path) as container:
+        with open_container(path) as container:
             stream = _video_stream(container)
             fps = _fps(stream)
             span = None
@@ -307,7 +308,7 @@ def decode_clip(path, rng: np.random.Generator | None = None, *, num_frames: int
                 raise ValueError("no decodable video frames")
             index = temporal_indices(n, num_frames, sampling_rate, clip_index=ci, num_clips=nc,
                                      start_fraction=u, use_offset=use_offset, span=span)
-            with _open(path) as container:
+            with open_container(path) as container:
                 stream = _video_stream(container)
                 frames = _read(container, stream, index, fps, short_side, seek=False)
             if frames is None:
