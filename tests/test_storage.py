@@ -25,7 +25,8 @@ def _main(workdir, steps, *extra):
     p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={workdir}", *ARGS,
                         f"--config.total_steps={steps}", *extra], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    crash = p.stderr.find("Fatal Python error")      # absl's faulthandler: every thread's stack
+    assert p.returncode == 0, p.stdout[-3000:] + (p.stderr[crash:crash + 8000] if crash >= 0 else p.stderr[-3000:])
     return p.stdout + p.stderr
 
 
