@@ -212,6 +212,9 @@ def _validate_video(config):
                          f"MViTv2 (one cube-mask unit is 32x32 pixels)")
     if config.video.num_frames % 2:
         raise ValueError(f"config.video.num_frames={config.video.num_frames} must be even (temporal stride 2)")
+    if config.evals.probe:
+        raise ValueError("config.evals.probe=True: the k-NN and linear probe read images; for MViTv2 on video "
+                         "set config.evals.probe=False (fine-tuning's top-1/top-5 evaluates video models)")
     if config.input.dataset == "video_csv":
         d = config.video.csv_dir
         split_csv = os.path.join(d, f"{config.input.train_split}.csv")

@@ -222,6 +222,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if (evaluate_now or figures_now) and pending is not None:
                 last = _flush(pending, config, writer, progress, meter, skipped_before)   # speed before
                 pending = None                                          # the evaluation's time counts
+            # saved before any evaluation, which may fail (memory, data) without losing the steps
+            ckpt.save(step, state, train_iter, config,
+                      dict(topology, examples_read=read_at_start + (step - start_step) * per_batch,
+                           start_batch=iter_start),
+                      force=is_last or stop["signal"] is not None)
+            if stop["signal"] is not None:
+                ckpt.wait()
+                logging.warning("signal %s: saved step %d, exiting with code %d", stop["signal"], step,
+                                PREEMPTED_EXIT_CODE)
+                raise Preempted()
             if evaluate_now:
                 res = evaluator.run(state.params) if evaluator is not None else {}
                 if config.evals.probe and jax.process_count() == 1:
@@ -236,15 +246,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
             if evaluate_now or figures_now:
                 meter.restart(step)      # both waited for this step; their time is not training time
-            ckpt.save(step, state, train_iter, config,
-                      dict(topology, examples_read=read_at_start + (step - start_step) * per_batch,
-                           start_batch=iter_start),
-                      force=is_last or stop["signal"] is not None)
-            if stop["signal"] is not None:
-                ckpt.wait()
-                logging.warning("signal %s: saved step %d, exiting with code %d", stop["signal"], step,
-                                PREEMPTED_EXIT_CODE)
-                raise Preempted()
         if pending is not None:
             last = _flush(pending, config, writer, progress, meter, skipped_before)
     finally:
@@ -397,8 +398,11 @@ def evaluate(config, workdir: str) -> dict:
     results = {}
     if config.task == "finetune":
         results.update(classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params).run(state.params))
-    if config.evals.probe:
+    if config.evals.probe and jax.process_count() == 1:      # as in training: the probe runs on one host
         results.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
+    elif config.evals.probe:
+        logging.warning("config.evals.probe: skipped on %d processes; run the probe CLI on one host "
+                        "(python -m maskfeat_jax.evaluators.probe --workdir=...)", jax.process_count())
     writer = metrics_lib.Writer(workdir)
     writer.write(step, results)
     writer.close()

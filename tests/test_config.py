@@ -49,6 +49,8 @@ def _cfg(**kw):
      None),
     ({"model.name": "mvit", "model.variant": "S", "input.dataset": "video_demo", "mesh.fsdp": 8, "mesh.data": 1},
      None),                                                  # widths 96..768
+    ({"model.name": "mvit", "model.variant": "S", "input.image_size": 64, "input.dataset": "video_demo",
+      "evals.probe": True}, "config.evals.probe"),           # the probe reads images, not videos
 ])
 def test_validation_names_the_key(overrides, key):
     if key is None:   # valid

@@ -54,6 +54,24 @@ def test_damaged_and_half_written_checkpoints_fall_back_to_the_last_good_one(tmp
     assert "resuming from step 6" in _run(tmp_path, 8)             # the new step 6 reads back
 
 
+def test_an_evaluation_that_fails_loses_no_steps(tmp_path, monkeypatch):
+    """The step's checkpoint is written before its evaluation runs."""
+    from maskfeat_jax import config as config_lib
+    from maskfeat_jax.evaluators import probe
+
+    def failing_probe(*_):
+        raise MemoryError("the probe ran out of memory")
+
+    monkeypatch.setattr(probe, "evaluate", failing_probe)
+    c = config_lib.base_config()
+    c.model.variant, c.input.image_size, c.input.dataset, c.input.global_batch_size = "mu/16", 32, "digits", 16
+    c.total_steps, c.log_every_steps, c.checkpoint.every_steps = 2, 1, 2
+    c.evals.probe, c.evals.every_steps, c.evals.figures_every_steps = True, 2, 0
+    with pytest.raises(MemoryError, match="the probe"):
+        train.train_and_evaluate(c, str(tmp_path))
+    assert _steps(tmp_path) == [2]
+
+
 def _toy_state():
     params = {"w": jnp.ones((3,))}
     tx = optax.adamw(0.1)
