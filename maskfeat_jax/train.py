@@ -28,6 +28,7 @@ from maskfeat_jax.data import pipeline, sources
 from maskfeat_jax.evaluators import classification, probe
 
 PREEMPTED_EXIT_CODE = 75   # documented: the run saved a checkpoint after SIGTERM/SIGINT; rerun to resume
+RESTORE_RETRY_S = 2.0     # pause before reading a checkpoint that failed once a second time
 
 
 class Preempted(SystemExit):
@@ -294,44 +295,62 @@ def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) ->
 def _restore_latest_good(ckpt, abstract_state, make_iter, config, topology):
     """Restores the newest checkpoint that reads back; a damaged one is reported and skipped.
 
+    Every read is tried twice (a storage error may pass; TensorStore reports those as
+    ``ValueError``), and all processes agree on each try: a step counts as restored only where
+    every process read it, so they all resume from the same step and set aside the same ones.
+
     Returns (state, the saved input topology or None, the restored data iterator). The iterator
     (``make_iter(start batch)``) is restored only when the topologies agree, else it is None."""
     steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
     for i, step in enumerate(steps_desc):
-        try:
-            _check_resume_config(ckpt, step, config)
-            saved = ckpt.saved_topology(step)
-            changed = saved is not None and _input_topology(saved) != topology
-            train_iter = None if changed else make_iter((saved or {}).get("start_batch", 0))
+        for attempt in range(2):
+            state, train_iter, err = None, None, None
             try:
+                _check_resume_config(ckpt, step, config)
+                saved = ckpt.saved_topology(step)
+                changed = saved is not None and _input_topology(saved) != topology
+                train_iter = None if changed else make_iter((saved or {}).get("start_batch", 0))
                 state = ckpt.restore(step, abstract_state, train_iter)
-            except OSError as e:          # perhaps the storage, not the checkpoint: read it once more
-                logging.warning("reading checkpoint %d failed (%s); retrying once", step, e)
-                time.sleep(5.0)
-                state = ckpt.restore(step, abstract_state, train_iter)
-        except ValueError as e:
-            if "shape-changing" in str(e):
-                raise
-            err = e
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-            err = e
+            except ValueError as e:
+                if "shape-changing" in str(e):
+                    raise
+                err = e
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+                err = e
+            if _all_processes_agree(err is None):
+                break
+            if hasattr(train_iter, "close"):
+                train_iter.close()
+            if err is None:
+                err = RuntimeError("another process could not read it")
+            if attempt == 0:     # perhaps the storage, not the checkpoint: read it once more
+                logging.warning("reading checkpoint %d failed (%s: %s); retrying once", step, type(err).__name__, err)
+                time.sleep(RESTORE_RETRY_S)
         else:
-            for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
-                moved = ckpt.set_aside(bad)
-                print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
-                      "could not be set aside: this run saves again only after that step"), flush=True)
-            print(f"resuming from step {step}", flush=True)
-            return state, saved, train_iter
-        nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
-        logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
-                        err, nxt)
-        print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}); {nxt}",
-              flush=True)
+            nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
+            logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
+                            err, nxt)
+            print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}); {nxt}",
+                  flush=True)
+            continue
+        for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
+            moved = ckpt.set_aside(bad)
+            print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
+                  "could not be set aside: this run saves again only after that step"), flush=True)
+        print(f"resuming from step {step}", flush=True)
+        return state, saved, train_iter
     raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored (the last error is above). If "
                        f"the config changed since they were written in a way that changes the train state "
                        f"(model, optimizer), resume with the saved config (JSON in "
                        f"{ckpt.directory}/<step>/config/metadata); if the checkpoints are damaged, move the "
                        f"folder away to start from scratch")
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
 
 def _input_topology(saved: dict) -> dict:

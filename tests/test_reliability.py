@@ -230,3 +230,59 @@ def test_set_aside_on_several_processes_shares_the_rename_and_relists(tmp_path, 
     assert shared == [1] and moved.endswith("2.unrestorable") and os.path.isdir(moved)
     assert ck.mngr.all_steps() == [1] and ck.latest_step() == 1
     ck.close()
+
+
+class _FakeCheckpoints:
+    """Steps 3 and 6 on record; ``failures[step]`` reads of a step fail before it reads back."""
+
+    def __init__(self, config, failures):
+        self.config, self.failures, self.reads, self.set_aside_steps = config, dict(failures), [], []
+        self.mngr = type("Manager", (), {"all_steps": lambda _: [3, 6]})()
+        self.directory = "ckpt"
+
+    def saved_config(self, step):
+        return self.config
+
+    def saved_topology(self, step):
+        return None
+
+    def restore(self, step, abstract_state, data_iter=None):
+        self.reads.append(step)
+        if self.failures.get(step, 0) > 0:
+            self.failures[step] -= 1
+            raise ValueError("UNAVAILABLE: the storage did not answer")    # how TensorStore reports it
+        return f"state at {step}"
+
+    def set_aside(self, step):
+        self.set_aside_steps.append(step)
+        return f"{step}.unrestorable"
+
+
+def test_a_read_error_is_retried_whatever_its_type(monkeypatch):
+    from maskfeat_jax import config as config_lib
+    monkeypatch.setattr(train, "RESTORE_RETRY_S", 0.0)
+    c = config_lib.base_config()
+    ck = _FakeCheckpoints(c, {6: 1})                     # one transient failure of the newest step
+    state, _, _ = train._restore_latest_good(ck, None, lambda start: None, c, {})
+    assert state == "state at 6" and ck.reads == [6, 6] and ck.set_aside_steps == []
+    ck = _FakeCheckpoints(c, {6: 2})                     # fails twice: damaged, fall back and set it aside
+    state, _, _ = train._restore_latest_good(ck, None, lambda start: None, c, {})
+    assert state == "state at 3" and ck.reads == [6, 6, 3] and ck.set_aside_steps == [6]
+
+
+def test_processes_fall_back_together_when_one_cannot_read_a_step(monkeypatch):
+    """This process reads step 6, another does not: all resume from step 3 and set 6 aside."""
+    from maskfeat_jax import config as config_lib
+    monkeypatch.setattr(train, "RESTORE_RETRY_S", 0.0)
+    votes = []
+
+    def agree(ok):                  # the other process fails both reads of step 6, then reads step 3
+        votes.append(ok)
+        return ok and len(votes) > 2
+
+    monkeypatch.setattr(train, "_all_processes_agree", agree)
+    c = config_lib.base_config()
+    ck = _FakeCheckpoints(c, {})
+    state, _, _ = train._restore_latest_good(ck, None, lambda start: None, c, {})
+    assert votes == [True, True, True] and ck.reads == [6, 6, 3]
+    assert state == "state at 3" and ck.set_aside_steps == [6]
