@@ -209,8 +209,9 @@ def make_eval_step(graphdef, config):
         topk = jax.lax.top_k(logits, k)[1]
         hit = topk == batch["label"][:, None]
         out = {"top1": (hit[:, 0] & valid).sum(), "top5": (hit.any(-1) & valid).sum(), "count": valid.sum()}
-        if video:   # views of one video are averaged on the host
-            out["probs"] = jax.nn.softmax(logits)
+        if video:   # views of one video are averaged on the host, from the replicated rows
+            out.update(probs=jax.nn.softmax(logits), video_index=batch["video_index"], label=batch["label"],
+                       valid=valid)
         return out
 
     return step

@@ -210,3 +210,50 @@ def test_two_processes_on_a_gcs_workdir_save_resume_and_set_aside_together(bucke
     assert sorted(p.name for p in storage.path(ck).iterdir()) == ["2", "4", "4.unrestorable", "6"]
     rows = [json.loads(line) for line in storage.path(f"{run}/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 3, 4, 5, 6]
+
+
+VIDEO_EVAL = """
+import json, sys
+import jax
+port, pid, keys, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from maskfeat_jax import config as config_lib, sharding, train
+from maskfeat_jax.evaluators import classification
+c = config_lib.base_config()
+c.update_from_flattened_dict(keys)
+d = jax.devices()                                      # process 0 holds d[0], d[1]; process 1 d[2], d[3]
+mesh = sharding.make_mesh(c.mesh, [d[0], d[2], d[1], d[3]])    # the hosts interleaved along 'data'
+st = train.setup(c, mesh, 10, 10)
+scores = classification.Evaluator(c, mesh, st.graphdef, st.state_sharding.params).video_scores(st.init().params)
+json.dump({str(v): [s.tolist(), lab] for v, (s, lab) in scores.items()}, open(f"{out}.{pid}.json", "w"))
+"""
+
+
+def test_video_evaluation_reads_each_hosts_rows_where_the_mesh_puts_them(tmp_path):
+    """Two processes whose devices alternate along the data axis (as TPU v4/v5p hosts do)
+    give every video the summed scores of one process's evaluation."""
+    from maskfeat_jax import config as config_lib, sharding, train
+    from maskfeat_jax.data import make_video_demo
+    from maskfeat_jax.evaluators import classification
+    make_video_demo.ensure_video_demo(str(tmp_path), num_train=2, num_val=6, frames=8, size=32)
+    keys = {"task": "finetune", "model.name": "mvit", "model.variant": "mu", "model.num_classes": 10,
+            "input.dataset": "video_csv", "input.image_size": 32, "input.global_batch_size": 8,
+            "input.eval_split": "validation", "evals.batch_size": 4, "video.csv_dir": str(tmp_path),
+            "video.num_frames": 4, "video.sampling_rate": 2, "video.short_side": 32, "video.test_clips": 2}
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", VIDEO_EVAL, str(port), str(i), json.dumps(keys), str(tmp_path / "s")],
+                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    _finish(procs, 0)
+    c = config_lib.base_config()
+    c.update_from_flattened_dict(dict(keys, **{"evals.batch_size": 8}))     # one process, 8 devices
+    mesh = sharding.make_mesh(c.mesh)
+    st = train.setup(c, mesh, 10, 10)
+    ref = classification.Evaluator(c, mesh, st.graphdef, st.state_sharding.params).video_scores(st.init().params)
+    assert sorted(ref) == list(range(6))
+    for pid in range(2):
+        got = json.load(open(tmp_path / f"s.{pid}.json"))
+        assert sorted(int(v) for v in got) == list(range(6))
+        for v, (score, label) in ref.items():
+            assert got[str(v)][1] == label
+            np.testing.assert_allclose(got[str(v)][0], score, rtol=1e-4, atol=1e-6, err_msg=f"video {v}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from maskfeat_jax import sharding, steps
 from maskfeat_jax.data import pipeline, sources
@@ -33,27 +32,34 @@ class Evaluator:
         return pipeline.eval_batches(self.config, self.source, self.batch)
 
     def run(self, params) -> dict:
-        scores, labels = {}, {}
-        totals = np.zeros(3, np.int64)   # top1, top5, count (images)
-        pi = jax.process_index()
-        with jax.set_mesh(self.mesh):
-            for local in self._batches():
-                extra = {k: local.pop(k) for k in ("video_index", "view") if k in local}
-                out = jax.device_get(self.step(params, sharding.global_batch(self.mesh, local)))
-                if not self.video:
-                    totals += [int(out["top1"]), int(out["top5"]), int(out["count"])]
-                    continue
-                rows = slice(pi * self.batch, (pi + 1) * self.batch)   # this process's rows
-                probs = out["probs"][rows]
-                for p, vid, lab, ok in zip(probs, extra["video_index"], local["label"], local["valid"]):
-                    if vid >= 0 and ok:
-                        scores[vid] = scores.get(vid, 0.0) + p
-                        labels[vid] = lab
         if self.video:
-            for vid, s in scores.items():
-                top = np.argsort(-s)[:5]
-                totals += [int(top[0] == labels[vid]), int(labels[vid] in top), 1]
-        if jax.process_count() > 1 and self.video:
-            totals = multihost_utils.process_allgather(totals).sum(0)
+            totals = np.zeros(3, np.int64)   # top1, top5, videos
+            for score, label in self.video_scores(params).values():
+                top = np.argsort(-score)[:5]
+                totals += [int(top[0] == label), int(label in top), 1]
+        else:
+            totals = np.zeros(3, np.int64)   # top1, top5, images: sums over the global batch
+            with jax.set_mesh(self.mesh):
+                for local in self._batches():
+                    out = jax.device_get(self.step(params, sharding.global_batch(self.mesh, local)))
+                    totals += [int(out["top1"]), int(out["top5"]), int(out["count"])]
         n = max(int(totals[2]), 1)
         return {"eval/top1": totals[0] / n, "eval/top5": totals[1] / n, "eval/examples": float(totals[2])}
+
+    def video_scores(self, params) -> dict:
+        """``{video index: (softmax scores summed over its views, label)}`` for every video of
+        the split, the same on every process.
+
+        The step returns each row's scores with its video index and label, replicated, so the
+        rows are read as the global batch holds them: a process's rows need not be a contiguous
+        block of it (on TPU v4/v5p meshes the hosts interleave along the data axis)."""
+        scores, labels = {}, {}
+        with jax.set_mesh(self.mesh):
+            for local in self._batches():
+                local.pop("view")
+                out = jax.device_get(self.step(params, sharding.global_batch(self.mesh, local)))
+                for p, vid, lab, ok in zip(out["probs"], out["video_index"], out["label"], out["valid"]):
+                    if vid >= 0 and ok:
+                        scores[int(vid)] = scores.get(int(vid), 0.0) + p
+                        labels[int(vid)] = int(lab)
+        return {v: (scores[v], labels[v]) for v in sorted(scores)}
