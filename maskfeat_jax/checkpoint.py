@@ -122,13 +122,20 @@ def flat_params(tree) -> dict:
 
 def locate(path: str) -> tuple[str, int | None, list[int]]:
     """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, the step
-    folder's step or None, the steps saved there in order)."""
+    folder's step or None, the finished steps saved there in order).
+
+    Finished as Orbax decides: on a disk a step folder appears by rename once complete; on
+    ``gs://`` it is written in place and finished by its ``commit_success.txt``, so a save in
+    progress (or one a crash cut short) is not a step. A named step folder must be finished."""
     path, named = storage.path(path), None
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name.isdigit():                       # a step folder
         path, named = path.parent, int(path.name)
-    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit()) if path.is_dir() else []
+    steps = sorted(ocp.utils.checkpoint_steps(path)) if path.is_dir() else []
+    if named is not None and named not in steps and (path / str(named)).exists():
+        raise ValueError(f"{path / str(named)} is not a finished checkpoint (a save still running, or one "
+                         f"that was cut short); finished steps there: {steps}")
     return str(path), named, steps
 
 

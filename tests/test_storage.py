@@ -74,6 +74,18 @@ def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
     import fsspec
     assert any(f.endswith(".xplane.pb") for f in fsspec.filesystem("gs").find(f"{run}/profile"))
 
+    # on a bucket a step folder is written in place: one without its commit file is a save in
+    # progress (or cut short), never taken as the latest by the tools
+    gcs = fsspec.filesystem("gs")
+    gcs.copy(f"{run}/checkpoints/6", f"{run}/checkpoints/8", recursive=True)
+    commit = [f for f in gcs.find(f"{run}/checkpoints/8") if f.endswith("commit_success.txt")]
+    assert commit
+    gcs.rm(commit)
+    assert checkpoint.locate(run)[2] == [4, 6]
+    with pytest.raises(ValueError, match="checkpoints/8 is not a finished checkpoint"):
+        checkpoint.read_params(f"{run}/checkpoints/8")
+    gcs.rm(f"{run}/checkpoints/8", recursive=True)
+
     # the tools read a gs:// run too
     params = checkpoint.read_params(run)
     assert params["head"]["kernel"].shape == (32, 108)
