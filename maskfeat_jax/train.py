@@ -129,6 +129,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             config, train_source, model.encoder.grid, start_batch=start))
     topology = {"process_count": jax.process_count(), "worker_count": pipeline.worker_count(config),
                 "global_batch_size": gb, "num_sample": num_sample}
+    # the evaluation's data is opened (and its errors raised) before any checkpoint is read
+    evaluator = classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params) if config.task == "finetune" else None
 
     # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
@@ -156,9 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = int(jax.device_get(state.step))
     skipped_before = int(jax.device_get(state.nonfinite))   # skips already in a resumed checkpoint
 
-    # ---- evaluators
     writer = metrics_lib.Writer(workdir)
-    evaluator = classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params) if config.task == "finetune" else None
     flops_per_image = perf.model_flops_per_image(model, config)
     peak, peak_src = perf.peak_flops_per_device(config.get("peak_flops", 0.0))
     _log_summary(config, mesh, model, st.abstract_state.params, state, total_steps, steps_per_epoch, flops_per_image,
