@@ -30,6 +30,7 @@ def get_config(variant="S"):
     c.video.num_frames = 16
     c.video.sampling_rate = 4
     c.video.short_side = 256
+    c.video.target_fps = 30.0          # DATA.TARGET_FPS default: spans in 30 fps time
     c.mask.ratio = 0.4
     c.epochs = 300
     c.optim.base_lr = 1e-4             # per 32 clips (one node)

@@ -33,6 +33,7 @@ def get_config(variant="S"):
     c.video.num_frames = 16
     c.video.sampling_rate = 4
     c.video.short_side = 256
+    c.video.target_fps = 30.0          # DATA.TARGET_FPS default: spans in 30 fps time
     c.video.test_clips = 10
     c.video.test_crops = 1
     c.video.num_sample = 2             # AUG.NUM_SAMPLE: 2 (repeated augmentation)

@@ -10,6 +10,9 @@ Official: batch 512 per node, base lr 2e-3 per 512 images, layer decay 0.65, 100
 20 epochs from 1e-8, cosine to 1e-6, drop path 0.1, wd 0.05, no clipping, RandAugment
 m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch 0.5), label smoothing 0.1.
 Paper result: 84.0 top-1 (1600-epoch pre-training).
+The global batch of 1024 (two nodes' worth) is this codebase's choice: the lr, warm-up start and
+end lr scale linearly with it (peak 4e-3), as the official multi-node rule does. For the
+one-node setting pass ``--config.input.global_batch_size=512`` (peak 2e-3).
 """
 from maskfeat_jax.config import base_config
 

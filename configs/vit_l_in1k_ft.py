@@ -6,6 +6,9 @@
 Official: batch 256 per node, base lr 1e-3 per 256 images, layer decay 0.75, 50 epochs, warm-up
 5 epochs from 1e-8, cosine to 1e-6, drop path 0.1; augmentation as ViT-B.
 Paper result: 85.7 top-1 (1600-epoch pre-training).
+The global batch of 1024 (four nodes' worth) is this codebase's choice: the lr, warm-up start and
+end lr scale linearly with it (peak 4e-3), as the official multi-node rule does. For the
+one-node setting pass ``--config.input.global_batch_size=256`` (peak 1e-3).
 """
 from maskfeat_jax.config import base_config
 

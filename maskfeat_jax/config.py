@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.video.num_frames = 16             # frames per clip
     c.video.sampling_rate = 4           # take every 4th frame
     c.video.short_side = 256            # decode at this short side, then crop input.image_size
+    c.video.target_fps = 0.0            # > 0: a clip spans num_frames * sampling_rate frames at this rate
+                                        # (PySlowFast's DATA.TARGET_FPS); 0: the video's own frames
     c.video.csv_dir = ""                # folder with train.csv / val.csv ("path label" per line)
     c.video.root = ml_collections.config_dict.placeholder(str)  # relative paths in the CSVs (default: csv_dir)
     c.video.test_clips = 10             # temporal clips per video at evaluation (views are averaged)

@@ -124,6 +124,12 @@ def test_paper_config_values():
     assert (c.optim.base_lr, c.optim.reference_batch, c.optim.warmup_epochs) == (2e-4, 256, 30)
     assert (c.optim.weight_decay, c.optim.grad_clip, c.optim.b2, c.optim.eps) == (0.05, 0.02, 0.999, 1e-8)
     assert (c.optim.warmup_start_lr, c.optim.end_lr) == (1e-6, 1e-6)
+    for name in ("mvit_s_k400", "mvit_l_k400", "mvit_s_k400_ft", "mvit_l_k400_ft"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        v = mod.get_config().video
+        assert (v.num_frames, v.sampling_rate, v.target_fps) == (16, 4, 30.0), name   # 16x4 at 30 fps
 
 
 DISTRIBUTED_CASES = [

@@ -32,9 +32,8 @@ def _config(csv_dir="", task="pretrain", image_size=64, batch=4, num_frames=8, s
     c.input.global_batch_size = batch
     c.input.worker_count = workers
     c.augment.randaug_ops = 0
-    c.video = ml_collections.ConfigDict(dict(
-        num_frames=num_frames, sampling_rate=sampling_rate, short_side=short_side, csv_dir=csv_dir,
-        root=ml_collections.config_dict.placeholder(str), test_clips=2, test_crops=1))
+    c.video.update(dict(num_frames=num_frames, sampling_rate=sampling_rate, short_side=short_side,
+                        csv_dir=csv_dir, test_clips=2, test_crops=1))
     return c
 
 
@@ -239,6 +238,28 @@ def test_decode_target_fps_rescales_span(index_videos):
     frames, ok = video.decode_clip(index_videos["h264.mp4"], None, num_frames=2, sampling_rate=2,
                                    mode="test", clip_index=0, num_clips=2, target_fps=15)
     assert ok and _frame_ids(frames) == [0, 7]
+
+
+def test_the_config_target_fps_and_flip_reach_the_clip_maps(index_videos):
+    c = _config(image_size=32, short_side=48, num_frames=2, sampling_rate=2)
+    element = {"video": index_videos["h264.mp4"], "label": 0}
+    assert _frame_ids(video.VideoEvalMap(c, 0, 2).map(element)["image"]) == [0, 3]     # a 4-frame span
+    c.video.target_fps = 15.0                                     # the span doubles, as in decode_clip
+    assert _frame_ids(video.VideoEvalMap(c, 0, 2).map(element)["image"]) == [0, 7]
+    c.video.target_fps = 0.0
+    clip = np.zeros((40, 48, 64, 3), np.uint8)
+    clip[:, :, :32] = 255                                          # left half white: a flip shows
+    flat = {"video": _write_video(index_videos["h264.mp4"].rsplit("/", 1)[0] + "/lr.mp4", clip), "label": 0}
+    for task in ("pretrain", "finetune"):
+        c.task = task
+        for flip, expect_flips in ((True, True), (False, False)):
+            c.augment.flip = flip
+            left = [video.VideoTrainMap(c).random_map(flat, np.random.default_rng(s))["image"][0, :, :8].mean()
+                    for s in range(12)]
+            right = [video.VideoTrainMap(c).random_map(flat, np.random.default_rng(s))["image"][0, :, -8:].mean()
+                     for s in range(12)]
+            flipped = sum(r > l for l, r in zip(left, right))
+            assert (flipped > 0) == expect_flips, (task, flip, flipped)
 
 
 def _corrupt_files(d, good):

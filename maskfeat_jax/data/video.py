@@ -390,14 +390,14 @@ class VideoTrainMap(grain.transforms.RandomMap):
         v = config.video
         self.task, self.size = config.task, config.input.image_size
         self.num_frames, self.sampling_rate, self.short_side = v.num_frames, v.sampling_rate, v.short_side
-        self.target_fps = v.get("target_fps", None)
+        self.target_fps = float(v.target_fps) or None
         self.num_sample = num_sample(config)
         self.grid = tuple(int(g) for g in (prediction_grid(config) if grid is None else grid))
         if len(self.grid) != 3 or self.grid[1] % 2 or self.grid[2] % 2 or min(self.grid) < 1:
             raise ValueError(f"grid must be (t, h, w) with even h and w (one mask unit is 2x2 tokens), "
                              f"got {grid!r} (config.input.image_size={self.size}: use a multiple of 32)")
         self.ratio, self.min_aspect = config.mask.ratio, config.mask.min_aspect
-        self.erase_p = config.augment.erase_prob
+        self.erase_p, self.flip_p = config.augment.erase_prob, 0.5 if config.augment.flip else 0.0
         self.randaug_ops, self.randaug_mag = config.augment.randaug_ops, config.augment.randaug_magnitude
 
     def _view(self, frames, ok: bool, rng: np.random.Generator) -> dict:
@@ -405,7 +405,7 @@ class VideoTrainMap(grain.transforms.RandomMap):
         out = {}
         if self.task == "pretrain":
             clip = VT.random_resized_crop(frames, rng, self.size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
-            clip = VT.random_flip(clip, rng)
+            clip = VT.random_flip(clip, rng, self.flip_p)
             t, h, w = self.grid
             coarse = masking.cube_mask(rng, (t, h // 2, w // 2), self.ratio, min_aspect=self.min_aspect)
             out["mask"] = masking.upsample_mask(coarse, self.grid).reshape(-1)
@@ -414,7 +414,7 @@ class VideoTrainMap(grain.transforms.RandomMap):
                 frames = VT.rand_augment_clip(frames, rng, num_ops=self.randaug_ops, magnitude=self.randaug_mag,
                                               magnitude_std=0.5, fill=VIDEO_RANDAUG_FILL)
             clip = VT.random_resized_crop(frames, rng, self.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-            clip = VT.random_flip(clip, rng)
+            clip = VT.random_flip(clip, rng, self.flip_p)
             out["erase_box"] = pipeline.erase_box(rng, self.size, self.erase_p)
         if not ok:
             clip = np.zeros((self.num_frames, self.size, self.size, 3), np.uint8)
@@ -461,7 +461,7 @@ class VideoEvalMap(grain.transforms.Map):
         v = config.video
         self.size, self.short_side = config.input.image_size, v.short_side
         self.num_frames, self.sampling_rate = v.num_frames, v.sampling_rate
-        self.target_fps = v.get("target_fps", None)
+        self.target_fps = float(v.target_fps) or None
         self.clip_index, self.num_clips, self.spatial_index = clip_index, num_clips, spatial_index
         self._cache = None
 
