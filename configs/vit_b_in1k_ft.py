@@ -36,6 +36,6 @@ def get_config():
     c.optim.grad_clip = 0.0            # none for ImageNet fine-tuning
     c.optim.layer_decay = 0.65
     c.evals.every_steps = 2500
-    c.evals.batch_size = 1000
+    c.evals.batch_size = 1024          # divides 8..1024 devices; the last batch is padded
     c.checkpoint.every_steps = 2500
     return c

@@ -28,7 +28,7 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jax_
 # tfds reads the dataset from here when config.input.data_dir is unset.
 export TFDS_DATA_DIR="$DATA_DIR"
 
-# --distributed=False: one process drives all GPUs. Inside a SLURM allocation, e.g. salloc,
+# --distributed=False: one process drives all GPUs. Inside an srun step with several tasks,
 # main would otherwise call jax.distributed.initialize(), and on SLURM that gives each
 # process a single GPU.
 exec python -m maskfeat_jax.main --config="$CONFIG" --workdir="$WORKDIR" --distributed=False \

@@ -1,7 +1,9 @@
 """Entry point: ``python -m maskfeat_jax.main --config=configs/<file>.py --workdir=DIR``.
 
 Overrides: ``--config.a.b=value``. Multi-host: ``jax.distributed.initialize`` runs
-automatically on TPU pods and SLURM (or with the explicit coordinator flags below).
+automatically in SLURM srun steps and on GKE/multislice TPU (their environment variables);
+on plain TPU VM pods pass ``--distributed=True`` (``launch/tpu_pod.sh`` does), or use the
+explicit coordinator flags below.
 Exit code 75 means the run was preempted (SIGTERM/SIGINT) after saving: rerun it.
 On the CPU, freed host memory stays in the process (``host_memory``; ``MASKFEAT_KEEP_HOST_MEMORY``).
 """
@@ -29,7 +31,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_bool("distributed", None, "Force (True) or skip (False) jax.distributed.initialize; "
-                  "default: on TPU pods / SLURM jobs / when a coordinator is given.")
+                  "default: in SLURM srun steps, on GKE/multislice TPU, or when a coordinator is given "
+                  "(plain TPU VM pods: pass --distributed=True).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

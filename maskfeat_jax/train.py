@@ -411,7 +411,7 @@ def evaluate(config, workdir: str) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     step = ckpt.latest_step()
     if step is None:
-        raise ValueError(f"config.mode='eval': no checkpoint in {ckpt.directory}")
+        raise ValueError(f"--mode=eval: no checkpoint in {ckpt.directory}")
     with jax.set_mesh(mesh):
         state = ckpt.restore(step, st.abstract_state)
     results = {}

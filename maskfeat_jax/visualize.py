@@ -273,6 +273,9 @@ def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: s
 
     if config.task != "pretrain":
         raise ValueError(f"config.task={config.task!r}: HOG figures need a MaskFeat pre-training model")
+    if config.model.name != "vit":
+        raise ValueError(f"config.model.name={config.model.name!r}: HOG figures are drawn for image (ViT) "
+                         f"models only")
     graphdef, params, abstract = load_model(config, params)
     grid = tuple(int(g) for g in abstract.encoder.grid)
     size = int(config.input.image_size)

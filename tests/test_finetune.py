@@ -61,6 +61,19 @@ def test_knn_and_linear_probe_on_separable_features():
     assert probe.knn_accuracy(f_tr, y_tr, f_te, y_te, 3) > 0.95
     assert probe.linear_probe_accuracy(f_tr, y_tr, f_te, y_te, 3, steps_=200) > 0.95
     assert probe.knn_accuracy(f_tr, rng.permutation(y_tr), f_te, y_te, 3) < 0.6
+    f_near = f_tr + rng.normal(size=f_tr.shape) * 40                  # overlapping classes: some errors
+    whole = probe.knn_accuracy(f_near, y_tr, f_te, y_te, 3, chunk=100)
+    assert 0.4 < whole < 1.0 and probe.knn_accuracy(f_near, y_tr, f_te, y_te, 3, chunk=7) == whole
+
+
+def test_probe_and_figures_refuse_video_models():
+    from maskfeat_jax import config as config_lib, visualize
+    c = config_lib.base_config()
+    c.model.name, c.model.variant = "mvit", "mu"
+    with pytest.raises(ValueError, match="config.model.name='mvit': the k-NN and linear probe read images"):
+        probe.evaluate(c, None, None)
+    with pytest.raises(ValueError, match="config.model.name='mvit': HOG figures"):
+        visualize.make_figures(c, None)
 
 
 def _env():

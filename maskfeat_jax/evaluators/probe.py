@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +46,22 @@ def standardise(train, test):
     return (train - mean) / std, (test - mean) / std
 
 
-def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20, temperature: float = 0.07):
-    """Weighted k-NN on cosine similarity (votes ``exp(sim / T)``)."""
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes: int, k: int = 20, temperature: float = 0.07,
+                 chunk: int = 256):
+    """Weighted k-NN on cosine similarity (votes ``exp(sim / T)``), ``chunk`` test examples at a
+    time (their similarities to every training example: ``chunk x len(train)`` floats)."""
     tr = train_f / np.linalg.norm(train_f, axis=1, keepdims=True).clip(1e-12)
     te = test_f / np.linalg.norm(test_f, axis=1, keepdims=True).clip(1e-12)
-    sims = te @ tr.T
     k = min(k, len(tr))
-    idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    votes = np.zeros((len(te), num_classes))
-    w = np.exp(np.take_along_axis(sims, idx, 1) / temperature)
-    np.add.at(votes, (np.repeat(np.arange(len(te)), k), train_y[idx].ravel()), w.ravel())
-    return float((votes.argmax(1) == test_y).mean())
+    hits = 0
+    for i in range(0, len(te), chunk):
+        sims = te[i:i + chunk] @ tr.T
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        votes = np.zeros((len(sims), num_classes))
+        w = np.exp(np.take_along_axis(sims, idx, 1) / temperature)
+        np.add.at(votes, (np.repeat(np.arange(len(sims)), k), train_y[idx].ravel()), w.ravel())
+        hits += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
+    return hits / max(len(te), 1)
 
 
 def linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes: int, steps_: int = 500,
@@ -83,6 +89,12 @@ def linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes: int, st
 
 
 def evaluate(config, graphdef, params, split: str | None = None) -> dict:
+    """k-NN and linear-probe top-1 of an image model's frozen features. Every training example
+    passes through the encoder on this one process: meant for small datasets (the demo's
+    digits, a folder of images), not for watching an ImageNet run."""
+    if config.model.name != "vit":
+        raise ValueError(f"config.model.name={config.model.name!r}: the k-NN and linear probe read images "
+                         f"(ViT models); a video model is evaluated by fine-tuning (top-1/top-5)")
     train = sources.make(config, config.input.train_split)
     test = sources.make(config, split or config.input.eval_split)
     num_classes = getattr(train, "num_classes", None) or config.model.num_classes
@@ -102,11 +114,22 @@ def main():
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--split", default=None)
     args = ap.parse_args()
-    path = args.workdir if args.step is None else f"{checkpoint._resolve(args.workdir)[0]}/{args.step}"
-    config = checkpoint.saved_config(path)
-    graphdef, abs_state = nnx.split(models.build_abstract(config))
-    params = checkpoint.params_like(path, nnx.to_pure_dict(abs_state))
-    print(json.dumps(evaluate(config, graphdef, params, args.split)))
+    try:
+        directory, named, steps_ = checkpoint.locate(args.workdir)
+        if not steps_:
+            raise ValueError(f"--workdir={args.workdir}: no checkpoint found there")
+        step = args.step if args.step is not None else named if named is not None else steps_[-1]
+        if step not in steps_:
+            raise ValueError(f"--step={step}: not a finished checkpoint in {directory} (steps: {steps_})")
+        path = f"{directory}/{step}"
+        config = checkpoint.saved_config(path)
+        graphdef, abs_state = nnx.split(models.build_abstract(config))
+        params = checkpoint.params_like(path, nnx.to_pure_dict(abs_state))
+        result = evaluate(config, graphdef, params, args.split)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
