@@ -284,3 +284,26 @@ def unknown_override_keys(config_file: str, argv) -> list[str]:
                 hint = f"; did you mean {' or '.join(close)}?" if close else ""
                 messages.append(f"unknown config key config.{key}{hint}")
     return messages
+
+
+def flags_parser(flag_values):
+    """An ``absl.app.run(..., flags_parser=)`` for a command with a ``--config`` file flag: an
+    unknown ``--config.<key>`` override is reported by name (with the closest keys) and the
+    command exits with code 2, as any other flag error, instead of a traceback."""
+    import sys
+
+    def parse(argv):
+        try:
+            return flag_values(argv)
+        except Exception as e:  # noqa: BLE001 - ml_collections raises several types here
+            config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+            messages = []
+            if config_file is not None:
+                try:
+                    messages = unknown_override_keys(config_file, argv)
+                except Exception:  # noqa: BLE001 - the config file itself is broken: the original error
+                    messages = []
+            print("error: " + ("\n       ".join(messages) if messages else str(e)), file=sys.stderr)
+            sys.exit(2)
+
+    return parse

@@ -402,5 +402,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app
+    from maskfeat_jax import config as config_lib
     FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))

@@ -55,25 +55,6 @@ def _maybe_initialize_distributed(jax):
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
-def parse_flags(argv):
-    """absl flag parsing, with unknown ``--config.<key>`` overrides reported by name."""
-    try:
-        return FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - ml_collections raises several types here
-        config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-        if config_file is not None:
-            from maskfeat_jax import config as config_lib
-            try:
-                messages = config_lib.unknown_override_keys(config_file, argv)
-            except Exception:  # noqa: BLE001 - the config file itself is broken: show the original error
-                messages = []
-            if messages:
-                print("error: " + "\n       ".join(messages), file=sys.stderr)
-                sys.exit(2)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv):
     del argv
     import jax  # imported after flag parsing so XLA flags from the environment apply
@@ -103,4 +84,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from maskfeat_jax import config as config_lib
+    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))

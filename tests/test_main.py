@@ -97,6 +97,10 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
 def test_unknown_override_key_fails_naming_it_with_a_suggestion(tmp_path):
     p = _run(tmp_path, "--config.optim.base_rl=3", check=False)
     assert p.returncode == 2 and "config.optim.base_rl" in p.stderr and "did you mean optim.base_lr" in p.stderr
+    for tool, extra in (("maskfeat_jax.dry_run", []), ("maskfeat_jax.convert", ["--src=x.npz", f"--out={tmp_path}/c"])):
+        q = subprocess.run([sys.executable, "-m", tool, "--config=configs/demo.py", "--config.optim.base_rl=3", *extra],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        assert q.returncode == 2 and "did you mean optim.base_lr" in q.stderr, (tool, q.stderr[-2000:])
 
 
 def test_bad_value_fails_before_compile_naming_the_key(tmp_path):
