@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="MaskFeat self-supervised pre-training of ViT and MViTv2 in JAX/Flax",
     packages=find_packages(include=["maskfeat_jax", "maskfeat_jax.*"]),
-    python_requires=">=3.11"   # jax 0.10, flax 0.12, orbax and grain need 3.11,
+    python_requires=">=3.11",   # jax 0.10, flax 0.12, orbax and grain need 3.11
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12.8,<0.13",
