@@ -248,13 +248,14 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object
             raise FileNotFoundError(f"--src={path!r} does not exist")
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}, None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--src={path!r} does not exist")
     try:
         import torch
     except ImportError:
-        raise ImportError("reading .pyth checkpoints needs PyTorch: pip install 'maskfeat_jax[convert]' "
-                          "(or any CPU build of torch)") from None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--src={path!r} does not exist")
+        raise ConversionError(f"--src={path}: reading .pyth checkpoints needs PyTorch: pip install "
+                              f"'maskfeat_jax[convert]' (or any CPU build of torch), or convert its tensors "
+                              f"to .npz where torch is installed") from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001 - restricted unpickler refused an object

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -15,11 +16,16 @@ from maskfeat_jax import storage
 
 
 def read(workdir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    text = (storage.path(workdir) / "metrics.jsonl").read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    """(steps, values) of ``key`` in ``WORKDIR/metrics.jsonl``; a missing file or key is a
+    ``ValueError`` that names it (and the numeric keys there are)."""
+    metrics = storage.path(workdir) / "metrics.jsonl"
+    if not metrics.exists():
+        raise ValueError(f"--workdir={workdir}: no metrics.jsonl there (is it a training workdir?)")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     pts = sorted({r["step"]: r[key] for r in rows if key in r and math.isfinite(r[key])}.items())
     if not pts:
-        raise ValueError(f"no {key!r} in {workdir}/metrics.jsonl")
+        keys = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+        raise ValueError(f"--key={key}: not in {workdir}/metrics.jsonl; its keys: {', '.join(keys)}")
     steps, values = zip(*pts)
     return np.asarray(steps, float), np.asarray(values, float)
 
@@ -58,7 +64,11 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     out = storage.path(a.out) if a.out else storage.path(a.workdir) / (a.key.replace("/", "_") + ".png")
-    steps, values = read(a.workdir, a.key)
+    try:
+        steps, values = read(a.workdir, a.key)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with out.open("wb") as f:
         fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
         plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})").save(f, format=fmt)

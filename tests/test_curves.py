@@ -25,5 +25,10 @@ def test_curve_png_draws_the_series(tmp_path):
 
 def test_missing_key_is_an_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "a": 1.0}) + "\n")
-    with pytest.raises(ValueError, match="train/loss"):
+    with pytest.raises(ValueError, match="--key=train/loss: not in .*; its keys: a"):
         curves.read(str(tmp_path), "train/loss")
+    with pytest.raises(SystemExit) as exit_:                     # the command: a message, code 2
+        curves.main([f"--workdir={tmp_path}/elsewhere"])
+    assert exit_.value.code == 2
+    with pytest.raises(ValueError, match="no metrics.jsonl there"):
+        curves.read(str(tmp_path / "elsewhere"), "train/loss")

@@ -274,3 +274,12 @@ def test_exports_from_a_gcs_workdir(official_and_workdir, bucket, tmp_path):
         assert set(f.files) == set(sd)
         for k, v in sd.items():
             np.testing.assert_array_equal(f[k], v, err_msg=k)
+
+
+def test_a_pyth_without_torch_or_without_the_file_says_which(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert.load_state_dict(str(tmp_path / "missing.pyth"))
+    (tmp_path / "a.pyth").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)          # torch not installed
+    with pytest.raises(convert.ConversionError, match=r"a.pyth: reading .pyth checkpoints needs PyTorch"):
+        convert.load_state_dict(str(tmp_path / "a.pyth"))
