@@ -139,6 +139,19 @@ def locate(path: str) -> tuple[str, int | None, list[int]]:
     return str(path), named, steps
 
 
+def find_step(workdir: str, step: int | None = None) -> tuple[str, int]:
+    """The tools' ``--workdir`` (a workdir, its ``checkpoints`` folder or one step folder) and
+    ``--step`` -> (checkpoints dir, step): ``step``, else the named step folder's, else the latest
+    finished one. A ``ValueError`` names the flag at fault."""
+    directory, named, steps = locate(workdir)
+    if not steps:
+        raise ValueError(f"--workdir={workdir}: no checkpoint found in {directory}")
+    step = step if step is not None else named if named is not None else steps[-1]
+    if step not in steps:
+        raise ValueError(f"--step={step}: {directory} holds steps {steps}")
+    return directory, step
+
+
 def _resolve(path: str) -> tuple[str, int]:
     """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, step):
     the step folder's, else the latest."""

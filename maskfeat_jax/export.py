@@ -129,12 +129,10 @@ def export(workdir: str, out: str, *, step: int | None = None, encoder_only: boo
     ext = _check_out(out)
     if ext == ".pyth":
         _torch(out)                               # before reading a large checkpoint
-    directory, named, steps = checkpoint.locate(workdir)
-    if not steps:
-        raise ExportError(f"--workdir={workdir}: no checkpoint found in {directory}")
-    step = step if step is not None else named if named is not None else steps[-1]
-    if step not in steps:
-        raise ExportError(f"--step={step}: {directory} holds steps {steps}")
+    try:
+        directory, step = checkpoint.find_step(workdir, step)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     step_dir = str(storage.path(directory) / str(step))
     config = checkpoint.saved_config(step_dir)
     family, task = config.model.name, config.task

@@ -328,19 +328,6 @@ def write_to_tensorboard(writer, step: int, figures: Sequence[np.ndarray], tag: 
 # command
 # ----------------------------------------------------------------------------
 
-def _checkpoint_dir(workdir: str, step: int | None) -> tuple[str, int]:
-    from maskfeat_jax import checkpoint
-    path, named, steps = checkpoint.locate(workdir)
-    step = named if step is None else step
-    if not steps:
-        raise ValueError(f"--workdir={workdir}: no checkpoint found in {path}")
-    if step is None:
-        return path, steps[-1]
-    if step not in steps:
-        raise ValueError(f"--step={step}: no such checkpoint in {path} (available: {steps})")
-    return path, step
-
-
 def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m maskfeat_jax.visualize",
                                      description="HOG figures (input | masked | target | prediction) "
@@ -364,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     from maskfeat_jax import checkpoint, storage
 
     try:
-        directory, step = _checkpoint_dir(args.workdir, args.step)
+        directory, step = checkpoint.find_step(args.workdir, args.step)
         config = load_saved_config(directory, step)
         with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
             warnings.simplefilter("ignore", UserWarning)

@@ -32,13 +32,12 @@ class Evaluator:
         return pipeline.eval_batches(self.config, self.source, self.batch)
 
     def run(self, params) -> dict:
+        totals = np.zeros(3, np.int64)   # top1, top5, examples (videos)
         if self.video:
-            totals = np.zeros(3, np.int64)   # top1, top5, videos
             for score, label in self.video_scores(params).values():
                 top = np.argsort(-score)[:5]
                 totals += [int(top[0] == label), int(label in top), 1]
-        else:
-            totals = np.zeros(3, np.int64)   # top1, top5, images: sums over the global batch
+        else:                            # the step sums over the global batch
             with jax.set_mesh(self.mesh):
                 for local in self._batches():
                     out = jax.device_get(self.step(params, sharding.global_batch(self.mesh, local)))

@@ -115,13 +115,7 @@ def main():
     ap.add_argument("--split", default=None)
     args = ap.parse_args()
     try:
-        directory, named, steps_ = checkpoint.locate(args.workdir)
-        if not steps_:
-            raise ValueError(f"--workdir={args.workdir}: no checkpoint found there")
-        step = args.step if args.step is not None else named if named is not None else steps_[-1]
-        if step not in steps_:
-            raise ValueError(f"--step={step}: not a finished checkpoint in {directory} (steps: {steps_})")
-        path = f"{directory}/{step}"
+        path = "{}/{}".format(*checkpoint.find_step(args.workdir, args.step))
         config = checkpoint.saved_config(path)
         graphdef, abs_state = nnx.split(models.build_abstract(config))
         params = checkpoint.params_like(path, nnx.to_pure_dict(abs_state))
