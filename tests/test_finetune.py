@@ -182,3 +182,12 @@ def test_labels_beyond_the_heads_classes_are_refused_before_compiling(tmp_path):
     c.input.dataset, c.input.global_batch_size, c.total_steps = "digits", 8, 1
     with pytest.raises(ValueError, match=r"config.model.num_classes=5.*set config.model.num_classes=10"):
         train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_eval_mode_on_an_empty_workdir_fails_naming_it_and_writes_nothing(tmp_path):
+    from maskfeat_jax import config as config_lib, train
+    c = config_lib.base_config()
+    c.model.variant, c.input.image_size, c.input.dataset = "mu/16", 32, "digits"
+    with pytest.raises(ValueError, match=r"--mode=eval: --workdir=.* holds no finished checkpoint"):
+        train.evaluate(c, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
