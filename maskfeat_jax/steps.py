@@ -14,6 +14,7 @@ valid examples), so the summed gradient is exactly the full batch's. The lr scal
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -131,9 +132,20 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
     return step
 
 
-def mix(rng, images, labels, num_classes, a):
-    """Mixup / CutMix (timm batch mode, pairing each example with the reversed batch)
-    with label smoothing folded into the targets. Returns (images, soft targets)."""
+def partners(x):
+    """Each example's mixing partner: the batch reversed within each device's slice of it (as
+    the official per-GPU mixup reverses its own batch), so that no example crosses devices.
+    Without a mesh, or on one device, the whole batch reversed."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    b = x.shape[0]
+    return x.reshape(shards, b // shards, *x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
+def mix(rng, images, labels, num_classes, a, valid=None):
+    """Mixup / CutMix (timm batch mode, pairing each example with ``partners``) with label
+    smoothing folded into the targets. An example whose partner is not valid (an input that
+    failed to decode) is left unmixed. Returns (images, soft targets)."""
     k_lam, k_switch, k_box = jax.random.split(rng, 3)
     off = a.label_smoothing / num_classes
     onehot = jax.nn.one_hot(labels, num_classes) * (1.0 - a.label_smoothing) + off
@@ -149,14 +161,16 @@ def mix(rng, images, labels, num_classes, a):
     rows, cols = jnp.arange(hh)[:, None], jnp.arange(ww)[None, :]
     box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
     lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (hh * ww)
-    flipped = images[::-1]
-    mixed = jnp.where(use_cutmix, jnp.where(box[..., None], flipped, images),
-                      lam * images + (1 - lam) * flipped)
-    lam = jnp.where(use_cutmix, lam_cut, lam)
     enabled = (a.mixup_alpha > 0) | (a.cutmix_alpha > 0)
     if not enabled:
         return images, onehot
-    return mixed, lam * onehot + (1 - lam) * onehot[::-1]
+    partner_ok = jnp.ones(images.shape[:1], bool) if valid is None else partners(valid)
+    lam = jnp.where(partner_ok, jnp.where(use_cutmix, lam_cut, lam), 1.0)        # (B,)
+    per_example = (-1,) + (1,) * (images.ndim - 1)
+    flipped, lam_x, ok_x = partners(images), lam.reshape(per_example), partner_ok.reshape(per_example)
+    mixed = jnp.where(use_cutmix, jnp.where(box[..., None] & ok_x, flipped, images),
+                      lam_x * images + (1 - lam_x) * flipped)
+    return mixed, lam[:, None] * onehot + (1 - lam[:, None]) * partners(onehot)
 
 
 def erase(rng, images, boxes_Bx4):
@@ -180,7 +194,7 @@ def make_finetune_step(graphdef, tx, schedule, config):
         k_erase, k_mix, k_drop = jax.random.split(rng, 3)
         images = erase(k_erase, normalize(batch["image"], config.input.mean, config.input.std),
                        batch["erase_box"])
-        images, targets = mix(k_mix, images, batch["label"], num_classes, config.augment)
+        images, targets = mix(k_mix, images, batch["label"], num_classes, config.augment, batch["valid"])
         valid = batch["valid"].astype(jnp.float32)
         denom = jnp.maximum(valid.sum(), 1.0)               # valid examples of the whole batch
         inputs = {"images": images, "targets": targets, "valid": valid, "rng": k_drop}

@@ -191,3 +191,17 @@ def test_eval_mode_on_an_empty_workdir_fails_naming_it_and_writes_nothing(tmp_pa
     with pytest.raises(ValueError, match=r"--mode=eval: --workdir=.* holds no finished checkpoint"):
         train.evaluate(c, str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0)])
+def test_an_example_whose_partner_failed_to_decode_is_left_unmixed(mixup, cutmix):
+    images = jnp.stack([jnp.full((8, 8, 3), float(i)) for i in range(4)])
+    labels, valid = jnp.arange(4), jnp.array([True, True, True, False])    # example 3: a blank row
+    for seed in range(4):
+        mixed, targets = steps.mix(jax.random.key(seed), images, labels, 4, _aug(mixup, cutmix, 0.5, 0.0), valid)
+        # example 0's partner (3) is invalid: example 0 keeps its pixels and its own label
+        np.testing.assert_array_equal(mixed[0], images[0])
+        np.testing.assert_array_equal(targets[0], jax.nn.one_hot(0, 4))
+        # examples 1 and 2 pair with each other as usual
+        np.testing.assert_allclose(float(targets[1, 1]) + float(targets[1, 2]), 1.0, atol=1e-6)
+        np.testing.assert_allclose(float(targets[1, 1]), 2.0 - float(mixed[1].mean()), atol=1e-5)

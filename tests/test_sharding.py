@@ -9,6 +9,9 @@ from maskfeat_jax import config as config_lib, sharding, train
 def _config(task="pretrain"):
     c = config_lib.base_config()
     c.task, c.model.variant, c.input.image_size = task, "mu/16", 32
+    # mixup pairs examples within each device's slice of the batch (as the official per-GPU mixup),
+    # so its pairs depend on the mesh: off here, tested in test_mixup_pairs_stay_on_their_device
+    c.augment.mixup_alpha, c.augment.cutmix_alpha = 0.0, 0.0
     c.input.global_batch_size, c.model.num_classes = 8, 10
     c.optim.warmup_epochs, c.optim.base_lr = 0.0, 1e-2
     return c
@@ -103,3 +106,27 @@ def test_micro_batches_interleave_so_no_data_moves():
     np.testing.assert_array_equal(mb[1, :, 0], np.arange(2, 32, 4))       # examples 1, 3, 5, ...
     # device d holds examples 2d and 2d + 1: one of each micro-batch
     assert mb.sharding.shard_shape(mb.shape) == (2, 1, 2)
+
+
+def test_mixup_pairs_stay_on_their_device():
+    """Each example is mixed with the reversed order of its own device's slice of the batch:
+    no example moves between devices (no collective in the compiled mix)."""
+    import ml_collections
+    a = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.0))
+    mesh = sharding.make_mesh(_config().mesh, jax.devices())          # data parallel over 8
+    n = 16
+    images = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 4, 4, 3))
+    x = jax.device_put(images, sharding.batch_sharding(mesh, 4))
+    y = jax.device_put(np.arange(n, dtype=np.int32), sharding.batch_sharding(mesh, 1))
+    with jax.set_mesh(mesh):
+        f = jax.jit(lambda k, x, y: train.steps.mix(k, x, y, n, a))
+        hlo = f.lower(jax.random.key(0), x, y).compile().as_text()
+        mixed, targets = f(jax.random.key(0), x, y)
+    for op in ("collective-permute", "all-to-all", "all-gather", "all-reduce"):
+        assert op not in hlo, op
+    partner = np.arange(n) ^ 1                 # 2 examples a device: each pairs with the other one
+    targets, mixed = np.asarray(targets), np.asarray(mixed)
+    lam = targets[np.arange(n), np.arange(n)]
+    assert 0.0 < lam[0] < 1.0
+    np.testing.assert_allclose(targets[np.arange(n), partner], 1.0 - lam, atol=1e-6)
+    np.testing.assert_allclose(mixed[:, 0, 0, 0], lam * np.arange(n) + (1 - lam) * partner, atol=1e-4)
