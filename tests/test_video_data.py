@@ -262,6 +262,19 @@ def test_the_config_target_fps_and_flip_reach_the_clip_maps(index_videos):
             assert (flipped > 0) == expect_flips, (task, flip, flipped)
 
 
+def test_the_fine_tuning_crop_scale_reaches_the_clip_map(index_videos, monkeypatch):
+    c = _config(image_size=32, short_side=48, num_frames=2, sampling_rate=2)
+    element = {"video": index_videos["h264.mp4"], "label": 0}
+    scales, crop = [], video.VT.random_resized_crop
+    monkeypatch.setattr(video.VT, "random_resized_crop", lambda *a, scale, **k: scales.append(scale) or crop(
+        *a, scale=scale, **k))
+    c.task, c.augment.crop_min_scale = "finetune", 0.9
+    assert video.VideoTrainMap(c).random_map(element, np.random.default_rng(0))["image"].shape == (2, 32, 32, 3)
+    c.task = "pretrain"                                         # pre-training's crop is the spec's (0.5, 1)
+    video.VideoTrainMap(c).random_map(element, np.random.default_rng(0))
+    assert scales == [(0.9, 1.0), (0.5, 1.0)]
+
+
 def _corrupt_files(d, good):
     data = open(good, "rb").read()
     files = {"truncated": data[: len(data) // 2], "random": np.random.default_rng(0).integers(

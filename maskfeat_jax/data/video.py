@@ -398,6 +398,7 @@ class VideoTrainMap(grain.transforms.RandomMap):
                              f"got {grid!r} (config.input.image_size={self.size}: use a multiple of 32)")
         self.ratio, self.min_aspect = config.mask.ratio, config.mask.min_aspect
         self.erase_p, self.flip_p = config.augment.erase_prob, 0.5 if config.augment.flip else 0.0
+        self.crop_min_scale = config.augment.crop_min_scale
         self.randaug_ops, self.randaug_mag = config.augment.randaug_ops, config.augment.randaug_magnitude
 
     def _view(self, frames, ok: bool, rng: np.random.Generator) -> dict:
@@ -413,7 +414,8 @@ class VideoTrainMap(grain.transforms.RandomMap):
             if self.randaug_ops > 0:
                 frames = VT.rand_augment_clip(frames, rng, num_ops=self.randaug_ops, magnitude=self.randaug_mag,
                                               magnitude_std=0.5, fill=VIDEO_RANDAUG_FILL)
-            clip = VT.random_resized_crop(frames, rng, self.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            clip = VT.random_resized_crop(frames, rng, self.size, scale=(self.crop_min_scale, 1.0),
+                                          ratio=(3 / 4, 4 / 3))
             clip = VT.random_flip(clip, rng, self.flip_p)
             out["erase_box"] = pipeline.erase_box(rng, self.size, self.erase_p)
         if not ok:
