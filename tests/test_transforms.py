@@ -250,6 +250,14 @@ def test_eval_transform(noise):
     np.testing.assert_array_equal(T.eval_transform(noise, 16, resize=H), T.center_crop(noise, 16))
 
 
+def test_eval_resize_truncates_as_the_official_loader(monkeypatch):
+    sides = []
+    monkeypatch.setattr(T, "resize_short_and_center_crop", lambda img, short, size, interp: sides.append(short))
+    for size in (224, 96, 160, 384):
+        T.eval_transform(np.zeros((8, 8, 3), np.uint8), size)
+    assert sides == [256, 109, 182, 438]          # int(size / 0.875); rounding gives 110 and 183 for 96 and 160
+
+
 # ----------------------------------------------------------------------------
 # RandAugment ops
 # ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ Pipelines:
 * :func:`finetune_transform` -- RRC scale (0.08, 1), bicubic, h-flip,
   RandAugment; random erasing comes later, on device after normalisation
   (``pipeline.erase_box`` draws the box, ``steps.erase`` fills it).
-* :func:`eval_transform` -- short side to ``round(size / 0.875)``, centre crop.
+* :func:`eval_transform` -- short side to ``int(size / 0.875)``, centre crop.
 """
 
 from __future__ import annotations
@@ -431,10 +431,10 @@ def finetune_transform(img: np.ndarray | Image.Image, rng: np.random.Generator, 
 
 
 def eval_transform(img: np.ndarray | Image.Image, size: int = 224, resize: int | None = None) -> np.ndarray:
-    """Evaluation: short side to ``resize`` (default ``round(size / 0.875)``, 256 for 224)
-    with bicubic, then centre crop ``size``. uint8."""
+    """Evaluation: short side to ``resize`` (default ``int(size / 0.875)``, truncated as the
+    official loader does: 256 for 224, 109 for 96) with bicubic, then centre crop ``size``. uint8."""
     if resize is None:
-        resize = int(round(size / 0.875))
+        resize = int(size / 0.875)
     return resize_short_and_center_crop(img, resize, size, "bicubic")
 
 
