@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.eval_split = "validation"   # held-out split for evaluation
     c.input.image_size = 224            # square input side in pixels
     c.input.global_batch_size = 2048    # images per step over all devices and hosts
-    c.input.worker_count = -1           # grain worker processes per host (0: in the main process; -1: cores - 1)
+    c.input.worker_count = -1           # grain workers per host, training and eval (0: main process; -1: cores - 1)
     c.input.prefetch = 2                # batches buffered per worker
     c.input.jpeg_draft = False          # JPEG DCT-scaled decode when the crop is >= 2x the output (big images only)
     c.input.synthetic_size = 4096       # examples in the "synthetic" dataset

@@ -171,12 +171,13 @@ def test_hosts_draw_independent_masks():
     assert (m0 == m1).all(axis=1).mean() < 0.5
 
 
-@pytest.mark.parametrize("pc", [1, 2, 4])
-def test_eval_batches_exactly_once(pc):
+@pytest.mark.parametrize("pc,workers", [(1, 0), (2, 0), (4, 0), (2, 1)])
+def test_eval_batches_exactly_once(pc, workers):
     n, bs = 45, 4
     c = _config()
     src = IndexSource(n)
-    hosts = [list(pipeline.eval_batches(c, src, bs, process_index=i, process_count=pc)) for i in range(pc)]
+    hosts = [list(pipeline.eval_batches(c, src, bs, process_index=i, process_count=pc, worker_count=workers))
+             for i in range(pc)]
     n_batches = {len(h) for h in hosts}
     assert n_batches == {math.ceil(math.ceil(n / pc) / bs)}, "every host must yield the same count"
     seen, pad = [], 0

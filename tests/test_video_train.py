@@ -37,7 +37,7 @@ def test_video_pretraining_end_to_end(tmp_path, video_dir):
     assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-def test_video_finetune_steps_and_multiview_eval(video_dir):
+def test_video_finetune_steps_and_multiview_eval(video_dir, monkeypatch):
     c = config_lib.base_config()
     c.task, c.model.name, c.model.variant = "finetune", "mvit", "mu"
     c.input.dataset, c.input.image_size, c.input.global_batch_size = "video_csv", 64, 8
@@ -56,9 +56,17 @@ def test_video_finetune_steps_and_multiview_eval(video_dir):
         batch = sharding.global_batch(mesh, local)
         state, m = train.jit_step(s, mesh, batch)(state, batch)
     assert np.isfinite(float(m["train/loss"]))
+    from maskfeat_jax.data import pipeline
     from maskfeat_jax.evaluators import classification
-    res = classification.Evaluator(c, mesh, s.graphdef, s.state_sharding.params).run(state.params)
+    workers, read = [], pipeline.read_batches
+    monkeypatch.setattr(pipeline, "read_batches", lambda ds, n: workers.append(n) or read(ds, n))
+    ev, results = classification.Evaluator(c, mesh, s.graphdef, s.state_sharding.params), []
+    for c.input.worker_count in (1, 0):          # clips decoded in a grain worker, then in this process
+        results.append(ev.run(state.params))
+    assert workers == [1, 0]
+    res = results[0]
     assert res["eval/examples"] == 6 and 0 <= res["eval/top1"] <= res["eval/top5"] <= 1
+    assert results[0] == results[1]
 
 
 def test_init_from_interpolates_relative_position_tables(monkeypatch):

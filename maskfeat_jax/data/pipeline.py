@@ -212,8 +212,25 @@ def train_dataset(config, source, grid, *, process_index=None, process_count=Non
     return it
 
 
-def eval_batches(config, source, batch_size: int, *, process_index=None, process_count=None):
-    """Yields padded batches covering this process's slice of ``source`` exactly once.
+def read_batches(ds: grain.MapDataset, workers: int):
+    """Yields ``ds[0], ds[1], ...`` in order, read in ``workers`` grain worker processes
+    (0: in this process)."""
+    if workers <= 0 or len(ds) == 0:
+        yield from (ds[b] for b in range(len(ds)))
+        return
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+              .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+    try:
+        yield from it
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def eval_batches(config, source, batch_size: int, *, process_index=None, process_count=None,
+                 worker_count: int = 0):
+    """Yields padded batches covering this process's slice of ``source`` exactly once, read
+    in ``worker_count`` grain worker processes (0: in this process).
 
     Every process yields the same number of batches (collectives stay in step)."""
     pi = jax.process_index() if process_index is None else process_index
@@ -222,9 +239,14 @@ def eval_batches(config, source, batch_size: int, *, process_index=None, process
     ds = grain.MapDataset.source(source)[pi::pc].map(EvalMap(config.input.image_size))
     ds = ds.batch(batch_size, drop_remainder=False)
     size = config.input.image_size
-    for b in range(n_batches):
-        batch = ds[b] if b < len(ds) else {"image": np.zeros((0, size, size, 3), np.uint8),
-                                          "label": np.zeros((0,), np.int32), "valid": np.zeros((0,), bool)}
-        pad = batch_size - len(batch["label"])
-        yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
-               for k, v in batch.items()}
+    empty = {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int32),
+             "valid": np.zeros((0,), bool)}
+    read = read_batches(ds, worker_count)
+    try:
+        for b in range(n_batches):
+            batch = next(read) if b < len(ds) else empty
+            pad = batch_size - len(batch["label"])
+            yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) if pad else v
+                   for k, v in batch.items()}
+    finally:
+        read.close()

@@ -577,21 +577,14 @@ def eval_batches(config, source, batch_size: int, num_clips: int | None = None, 
     empty = {"image": np.zeros((0, t, size, size, 3), np.uint8), "label": np.zeros((0,), np.int32),
              "valid": np.zeros((0,), bool), "video_index": np.zeros((0,), np.int32),
              "view": np.zeros((0,), np.int32)}
-    it = None
-    if worker_count > 0 and len(ds) > 0:
-        it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-                  .mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)))
+    read = pipeline.read_batches(ds, worker_count)
     try:
         for b in range(n_batches):
-            if b >= len(ds):
-                batch = empty
-            else:
-                batch = next(it) if it is not None else ds[b]
+            batch = next(read) if b < len(ds) else empty
             pad = batch_size - len(batch["label"])
             if pad:
                 batch = {k: np.concatenate([v, np.full((pad,) + v.shape[1:], -1 if k == "video_index" else 0,
                                                        v.dtype)]) for k, v in batch.items()}
             yield batch
     finally:
-        if it is not None and hasattr(it, "close"):
-            it.close()
+        read.close()

@@ -26,10 +26,11 @@ class Evaluator:
         self.step = jax.jit(step, in_shardings=(param_sh, None), out_shardings=sharding.replicated(mesh))
 
     def _batches(self):
+        workers = pipeline.worker_count(self.config)          # config.input.worker_count, as in training
         if self.video:
             from maskfeat_jax.data import video
-            return video.eval_batches(self.config, self.source, self.batch)
-        return pipeline.eval_batches(self.config, self.source, self.batch)
+            return video.eval_batches(self.config, self.source, self.batch, worker_count=workers)
+        return pipeline.eval_batches(self.config, self.source, self.batch, worker_count=workers)
 
     def run(self, params) -> dict:
         totals = np.zeros(3, np.int64)   # top1, top5, examples (videos)
