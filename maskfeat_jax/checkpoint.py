@@ -182,9 +182,11 @@ def read_params(path: str) -> dict:
 def init_from(path: str, params, mesh=None):
     """Copies the encoder weights of a checkpoint into ``params`` (a fine-tuning model).
 
-    Keys present in both are loaded (shape mismatch is an error naming the key); keys
-    only in ``params`` (the new head) keep their fresh init; keys only in the checkpoint
-    (mask token, HOG head, optimizer) are ignored. The report is logged and returned."""
+    Keys present in both are loaded; a shape mismatch is an error naming the key, except for
+    MViTv2's rel-pos tables (resized linearly, spec 7.3) and ViT's position table (resized
+    bicubically, for fine-tuning at another image size). Keys only in ``params`` (the new
+    head) keep their fresh init; keys only in the checkpoint (mask token, HOG head,
+    optimizer) are ignored. The report is logged and returned."""
     src = flat_params(read_params(path))
     dst = flat_params(params)
     import jax.numpy as jnp
@@ -197,6 +199,10 @@ def init_from(path: str, params, mesh=None):
                 from maskfeat_jax.models.mvit import interpolate_rel_pos   # PT -> FT tables (spec 7.3)
                 src[key] = np.asarray(interpolate_rel_pos(jnp.asarray(src[key]), x.shape[0]))
                 interpolated.append(key)
+            if key == "encoder/pos_embed" and src[key].shape[::2] == x.shape[::2] and src[key].shape != x.shape:
+                from maskfeat_jax.models.vit import resize_pos_embed      # another image size
+                src[key] = resize_pos_embed(src[key], x.shape[1])
+                interpolated.append(key)
             if tuple(src[key].shape) != tuple(x.shape):
                 raise ValueError(f"config.init_from: parameter {key} has shape {tuple(src[key].shape)} in "
                                  f"{path}, but the model expects {tuple(x.shape)}")
@@ -208,7 +214,7 @@ def init_from(path: str, params, mesh=None):
     ignored = sorted(set(src) - set(loaded))
     logging.info("init_from %s: loaded %d tensors (interpolated %s); new: %s; ignored: %s", path, len(loaded),
                  interpolated, new, ignored)
-    print(f"init_from {path}: loaded {len(loaded)} tensors (rel-pos tables interpolated: {interpolated}), "
+    print(f"init_from {path}: loaded {len(loaded)} tensors (position tables interpolated: {interpolated}), "
           f"new {new}, ignored {ignored}", flush=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     return jax.tree_util.tree_unflatten(treedef, [out[k] for k in dst])

@@ -205,3 +205,55 @@ def test_an_example_whose_partner_failed_to_decode_is_left_unmixed(mixup, cutmix
         # examples 1 and 2 pair with each other as usual
         np.testing.assert_allclose(float(targets[1, 1]) + float(targets[1, 2]), 1.0, atol=1e-6)
         np.testing.assert_allclose(float(targets[1, 1]), 2.0 - float(mixed[1].mean()), atol=1e-5)
+
+
+def _torch_bicubic_reference(grid_HxWxD, out: int, a=-0.75):
+    """Loop-level 2-D bicubic resize as torch's interpolate(mode='bicubic', align_corners=False):
+    16 taps per output pixel, source coordinates at half-pixel centres, taps clamped to the edge."""
+    def w(x):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+        return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a if x < 2 else 0.0
+    h = grid_HxWxD.shape[0]
+    res = np.zeros((out, out, grid_HxWxD.shape[2]))
+    for oy in range(out):
+        for ox in range(out):
+            sy, sx = (oy + 0.5) * h / out - 0.5, (ox + 0.5) * h / out - 0.5
+            for ky in range(math.floor(sy) - 1, math.floor(sy) + 3):
+                for kx in range(math.floor(sx) - 1, math.floor(sx) + 3):
+                    yy, xx = min(max(ky, 0), h - 1), min(max(kx, 0), h - 1)
+                    res[oy, ox] += w(sy - ky) * w(sx - kx) * grid_HxWxD[yy, xx]
+    return res
+
+
+@pytest.mark.parametrize("src,dst", [(4, 6), (6, 4), (3, 7), (5, 5)])
+def test_position_table_resize_matches_a_loop_level_bicubic(src, dst):
+    from maskfeat_jax.models.vit import resize_pos_embed
+    rng = np.random.default_rng(src * 10 + dst)
+    pos = rng.normal(size=(1, 1 + src * src, 3)).astype(np.float32)
+    out = resize_pos_embed(pos, 1 + dst * dst)
+    assert out.shape == (1, 1 + dst * dst, 3)
+    np.testing.assert_array_equal(out[0, 0], pos[0, 0])                     # the class token's row
+    ref = _torch_bicubic_reference(pos[0, 1:].reshape(src, src, 3), dst)
+    np.testing.assert_allclose(out[0, 1:].reshape(dst, dst, 3), ref, atol=1e-5)
+    if src == dst:
+        np.testing.assert_array_equal(out, pos)
+    const = np.full((1, 1 + src * src, 2), 0.7, np.float32)             # weights sum to one
+    np.testing.assert_allclose(resize_pos_embed(const, 1 + dst * dst), 0.7, rtol=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        resize_pos_embed(pos, 1 + 12)
+
+
+@pytest.mark.xdist_group("finetune_pretrained")
+def test_init_from_resizes_the_position_table_for_another_image_size(pretrained):
+    from maskfeat_jax import config as config_lib, sharding, train
+    from maskfeat_jax.models.vit import resize_pos_embed
+    c = config_lib.base_config()
+    c.task, c.model.variant, c.input.image_size, c.model.num_classes = "finetune", "mu/16", 48, 10  # 2x2 -> 3x3
+    c.input.global_batch_size = 8
+    fresh = train.setup(c, sharding.make_mesh(c.mesh), 10, 10).init().params
+    loaded = checkpoint.init_from(str(pretrained), fresh)
+    src = checkpoint.read_params(str(pretrained))["encoder"]["pos_embed"]
+    assert src.shape[1] == 5 and loaded["encoder"]["pos_embed"].shape[1] == 10
+    np.testing.assert_allclose(loaded["encoder"]["pos_embed"], resize_pos_embed(src, 10), rtol=1e-6)

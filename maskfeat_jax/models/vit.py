@@ -8,10 +8,12 @@ their position. All tokens go through the encoder (no MAE-style dropping).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from maskfeat_jax import sharding
@@ -60,6 +62,39 @@ def flat_projections() -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     heads_split = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
     return jax.default_backend() == "cpu" and not heads_split
+
+
+def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """``(n_out, n_in)``: torch's bicubic resize along one axis (``align_corners=False``:
+    half-pixel centres; cubic convolution with ``a = -0.75``; taps clamped to the edges)."""
+    def cubic(x):
+        x = abs(x)
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1 if x <= 1 else a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        i = math.floor(src)
+        t = src - i
+        for k, w in zip(range(i - 1, i + 3), (cubic(t + 1), cubic(t), cubic(1 - t), cubic(2 - t))):
+            m[o, min(max(k, 0), n_in - 1)] += w
+    return m
+
+
+def resize_pos_embed(pos_1xNxD, n_tokens: int) -> np.ndarray:
+    """A position table ``(1, 1 + h*h, D)`` (class token first) resized to ``n_tokens`` rows
+    (``1 + h'*h'``): the square patch grid bicubically as torch's ``interpolate(mode='bicubic',
+    align_corners=False)`` (MAE's and timm's fine-tuning at another resolution), the class
+    token's row as it is."""
+    pos = np.asarray(pos_1xNxD, np.float32)
+    h, h2 = math.isqrt(pos.shape[1] - 1), math.isqrt(n_tokens - 1)
+    if h * h != pos.shape[1] - 1 or h2 * h2 != n_tokens - 1:
+        raise ValueError(f"position table of {pos.shape[1]} rows -> {n_tokens}: only square patch grids "
+                         f"(plus the class token) are resized")
+    grid = pos[0, 1:].reshape(h, h, -1)
+    m = _bicubic_matrix(h, h2)
+    resized = np.einsum("oh,hwd,pw->opd", m, grid, m).reshape(1, h2 * h2, -1)
+    return np.concatenate([pos[:, :1], resized.astype(np.float32)], axis=1)
 
 
 class Attention(nnx.Module):
