@@ -126,11 +126,13 @@ def test_parse_csv_formats(tmp_path):
     (tmp_path / "sub").mkdir()
     absolute = str(tmp_path / "elsewhere" / "x.webm")
     csv = _write_csv(tmp_path / "sub" / "train.csv", [
-        "a.mp4 3", "", "dir/b.mp4,0", "   ", "c.mp4 , 7", f"{absolute} 12", "d.mp4\t1  \r", ""])
+        "a.mp4 3", "", "dir/b.mp4,0", "   ", "c.mp4 , 7", f"{absolute} 12", "d.mp4\t1  \r", "",
+        "air drumming/e.mp4,4"])
     items = video.parse_csv(csv)
     base = str(tmp_path / "sub")
     assert items == [(os.path.join(base, "a.mp4"), 3), (os.path.join(base, "dir/b.mp4"), 0),
-                     (os.path.join(base, "c.mp4"), 7), (absolute, 12), (os.path.join(base, "d.mp4"), 1)]
+                     (os.path.join(base, "c.mp4"), 7), (absolute, 12), (os.path.join(base, "d.mp4"), 1),
+                     (os.path.join(base, "air drumming/e.mp4"), 4)]
     root = str(tmp_path / "videos")
     items = video.parse_csv(csv, root=root)
     assert items[0] == (os.path.join(root, "a.mp4"), 3) and items[3] == (absolute, 12)
@@ -138,7 +140,8 @@ def test_parse_csv_formats(tmp_path):
 
 @pytest.mark.parametrize("bad, what", [
     ("only_path.mp4", "field"), ("x.mp4 abc", "not an integer"), ("x.mp4 1.5", "not an integer"),
-    ("x.mp4 1 2", "field"), ("x.mp4,1,extra", "field"), ("x.mp4,,1", "field"), ("x.mp4 -1", "negative")])
+    ("x.mp4 1 2", "field"), ("x.mp4,1,extra", "field"), ("x.mp4,,1", "field"), ("x.mp4 -1", "negative"),
+    ("air drumming/x.mp4 1", "field")])
 def test_parse_csv_malformed_names_file_and_line(tmp_path, bad, what):
     csv = _write_csv(tmp_path / "val.csv", ["ok.mp4 0", "", bad, "ok2.mp4 1"])
     with pytest.raises(ValueError, match=f"{csv}:3: .*{what}"):

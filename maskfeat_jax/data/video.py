@@ -53,7 +53,6 @@ import io
 import logging
 import math
 import os
-import re
 
 import grain
 import jax
@@ -68,7 +67,6 @@ __all__ = ["parse_csv", "VideoCsvSource", "make_source", "temporal_indices", "de
            "steps_per_epoch", "train_dataset", "eval_batches"]
 
 _warned: set = set()
-_SPLIT_RE = re.compile(r"\s*,\s*|\s+")
 #: Fill of the video RandAugment: PySlowFast's video AugmentOp passes no ``img_mean``.
 VIDEO_RANDAUG_FILL = (128, 128, 128)
 
@@ -87,17 +85,19 @@ def csv_lines(path: str) -> list[tuple[int, str]]:
 def parse_csv(path: str, root: str | None = None) -> list[tuple[str, int]]:
     """``[(video_path, label), ...]`` from a ``path label`` / ``path,label`` file.
 
-    Relative paths are joined to ``root`` (default: the CSV's folder); a path cannot
-    contain spaces or commas (they separate the fields). Blank lines are skipped. A
-    line with a missing label, a non-integer or negative label, or more than two
-    fields raises ValueError naming the file and the 1-based line number.
+    A line with a comma is split at its comma (PySlowFast's ``PATH_LABEL_SEPARATOR: ","``),
+    so its path may hold spaces (Kinetics folders named by class: ``air drumming/x.mp4,3``);
+    a line without one is split at whitespace. Relative paths are joined to ``root``
+    (default: the CSV's folder). Blank lines are skipped. A line with a missing label, a
+    non-integer or negative label, or more than two fields raises ValueError naming the
+    file and the 1-based line number.
     """
     path = os.fspath(path)
     if root is None:
         root = os.path.dirname(os.path.abspath(path))
     items = []
     for lineno, line in csv_lines(path):
-        fields = _SPLIT_RE.split(line)
+        fields = [f.strip() for f in line.split(",")] if "," in line else line.split()
         if len(fields) != 2 or not fields[0]:
             raise ValueError(f"{path}:{lineno}: expected 'path label' (space or comma separated), "
                              f"got {len(fields)} field(s): {line!r}")
