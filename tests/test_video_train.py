@@ -37,7 +37,7 @@ def test_video_pretraining_end_to_end(tmp_path, video_dir):
     assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-def test_video_finetune_steps_and_multiview_eval(video_dir, monkeypatch):
+def test_video_finetune_steps_and_multiview_eval(video_dir, monkeypatch, tmp_path):
     c = config_lib.base_config()
     c.task, c.model.name, c.model.variant = "finetune", "mvit", "mu"
     c.input.dataset, c.input.image_size, c.input.global_batch_size = "video_csv", 64, 8
@@ -65,8 +65,18 @@ def test_video_finetune_steps_and_multiview_eval(video_dir, monkeypatch):
         results.append(ev.run(state.params))
     assert workers == [1, 0]
     res = results[0]
-    assert res["eval/examples"] == 6 and 0 <= res["eval/top1"] <= res["eval/top5"] <= 1
+    assert res["eval/examples"] == 6 and res["eval/undecodable"] == 0
+    assert 0 <= res["eval/top1"] <= res["eval/top5"] <= 1
     assert results[0] == results[1]
+    # a video that cannot be decoded is left out of top-1/top-5 and counted
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "corrupt.mp4").write_bytes(b"not a video")
+    lines = (video_dir / "val.csv").read_text().splitlines()
+    (csv_dir / "val.csv").write_text("\n".join(lines + [f"{csv_dir / 'corrupt.mp4'} 3"]) + "\n")
+    c.video.csv_dir, c.video.root = str(csv_dir), str(video_dir)
+    bad = classification.Evaluator(c, mesh, s.graphdef, s.state_sharding.params).run(state.params)
+    assert bad == dict(res, **{"eval/undecodable": 1.0})
 
 
 def test_init_from_interpolates_relative_position_tables(monkeypatch):

@@ -1,12 +1,14 @@
 """Top-1 / top-5 accuracy on the held-out split: every example exactly once.
 
 Images: one centre crop each. Videos: ``video.test_clips x video.test_crops`` views per
-video, whose softmax scores are averaged before ranking (spec 9.2).
+video, whose softmax scores are averaged before ranking (spec 9.2). An example that cannot be
+decoded is left out and counted (``eval/undecodable``).
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
+from absl import logging
 
 from maskfeat_jax import sharding, steps
 from maskfeat_jax.data import pipeline, sources
@@ -43,8 +45,13 @@ class Evaluator:
                 for local in self._batches():
                     out = jax.device_get(self.step(params, sharding.global_batch(self.mesh, local)))
                     totals += [int(out["top1"]), int(out["top5"]), int(out["count"])]
-        n = max(int(totals[2]), 1)
-        return {"eval/top1": totals[0] / n, "eval/top5": totals[1] / n, "eval/examples": float(totals[2])}
+        n, undecodable = max(int(totals[2]), 1), len(self.source) - int(totals[2])
+        if undecodable:
+            logging.warning("evaluation: %d of the %d examples of split %r could not be decoded; top-1/top-5 "
+                            "leave them out (eval/undecodable)", undecodable, len(self.source),
+                            self.config.input.eval_split)
+        return {"eval/top1": totals[0] / n, "eval/top5": totals[1] / n, "eval/examples": float(totals[2]),
+                "eval/undecodable": float(undecodable)}
 
     def video_scores(self, params) -> dict:
         """``{video index: (softmax scores summed over its views, label)}`` for every video of
