@@ -36,9 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"              # rematerialisation per block: "none", "dots_saveable", "full"
 
     c.mask = ml_collections.ConfigDict()
-    c.mask.ratio = 0.4                  # fraction of the patch grid to mask (block-wise, spec 4.1)
+    c.mask.ratio = 0.4                  # fraction to mask: image blocks (spec 4.1), video cubes (4.2)
     c.mask.min_aspect = 0.3             # block aspect ratio drawn log-uniform in [min, 1/min]
-    c.mask.tries = 10                   # attempts per block before giving up
+    c.mask.tries = 10                   # attempts per image block (video cubes: 100, spec 4.2)
 
     c.hog = ml_collections.ConfigDict()
     c.hog.nbins = 9                     # orientation bins over 180 degrees
