@@ -137,6 +137,18 @@ def test_final_parameters_match_one_process(runs):
         ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.xdist_group("multihost_runs")
+def test_eval_mode_on_two_processes_skips_the_one_host_probe(runs, tmp_path):
+    """The k-NN / linear probe reads all parameters on one host: on several processes
+    ``--mode=eval`` says so and evaluates the rest, rather than fetching arrays it cannot."""
+    import shutil
+    d, _, _ = runs
+    shutil.copytree(d / "two", tmp_path / "two")
+    outs = _finish(_start_two(tmp_path / "two", "--mode=eval", "--config.evals.probe=True"), 0)
+    assert all("config.evals.probe: skipped on 2 processes" in out for out in outs), outs[0][-3000:]
+    assert json.loads(outs[0].strip().splitlines()[-1]) == {"step": 4}
+
+
 def test_global_batch_holds_the_single_process_examples():
     """The hosts' batches, concatenated in process order, are the single-process batch."""
     from maskfeat_jax import config as config_lib
