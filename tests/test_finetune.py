@@ -105,17 +105,21 @@ def pretrained(tmp_path_factory):
 @pytest.mark.xdist_group("finetune_pretrained")
 def test_pretrain_then_finetune_from_it_then_eval(tmp_path, pretrained):
     pt, ft = pretrained, tmp_path / "ft"
+    frozen = ["--config.optim.base_lr=0", "--config.optim.warmup_start_lr=0", "--config.optim.end_lr=0"]
     p = _main("--config=configs/demo_ft.py", f"--workdir={ft}", f"--config.init_from={pt}",
-              "--config.total_steps=4", "--config.evals.every_steps=4", "--config.evals.batch_size=40", *TINY)
+              "--config.total_steps=4", "--config.evals.every_steps=4", "--config.evals.batch_size=40", *TINY,
+              *frozen)
     out = p.stdout
     assert "loaded" in out and "mask_token" in out and "head/kernel" in out   # ignored / new reported
     rows = [json.loads(line) for line in open(ft / "metrics.jsonl")]
     ev = [r for r in rows if "eval/top1" in r]
     assert ev and ev[-1]["eval/examples"] == 360 and 0.0 <= ev[-1]["eval/top1"] <= ev[-1]["eval/top5"] <= 1.0
-    # encoder weights came from pre-training (at step 0 of fine-tuning), the head is new
+    # with every lr 0 the encoder is still the pre-trained one after 4 steps; the head is new
     pt_params = checkpoint.read_params(str(pt))
     ft0 = checkpoint.read_params(str(ft))
     assert set(pt_params["encoder"]) == set(ft0["encoder"]) | {"mask_token"}
+    for key in ft0["encoder"]:
+        jax.tree.map(np.testing.assert_array_equal, ft0["encoder"][key], pt_params["encoder"][key])
     assert "head" in ft0 and ft0["head"]["kernel"].shape == (32, 10)
     e = _main("--config=configs/demo_ft.py", f"--workdir={ft}", "--mode=eval", "--config.evals.batch_size=40",
               "--config.evals.probe=True", *TINY)
