@@ -116,6 +116,22 @@ def test_shipped_configs_load_and_hold_their_launch_command(name):
     assert c.task == "pretrain" and c.mask.ratio == 0.4 and c.hog.gaussian_window == 0
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_holds_its_launch_command_and_validates(path, tmp_path):
+    """Each config file names its own command and passes validation on a GPU host (8 devices)
+    and, for the paper configs, on 64- and 256-chip pods."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert f"--config=configs/{path.name}" in mod.__doc__
+    c = mod.get_config()
+    if c.model.name == "mvit":                     # validation reads the CSV folder
+        (tmp_path / f"{c.input.train_split}.csv").write_text("a.mp4 0\n")
+        c.video.csv_dir = str(tmp_path)
+    for devices in (8,) if path.stem.startswith("demo") else (8, 64, 256):
+        config_lib.validate(c, devices)
+
+
 def test_paper_config_values():
     spec = importlib.util.spec_from_file_location("b", ROOT / "configs" / "vit_b_in1k.py")
     mod = importlib.util.module_from_spec(spec)
