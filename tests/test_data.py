@@ -408,6 +408,35 @@ def test_train_map_matches_reference():
     assert 0 < flips < 10
 
 
+def test_finetune_train_map_matches_reference():
+    """Fine-tuning's TrainMap against its steps written out separately, with non-default
+    settings: crop scale (config.augment.crop_min_scale), flip, RandAugment with the configured
+    ops and magnitude and ImageNet's mean as fill, then the erase box."""
+    c = _config(image_size=32)
+    c.task, c.augment.crop_min_scale, c.augment.erase_prob = "finetune", 0.6, 0.5
+    c.augment.randaug_ops, c.augment.randaug_magnitude = 3, 4
+    tm = pipeline.TrainMap(c, _grid(c))
+    data = _photo_jpeg_bytes(120, 90, seed=3)
+    decoded, _ = pipeline.decode(data)
+    boxes = 0
+    for seed in range(8):
+        out = tm.random_map({"image": data, "label": 5}, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        top, left, h, w = T.rrc_params(90, 120, rng, scale=(0.6, 1.0))
+        crop = np.ascontiguousarray(decoded[top:top + h, left:left + w])
+        ref = Image.fromarray(crop).resize((32, 32), Image.BICUBIC)
+        if float(rng.random()) < 0.5:
+            ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        ref = T.rand_augment(ref, rng, num_ops=3, magnitude=4, magnitude_std=0.5, increasing=True,
+                             fill=(124, 116, 104))
+        box = pipeline.erase_box(rng, 32, 0.5)
+        boxes += int(box[2] > 0)
+        assert out["valid"] and out["label"] == 5 and "mask" not in out
+        np.testing.assert_array_equal(out["image"], np.asarray(ref))
+        np.testing.assert_array_equal(out["erase_box"], box)
+    assert 0 < boxes < 8
+
+
 def test_train_map_jpeg_draft():
     c = _config(image_size=32)
     data = _photo_jpeg_bytes(640, 480, seed=5)
