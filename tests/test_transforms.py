@@ -529,5 +529,6 @@ def test_rand_augment_and_eval_pil_input(noise):
                                   T.apply_op(Image.fromarray(noise), "Rotate", 5, _rng(1)))
 
 
-def test_finetune_uses_imagenet_fill():
-    assert T.IMAGENET_FILL == (124, 116, 104)
+def test_imagenet_fill_is_the_rounded_imagenet_mean():
+    """timm's RandAugment fill: round(255 * mean) per channel (the TrainMap test checks its use)."""
+    assert T.IMAGENET_FILL == tuple(round(255 * m) for m in (0.485, 0.456, 0.406))
