@@ -138,16 +138,17 @@ def test_error_mode_counts_only_this_runs_skips_so_a_stopped_run_resumes(tmp_pat
     w.close()
 
 
-def test_throughput_restart_leaves_evaluation_time_out_of_the_step_time():
-    import time
+def test_throughput_restart_leaves_evaluation_time_out_of_the_step_time(monkeypatch):
     from maskfeat_jax import metrics
+    clock = {"t": 50.0}
+    monkeypatch.setattr(metrics.time, "time", lambda: clock["t"])
     meter = metrics.Throughput(8, 1.0, 1, 1.0)
     meter.mark(0)
-    time.sleep(0.3)                 # "evaluation"
+    clock["t"] += 30.0              # "evaluation"
     meter.restart(0)
-    time.sleep(0.05)
+    clock["t"] += 0.5               # one step
     out = meter.mark(1)
-    assert 0.04 < out["perf/step_seconds"] < 0.25, out
+    assert out["perf/step_seconds"] == pytest.approx(0.5), out
 
 
 def _final_params(workdir, step):
