@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "pretrain"                 # "pretrain" (MaskFeat) or "finetune" (classification)
     c.seed = 0                          # seeds parameters, data order, masks and drop path
-    c.epochs = 300                      # training length in epochs of the train split ...
+    c.epochs = 300.0                    # training length in epochs of the train split ...
     c.total_steps = -1                  # ... or, when > 0, in optimizer steps (overrides epochs)
     c.log_every_steps = 50              # metrics to metrics.jsonl, TensorBoard and the console
     c.nonfinite = "error"               # non-finite loss/grad norm: "error" stops, "skip" skips the update

@@ -46,10 +46,12 @@ def _params(workdir):
 
 
 def test_pretraining_logs_learns_and_checkpoints(tmp_path):
-    _run(tmp_path, "--config.total_steps=40", "--config.checkpoint.every_steps=20",
+    # the length in epochs: 1437 digits in batches of 16 are 89 steps an epoch; 0.45 epochs, 40 steps
+    _run(tmp_path, "--config.epochs=0.45", "--config.total_steps=-1", "--config.checkpoint.every_steps=20",
          "--config.optim.base_lr=4e-3")
     rows = [r for r in _metrics(tmp_path) if "train/loss" in r]
     assert rows[-1]["step"] == 40 and all("opt/lr" in r for r in rows)
+    assert rows[-1]["train/epoch"] == 40 / 89
     assert all("perf/mfu" in r and "perf/data_wait_fraction" in r for r in rows[1:])   # rates need two reads
     first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
     assert last < 0.8 * first, (first, last)
