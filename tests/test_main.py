@@ -48,7 +48,7 @@ def _params(workdir):
 def test_pretraining_logs_learns_and_checkpoints(tmp_path):
     # the length in epochs: 1437 digits in batches of 16 are 89 steps an epoch; 0.45 epochs, 40 steps
     _run(tmp_path, "--config.epochs=0.45", "--config.total_steps=-1", "--config.checkpoint.every_steps=20",
-         "--config.optim.base_lr=4e-3")
+         "--config.optim.base_lr=4e-3", "--config.evals.figures_every_steps=20")
     rows = [r for r in _metrics(tmp_path) if "train/loss" in r]
     assert rows[-1]["step"] == 40 and all("opt/lr" in r for r in rows)
     assert rows[-1]["train/epoch"] == 40 / 89
@@ -56,7 +56,24 @@ def test_pretraining_logs_learns_and_checkpoints(tmp_path):
     first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
     assert last < 0.8 * first, (first, last)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
-    assert (tmp_path / "tensorboard").is_dir()
+    images = [(e.step, v.tag, v.image.height) for e in _events(tmp_path / "tensorboard") for v in e.summary.value
+              if v.HasField("image")]
+    assert sorted({(step, tag) for step, tag, _ in images}) == [(s, f"hog/{i}") for s in (20, 40) for i in range(4)]
+    assert all(h > 0 for _, _, h in images)
+
+
+def _events(folder):
+    """The Event protos of the TensorBoard files in ``folder`` (TFRecord framing: length,
+    its CRC, the record, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
 
 
 def _wait_for_checkpoint(workdir, proc, timeout=300):
