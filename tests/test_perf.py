@@ -217,3 +217,21 @@ def test_dots_benchmark_runs_and_rejects_an_unknown_option_set():
     assert len(rows) == 7 and all(float(v) > 0 for r in rows for v in r[-3:]), out.stdout
     bad = subprocess.run([sys.executable, script, "--options", "mkl"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "'mkl'" in bad.stderr
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H200", 989e12)])
+def test_peak_flops_come_from_the_device_kind_unless_overridden(kind, expected, monkeypatch):
+    class Device:
+        device_kind = kind
+    monkeypatch.setattr(perf.jax, "devices", lambda: [Device()])
+    assert perf.peak_flops_per_device() == (expected, f"table ({kind})")
+    assert perf.peak_flops_per_device(123e12) == (123e12, "config")
+
+
+def test_peak_flops_on_cpu_are_measured_per_device(monkeypatch):
+    monkeypatch.setattr(perf, "measured_matmul_flops", lambda: 8e11)
+    peak, source = perf.peak_flops_per_device()
+    assert source == "measured matmul (cpu)" and peak == 8e11 / len(jax.local_devices())
