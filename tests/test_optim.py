@@ -89,3 +89,103 @@ def test_gradient_clipping_uses_global_norm():
     assert float(optax.tree.norm(clipped)) == pytest.approx(0.02, rel=1e-5)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert np.all(np.isfinite(updates["w"]))
+
+
+# ---- one AdamW step of the chain against numpy (clip -> Adam moments -> decoupled decay -> lr)
+
+# the weight-decay rule per leaf of _params(), written out by name: decayed iff ndim > 1 and the
+# name is not a bias (pos_embed and cls_token are decayed, spec 8)
+_DECAYED = {"pos_embed", "cls_token", "patch_kernel", "qkv_kernel", "kernel"}
+
+
+def _random_tree(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32), _params())
+
+
+def _named_leaves(tree):
+    return [(str(getattr(path[-1], "key", path[-1])), np.asarray(x, np.float64))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _adam_state(opt_state):
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1
+    return found[0]
+
+
+def _one_step_config(**kw):
+    # lr at step 0 is the warm-up start, scaled: 1e-3 * 512 / 256
+    return _config(base_lr=1e-2, warmup_start_lr=1e-3, reference_batch=256, warmup_epochs=1.0, **kw)
+
+
+LR0 = 2e-3
+
+
+def test_adamw_first_step_moments_and_update_match_numpy():
+    b1, b2, eps, wd, clip = 0.8, 0.95, 1e-3, 0.1, 0.5
+    c = _one_step_config(b1=b1, b2=b2, eps=eps, weight_decay=wd, grad_clip=clip)
+    params, grads = _random_tree(0), _random_tree(1, scale=0.3)
+    tx, _ = optim.make(c, params, 10, 100, depth=2)
+    updates, state = tx.update(grads, tx.init(params), params)
+    g = _named_leaves(grads)
+    gnorm = math.sqrt(sum(float((x ** 2).sum()) for _, x in g))
+    assert gnorm > 4 * clip                                    # clipping matters here
+    f = min(1.0, clip / gnorm)
+    adam = _adam_state(state)
+    assert int(adam.count) == 1
+    for (name, gi), (_, p), mu, nu, u in zip(g, _named_leaves(params), jax.tree.leaves(adam.mu),
+                                             jax.tree.leaves(adam.nu), jax.tree.leaves(updates)):
+        gc = gi * f
+        np.testing.assert_allclose(mu, (1 - b1) * gc, rtol=1e-5, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(nu, (1 - b2) * gc ** 2, rtol=1e-5, atol=1e-12, err_msg=name)
+        # bias-corrected moments after one step: m = gc, v = gc^2
+        decay = wd * p if name in _DECAYED else 0.0
+        np.testing.assert_allclose(u, -LR0 * (gc / (np.abs(gc) + eps) + decay), rtol=1e-4, atol=1e-9,
+                                   err_msg=name)
+
+
+def test_zero_gradient_update_is_decoupled_weight_decay_on_decayed_leaves_only():
+    wd = 0.05
+    c = _one_step_config(weight_decay=wd, grad_clip=0.02)
+    params = _random_tree(2)
+    tx, _ = optim.make(c, params, 10, 100, depth=2)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    names = []
+    for (name, p), u in zip(_named_leaves(params), jax.tree.leaves(updates)):
+        names.append(name)
+        if name in _DECAYED:
+            np.testing.assert_allclose(u, -LR0 * wd * p, rtol=1e-5, err_msg=name)
+        else:
+            assert np.all(np.asarray(u) == 0.0), name
+    assert {"bias", "patch_bias", "qkv_bias", "scale"} <= set(names) and _DECAYED <= set(names)
+
+
+def test_layer_decay_in_the_setup_chain_matches_the_spec_per_leaf():
+    """train.setup's optimizer on the tiny classifier's own parameter names: with zero gradients
+    each leaf moves by -lr * decay**(depth + 1 - layer_id) * wd * p, or not at all when exempt."""
+    from maskfeat_jax import sharding, train
+    c = _one_step_config(weight_decay=0.05, grad_clip=0.0, layer_decay=0.5)
+    c.task, c.model.variant, c.input.image_size, c.model.num_classes = "finetune", "mu/16", 32, 10
+    c.input.global_batch_size = 512
+    s = train.setup(c, sharding.make_mesh(c.mesh, jax.devices()[:1]), 10, 100)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), s.abstract_state.params)
+    updates, _ = s.tx.update(jax.tree.map(jnp.zeros_like, params), s.tx.init(params), params)
+    depth = 2                                                   # mu/16: 2 blocks
+    seen = set()
+    for (path, p), u in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(updates)):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if "blocks" in names:
+            lid = int(names[names.index("blocks") + 1]) + 1
+        elif names[-1] in ("cls_token", "pos_embed", "patch_kernel", "patch_bias"):
+            lid = 0
+        else:
+            lid = depth + 1
+        seen.add(lid)
+        decayed = p.ndim > 1 and not names[-1].endswith("bias")
+        want = -LR0 * 0.5 ** (depth + 1 - lid) * 0.05 * np.asarray(p, np.float64) if decayed else 0.0
+        np.testing.assert_allclose(u, np.broadcast_to(want, p.shape), rtol=1e-5, atol=0, err_msg="/".join(names))
+    assert seen == {0, 1, 2, 3}
