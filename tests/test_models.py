@@ -1,4 +1,8 @@
-"""ViT, MaskFeat and classifier models: exact parameter counts, mask token, init, names."""
+"""ViT, MaskFeat and classifier models: exact parameter counts, mask token, init, names; the
+whole forward against a float64 numpy reference; drop path, remat and bfloat16 against float32."""
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,18 +161,27 @@ def test_flat_projections_only_where_the_heads_are_not_split():
             assert vit.flat_projections() is flat, mesh_cfg
 
 
-def test_remat_policies_give_the_same_gradients():
+@pytest.mark.parametrize("drop_path,with_rng", [(0.0, False), (0.5, True)], ids=["no_rng", "drop_path_rng"])
+def test_remat_policies_give_the_same_gradients(drop_path, with_rng):
+    """Same loss and gradients under every remat policy; with drop path and an rng too (a
+    rematerialised block must see the same per-block key as the plain one)."""
     c = _config()
-    x, m = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)), jnp.ones((2, 4), bool)
-    grads = []
+    c.model.drop_path = drop_path
+    x, m = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)), jnp.ones((4, 4), bool)
+    rng = jax.random.key(7) if with_rng else None
+    results = []
     for remat in ("none", "full", "dots_saveable"):
         c.model.remat = remat
         model = _build(c)
         gd, st = nnx.split(model)
-        g = jax.grad(lambda s: nnx.merge(gd, s)(x, m)["pred_BxNxK"].sum())(st)
-        grads.append(jax.tree.leaves(g))
-    for other in grads[1:]:
-        for a, b in zip(grads[0], other):
+        loss = lambda s, rng: nnx.merge(gd, s)(x, m, rng=rng)["pred_BxNxK"].sum()   # noqa: E731
+        value, g = jax.value_and_grad(loss)(st, rng)
+        results.append((value, jax.tree.leaves(g)))
+        if with_rng and remat == "none":             # drop path is active with this key
+            assert not np.allclose(value, loss(st, None), rtol=1e-3)
+    for value, grads in results[1:]:
+        np.testing.assert_allclose(value, results[0][0], rtol=1e-5)
+        for a, b in zip(results[0][1], grads):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -204,3 +217,144 @@ def test_trainer_init_gives_the_parameters_of_a_default_compile():
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------- drop path
+
+def test_drop_path_zeroes_or_rescales_whole_examples():
+    """Per example, the branch is either exactly 0 or x / (1 - rate) (so its mean is x), with
+    about (1 - rate) of the examples kept; identity without an rng or at rate 0."""
+    rate = 0.3
+    x = jax.random.uniform(jax.random.key(0), (512, 3, 4), minval=0.5, maxval=2.0)   # no zeros in x
+    y = np.asarray(models.layers.drop_path(x, rate, jax.random.key(1)))
+    dropped = (y == 0).all(axis=(1, 2))
+    kept = ~dropped
+    assert (y[dropped] == 0).all() and (y[kept] != 0).all()            # whole examples, never parts
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / np.float32(1 - rate), rtol=1e-6)
+    assert abs(kept.mean() - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / len(kept))
+    np.testing.assert_array_equal(models.layers.drop_path(x, rate, None), x)
+    np.testing.assert_array_equal(models.layers.drop_path(x, 0.0, jax.random.key(1)), x)
+
+
+# ---------------------------------------------------------------- whole forward: numpy reference
+
+def _randomised(model, seed, std=0.3):
+    """Every parameter plus N(0, std) noise. At init both LayerNorms of a block hold the same
+    values (and every bias 0.02), so a block that used the wrong one would go unseen."""
+    gd, st = nnx.split(model)
+    rng = np.random.default_rng(seed)
+    st = jax.tree.map(lambda a: jnp.asarray(a + rng.normal(0, std, a.shape).astype(np.float32)), st)
+    return nnx.merge(gd, st)
+
+
+def _np_params(model):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _np_layer_norm(x, p):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _np_dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+_np_erf = np.vectorize(math.erf)
+
+
+def _np_vit_block(x, p, heads):
+    """Pre-norm block: x + Attn(LN1 x), then x + Mlp(LN2 x). Attention head by head: q, k, v
+    from the (D, 3, heads, hd) projection, softmax(q k^T / sqrt hd) v, output projection summed
+    over heads; exact (erf) GELU."""
+    a, hd = p["attn"], x.shape[-1] // heads
+    h = _np_layer_norm(x, p["norm1"])
+    y = np.broadcast_to(a["proj_bias"], x.shape).copy()
+    for n in range(heads):
+        q, k, v = (h @ a["qkv_kernel"][:, i, n] + a["qkv_bias"][i, n] for i in range(3))
+        logits = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        y += (probs / probs.sum(-1, keepdims=True)) @ v @ a["proj_kernel"][n]
+    x = x + y
+    h = _np_dense(_np_layer_norm(x, p["norm2"]), p["mlp"]["fc1"])
+    return x + _np_dense(0.5 * h * (1 + _np_erf(h / math.sqrt(2))), p["mlp"]["fc2"])
+
+
+def _np_vit(p, images, mask, patch, heads):
+    """Encoder tokens (cls first). Patch embedding as the conv it is (kernel = stride = patch,
+    cross-correlation, kernel (kh, kw, c_in, D)), one patch at a time in row-major order; masked
+    patches replaced by the mask token; cls prepended; the position table added to all."""
+    b, hh, ww, _ = images.shape
+    gh, gw, width = hh // patch, ww // patch, p["patch_kernel"].shape[-1]
+    tokens = np.zeros((b, gh * gw, width))
+    for i, j in itertools.product(range(gh), range(gw)):
+        window = images[:, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch]
+        tokens[:, i * gw + j] = np.einsum("bhwc,hwcd->bd", window, p["patch_kernel"]) + p["patch_bias"]
+    if mask is not None:
+        tokens = np.where(mask[..., None], p["mask_token"][0], tokens)
+    x = np.concatenate([np.broadcast_to(p["cls_token"][0], (b, 1, width)), tokens], 1) + p["pos_embed"]
+    for i in range(len(p["blocks"])):
+        x = _np_vit_block(x, p["blocks"][i], heads)
+    return x
+
+
+def _assert_close(got, want, tol=1e-4):
+    want = np.asarray(want)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("attention", ["auto", "xla"])
+def test_vit_pretrain_forward_matches_numpy_reference(attention):
+    """MaskFeat ViT (mu/16 on 32x32: 2x2 patches, 2 blocks, 2 heads; random parameters) against
+    float64 numpy: encoder tokens, then the head on the patch tokens (LayerNorm + Linear to the
+    108 HOG dims; no other final norm, spec 7.2), with a mask."""
+    c = _config()
+    c.model.attention = attention
+    model = _randomised(_build(c), seed=1)
+    images = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    mask = np.array([[True, False, False, True], [False, True, True, True]])
+    out = nnx.jit(lambda m, x, k: m(x, k))(model, jnp.asarray(images), jnp.asarray(mask))
+    p = _np_params(model)
+    tokens = _np_vit(p["encoder"], images.astype(np.float64), mask, 16, 2)
+    _assert_close(out["tokens_BxNxD"], tokens)
+    _assert_close(out["pred_BxNxK"], _np_dense(_np_layer_norm(tokens, p["norm"])[:, 1:], p["head"]))
+
+
+def test_vit_classifier_forward_matches_numpy_reference():
+    """Fine-tuning ViT (mu/16, random parameters) against float64 numpy: encoder, mean of the
+    patch tokens (cls excluded), fc_norm LayerNorm, Linear."""
+    model = _randomised(_build(_config("finetune")), seed=3)
+    images = np.random.default_rng(4).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images))
+    p = _np_params(model)
+    tokens = _np_vit(p["encoder"], images.astype(np.float64), None, 16, 2)
+    _assert_close(out["tokens_BxNxD"], tokens)
+    _assert_close(out["logits_BxC"], _np_dense(_np_layer_norm(tokens[:, 1:].mean(1), p["fc_norm"]), p["head"]))
+
+
+# ---------------------------------------------------------------- bfloat16 against float32
+
+def _relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_bfloat16_forward_is_close_to_float32(task):
+    """The bfloat16-compute model, with the same (float32, randomised) parameters as the float32
+    one, gives its outputs to bfloat16 accuracy (measured below 1e-2 relative; bound 5e-2)."""
+    c = _config(task)
+    f32 = _randomised(_build(c), seed=4)
+    c.model.dtype = "bfloat16"
+    gd, _ = nnx.split(_build(c))
+    bf16 = nnx.merge(gd, nnx.state(f32))
+    x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+    args = (x, jnp.array([[True, False, False, True], [False, True, True, False]])) if task == "pretrain" else (x,)
+    key = "pred_BxNxK" if task == "pretrain" else "logits_BxC"
+    forward = nnx.jit(lambda m, *a: m(*a))
+    want, got = forward(f32, *args), forward(bf16, *args)
+    assert got[key].dtype == jnp.float32 and got["tokens_BxNxD"].dtype == jnp.bfloat16
+    for name in (key, "tokens_BxNxD"):
+        err = _relative_error(got[name], want[name])
+        assert err < 5e-2, (name, err)

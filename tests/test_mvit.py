@@ -1,8 +1,10 @@
 """MViTv2: exact parameter counts, token grids per stage, pooling attention and relative
-positions against loop-level numpy references, mask-token placement, names, init."""
+positions against loop-level numpy references, the whole tiny model against numpy (patch
+embedding conv, blocks, heads), mask-token placement, names, init, remat and bfloat16."""
 import functools
 import itertools
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -220,19 +222,31 @@ def _randomise(module, seed):
     return nnx.merge(gd, st)
 
 
+def _np_ln_of(module, x):
+    return _np_ln(x, np.asarray(module.scale[...], np.float64), np.asarray(module.bias[...], np.float64))
+
+
+def _np_dense(module, x):
+    return x @ np.asarray(module.kernel[...], np.float64) + np.asarray(module.bias[...], np.float64)
+
+
+def _np_block(blk, x):
+    """MultiScaleBlock: max-pooled skip (kernel s + 1 where the q stride s > 1) + Attn(LN1 x);
+    then Linear(LN2 x) as the residual where the width changes (else x) + Mlp(LN2 x)."""
+    y = _np_pool(x, None, blk.thw, blk.q_stride, op="max")[0] + _np_attention(blk.attn, _np_ln_of(blk.norm1, x))
+    yn = _np_ln_of(blk.norm2, y)
+    h = _np_dense(blk.mlp.fc1, yn)
+    h = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))     # exact GELU
+    return (y if blk.proj is None else _np_dense(blk.proj, yn)) + _np_dense(blk.mlp.fc2, h)
+
+
 def test_block_matches_loop_reference_at_a_stage_transition():
     """q stride (1,2,2) (skip max-pool), kv stride 2, width 8 -> 16 (proj of LN2 x), 2 heads."""
     blk = _randomise(_block(8, 16, 2, (2, 4, 4), (1, 2, 2), (1, 2, 2)), seed=1)
     x = np.random.default_rng(2).normal(size=(2, 1 + 32, 8)).astype(np.float32)
     got = nnx.jit(lambda b, x: b(x))(blk, jnp.asarray(x))
-    x64 = x.astype(np.float64)
-    ln = lambda m, y: _np_ln(y, np.asarray(m.scale[...]), np.asarray(m.bias[...]))  # noqa: E731
-    y = _np_pool(x64, None, (2, 4, 4), (1, 2, 2), op="max")[0] + _np_attention(blk.attn, ln(blk.norm1, x64))
-    yn = ln(blk.norm2, y)
-    dense = lambda m, z: z @ np.asarray(m.kernel[...]) + np.asarray(m.bias[...])  # noqa: E731
-    h = dense(blk.mlp.fc1, yn)
-    h = 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))     # exact GELU
-    ref = dense(blk.proj, yn) + dense(blk.mlp.fc2, h)
+    assert blk.proj is not None
+    ref = _np_block(blk, x.astype(np.float64))
     assert got.shape == (2, 1 + 8, 16) and blk.out_thw == (2, 2, 2)
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
 
@@ -348,3 +362,137 @@ def test_remat_and_bad_inputs():
                                                    rngs=nnx.Rngs(0)))
         _apply_shapes(enc, jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jnp.float32),
                       jax.ShapeDtypeStruct((2, 8), jnp.bool_))
+
+
+# ---------------------------------------------------------------- tiny model against numpy, remat, bfloat16
+
+@functools.lru_cache(maxsize=None)
+def _mu_model(pretrain=True, dtype="float32"):
+    """The tiny MaskFeat model (108 HOG dims) or classifier (10 classes) on 4x32x32 clips, with
+    random parameters: N(0, 0.3), LayerNorm scales 1 + N(0, 0.3) (so attention is far from
+    uniform); the same values for either compute dtype."""
+    def build():
+        enc = mvit.MViT(variant="mu", num_frames=4, image_size=32, pretrain=pretrain, mask_token=pretrain,
+                        dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+        if pretrain:
+            return heads.MaskFeat(enc, enc.size.width, 108, rngs=nnx.Rngs(1))
+        return heads.Classifier(enc, enc.size.width, 10, rngs=nnx.Rngs(1))
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(build)
+    gd, st = nnx.split(model)
+    rng = np.random.default_rng(8)
+    is_scale = lambda path: any(getattr(k, "key", None) == "scale" for k in path)   # noqa: E731
+    st = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.asarray(is_scale(path) + rng.normal(0, 0.3, s.shape), jnp.float32), st)
+    return nnx.merge(gd, st)
+
+
+def _np_conv3d(x, kernel, stride, pad):
+    """PyTorch Conv3d (cross-correlation, zero padding ``pad``), one output position at a time:
+    x (B, T, H, W, C_in), kernel (kt, kh, kw, C_in, C_out)."""
+    k = kernel.shape[:3]
+    xp = np.pad(x, [(0, 0)] + [(p, p) for p in pad] + [(0, 0)])
+    out_thw = [(s + 2 * p - kk) // st + 1 for s, p, kk, st in zip(x.shape[1:4], pad, k, stride)]
+    out = np.zeros((x.shape[0], *out_thw, kernel.shape[-1]))
+    for t, h, w in itertools.product(*map(range, out_thw)):
+        window = xp[:, t * stride[0]:t * stride[0] + k[0], h * stride[1]:h * stride[1] + k[1],
+                    w * stride[2]:w * stride[2] + k[2]]
+        out[:, t, h, w] = np.einsum("bthwc,thwcd->bd", window, kernel)
+    return out
+
+
+def _np_mvit_tokens(enc, videos, mask):
+    """Encoder tokens: Conv3d patch embedding (kernel 3x7x7, stride 2x4x4, padding 1x3x3, spec
+    section 3) + bias; each mask cell (one 16x16 patch of the 2x2x2 mask grid) replaces its 4x4
+    patch tokens by the mask token; cls prepended, no position table; the blocks."""
+    kernel = np.asarray(enc.patch_kernel[...], np.float64)
+    assert kernel.shape == (3, 7, 7, 3, 16)
+    x = _np_conv3d(videos, kernel, (2, 4, 4), (1, 3, 3)) + np.asarray(enc.patch_bias[...], np.float64)
+    b, d = x.shape[0], x.shape[-1]
+    assert x.shape[1:4] == (2, 8, 8)
+    x = x.reshape(b, -1, d)
+    if mask is not None:
+        up = mask.reshape(b, 2, 2, 2).repeat(4, axis=2).repeat(4, axis=3).reshape(b, -1)
+        x = np.where(up[..., None], np.asarray(enc.mask_token[...], np.float64)[0], x)
+    x = np.concatenate([np.broadcast_to(np.asarray(enc.cls_token[...], np.float64)[0], (b, 1, d)), x], 1)
+    for blk in enc.blocks:
+        x = _np_block(blk, x)
+    return x
+
+
+def test_mu_pretrain_forward_matches_numpy_reference():
+    """Tiny MaskFeat MViTv2 (4 one-block stages: q strides 1, 2, 2, 1; widths 16 -> 128) with a
+    mask against float64 numpy: patch embedding conv, mask token, the four blocks, then the head
+    on the patch tokens (LayerNorm + Linear to 108)."""
+    model = _mu_model(pretrain=True)
+    videos = np.random.default_rng(9).normal(size=(2, 4, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((2, 8), bool)
+    mask[0, [0, 3, 5]] = mask[1, [6]] = True
+    out = nnx.jit(lambda m, x, k: m(x, k))(model, jnp.asarray(videos), jnp.asarray(mask))
+    tokens = _np_mvit_tokens(model.encoder, videos.astype(np.float64), mask)
+    pred = _np_dense(model.head, _np_ln_of(model.norm, tokens)[:, 1:])
+    assert tokens.shape == (2, 1 + 8, 128) and pred.shape == out["pred_BxNxK"].shape == (2, 8, 108)
+    for got, want in ((out["tokens_BxNxD"], tokens), (out["pred_BxNxK"], pred)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_mu_classifier_forward_matches_numpy_reference():
+    """Tiny fine-tuning MViTv2 (last stage strided to 2x1x1) against float64 numpy: encoder,
+    mean of the patch tokens, fc_norm LayerNorm, Linear."""
+    model = _mu_model(pretrain=False)
+    videos = np.random.default_rng(10).normal(size=(2, 4, 32, 32, 3)).astype(np.float32)
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(videos))
+    tokens = _np_mvit_tokens(model.encoder, videos.astype(np.float64), None)
+    logits = _np_dense(model.head, _np_ln_of(model.fc_norm, tokens[:, 1:].mean(1)))
+    assert tokens.shape == (2, 1 + 2, 128) and out["logits_BxC"].shape == (2, 10)
+    for got, want in ((out["tokens_BxNxD"], tokens), (out["logits_BxC"], logits)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+@functools.lru_cache(maxsize=None)
+def _two_block_loss_and_grads(remat):
+    """(loss with one key, loss with another, gradient leaves) of a two-block MViTv2 (stages of one block
+    each: width 16 -> 32 in the first block's MLP, 2 heads in the second; drop path 0.5) on 2x32x32
+    clips. Two blocks rather than ``mu``'s four: XLA CPU compiles ``mu``'s gradient in ~15 s."""
+    with mock.patch.dict(mvit.PRESETS, {"two": mvit.MViTSize(16, 1, (1, 1))}), nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: mvit.MViT(variant="two", num_frames=2, image_size=32, drop_path=0.5,
+                                                 remat=remat, rngs=nnx.Rngs(0)))
+    assert len(model.blocks) == 2 and model.blocks[-1].drop_path == 0.5
+    gd, st = nnx.split(model)
+    rng = np.random.default_rng(0)
+    st = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape).astype(np.float32)), st)
+    x = jax.random.normal(jax.random.key(4), (4, 2, 32, 32, 3))
+    w = jax.random.normal(jax.random.key(5), (4, 1 + 64, 32))
+    loss = jax.jit(jax.value_and_grad(lambda s, rng: (nnx.merge(gd, s)(x, rng=rng)["tokens_BxNxD"] * w).sum()))
+    value, grads = loss(st, jax.random.key(6))
+    return value, loss(st, jax.random.key(7))[0], jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_policies_give_the_same_gradients_with_drop_path(remat):
+    """Loss and gradients with drop path and an rng equal those without remat: the
+    rematerialised blocks compute the same values and see the same keys."""
+    want_value, other_key_value, want = _two_block_loss_and_grads("none")
+    assert not np.allclose(want_value, other_key_value, rtol=1e-3)   # drop path is active
+    value, _, grads = _two_block_loss_and_grads(remat)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for a, b in zip(grads, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    """bfloat16 compute, float32 parameters (the same values): outputs within 5e-2 relative of the
+    float32 model's (bfloat16 rounding gives about 1e-2), predictions still float32."""
+    f32, bf16 = _mu_model(True, "float32"), _mu_model(True, "bfloat16")
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nnx.state(bf16)))
+    for a, b in zip(jax.tree.leaves(nnx.state(f32)), jax.tree.leaves(nnx.state(bf16))):
+        np.testing.assert_array_equal(a, b)
+    videos = jax.random.normal(jax.random.key(11), (2, 4, 32, 32, 3))
+    mask = jnp.asarray(np.arange(16).reshape(2, 8) % 3 == 0)
+    forward = nnx.jit(lambda m, x, k: m(x, k))
+    want, got = forward(f32, videos, mask), forward(bf16, videos, mask)
+    assert got["pred_BxNxK"].dtype == jnp.float32 and got["tokens_BxNxD"].dtype == jnp.bfloat16
+    for name in ("pred_BxNxK", "tokens_BxNxD"):
+        a, b = np.asarray(got[name], np.float64), np.asarray(want[name], np.float64)
+        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert err < 5e-2, (name, err)
