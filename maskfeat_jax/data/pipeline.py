@@ -21,6 +21,7 @@ import os
 import grain
 import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from maskfeat_jax import masking
@@ -180,6 +181,15 @@ class EvalMap(grain.transforms.Map):
                 "valid": np.bool_(ok)}
 
 
+def workers_options(num_workers: int, **kwargs) -> grain.MultiprocessingOptions:
+    """grain's options for ``num_workers`` worker processes. grain reads absl flags when it
+    starts them; outside an absl app (a script, a notebook) they are not parsed yet, so their
+    defaults are taken."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain.MultiprocessingOptions(num_workers=num_workers, **kwargs)
+
+
 def worker_count(config) -> int:
     """``input.worker_count``, where -1 means one worker per core but one (at most 32)."""
     n = config.input.worker_count
@@ -207,8 +217,7 @@ def train_dataset(config, source, grid, *, process_index=None, process_count=Non
     ds = ds[start_batch:] if start_batch else ds
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if worker_count(config) > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count(config),
-                                                         per_worker_buffer_size=config.input.prefetch))
+        it = it.mp_prefetch(workers_options(worker_count(config), per_worker_buffer_size=config.input.prefetch))
     return it
 
 
@@ -219,7 +228,7 @@ def read_batches(ds: grain.MapDataset, workers: int):
         yield from (ds[b] for b in range(len(ds)))
         return
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-              .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+              .mp_prefetch(workers_options(workers)))
     try:
         yield from it
     finally:

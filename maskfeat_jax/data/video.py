@@ -522,8 +522,8 @@ def train_dataset(config, source, grid=None, *, process_index=None, process_coun
     ds = ds[start_batch:] if start_batch else ds      # resume on another topology (pipeline.train_dataset)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if pipeline.worker_count(config) > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.worker_count(config),
-                                                         per_worker_buffer_size=config.input.prefetch))
+        it = it.mp_prefetch(pipeline.workers_options(pipeline.worker_count(config),
+                                                     per_worker_buffer_size=config.input.prefetch))
     return it
 
 
