@@ -57,9 +57,16 @@ def _predictions(graphdef, params, norm):
     return np.asarray(nnx.merge(graphdef, params)(jnp.asarray(norm), jnp.asarray(MASK))["pred_BxNxK"], np.float64)
 
 
-def test_pretrain_loss_is_mse_over_masked_valid_tokens_only(pt_batch):
+@pytest.mark.parametrize("nbins,cell", [(9, 8), (5, 4)])
+def test_pretrain_loss_is_mse_over_masked_valid_tokens_only(pt_batch, nbins, cell):
+    """Also with other ``config.hog`` settings: the targets and the head's width follow them.
+    (5 bins: like 9, no bin edge at 90 degrees, where gy = 0 pixels would tie; see pt_batch.)"""
     batch, norm, targets = pt_batch
     c = _config()
+    c.hog.nbins, c.hog.cell_size = nbins, cell
+    if (nbins, cell) != (9, 8):
+        targets = np.stack([ref_tokens(ref_hog_cells(norm[b], nbins=nbins, cell=cell), 16 // cell)
+                            for b in range(8)])
     mesh = sharding.make_mesh(c.mesh, jax.devices())           # data parallel over 8, a row per device
     s = train.setup(c, mesh, steps_per_epoch=10, total_steps=100)
     state = s.init()
@@ -68,8 +75,8 @@ def test_pretrain_loss_is_mse_over_masked_valid_tokens_only(pt_batch):
         gb = sharding.global_batch(mesh, batch)
         _, m = train.jit_step(s, mesh, gb)(state, gb)
     pred = _predictions(s.graphdef, params, norm)
-    assert pred.shape == targets.shape == (8, 4, 108)
-    err = ((pred - targets) ** 2).mean(-1)                      # (8, 4): mean over the 108 dims
+    assert pred.shape == targets.shape == (8, 4, 3 * nbins * (16 // cell) ** 2)
+    err = ((pred - targets) ** 2).mean(-1)                      # (8, 4): mean over the target dims
     w = MASK & VALID[:, None]
     want = (err * w).sum() / w.sum()
     got = float(m["train/loss"])
