@@ -181,13 +181,17 @@ class EvalMap(grain.transforms.Map):
                 "valid": np.bool_(ok)}
 
 
-def workers_options(num_workers: int, **kwargs) -> grain.MultiprocessingOptions:
-    """grain's options for ``num_workers`` worker processes. grain reads absl flags when it
-    starts them; outside an absl app (a script, a notebook) they are not parsed yet, so their
+def in_workers(ds: grain.MapDataset, workers: int, **options) -> grain.IterDataset:
+    """``ds`` read in order, in ``workers`` grain worker processes (0: in this process);
+    ``options`` go to ``grain.MultiprocessingOptions``. grain reads absl flags when it starts
+    workers; outside an absl app (a script, a notebook) they are not parsed yet, so their
     defaults are taken."""
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if workers <= 0:
+        return it
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    return grain.MultiprocessingOptions(num_workers=num_workers, **kwargs)
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, **options))
 
 
 def worker_count(config) -> int:
@@ -215,20 +219,13 @@ def train_dataset(config, source, grid, *, process_index=None, process_count=Non
     ds = ds.random_map(TrainMap(config, grid)).batch(config.input.global_batch_size // pc, drop_remainder=True)
     ds = ds[pi::pc]
     ds = ds[start_batch:] if start_batch else ds
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if worker_count(config) > 0:
-        it = it.mp_prefetch(workers_options(worker_count(config), per_worker_buffer_size=config.input.prefetch))
-    return it
+    return in_workers(ds, worker_count(config), per_worker_buffer_size=config.input.prefetch)
 
 
 def read_batches(ds: grain.MapDataset, workers: int):
     """Yields ``ds[0], ds[1], ...`` in order, read in ``workers`` grain worker processes
     (0: in this process)."""
-    if workers <= 0 or len(ds) == 0:
-        yield from (ds[b] for b in range(len(ds)))
-        return
-    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-              .mp_prefetch(workers_options(workers)))
+    it = iter(in_workers(ds, workers if len(ds) else 0))
     try:
         yield from it
     finally:

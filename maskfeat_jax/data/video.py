@@ -520,11 +520,7 @@ def train_dataset(config, source, grid=None, *, process_index=None, process_coun
     if num_sample(config) > 1:
         ds = ds.map(_flatten_views)
     ds = ds[start_batch:] if start_batch else ds      # resume on another topology (pipeline.train_dataset)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if pipeline.worker_count(config) > 0:
-        it = it.mp_prefetch(pipeline.workers_options(pipeline.worker_count(config),
-                                                     per_worker_buffer_size=config.input.prefetch))
-    return it
+    return pipeline.in_workers(ds, pipeline.worker_count(config), per_worker_buffer_size=config.input.prefetch)
 
 
 class _ViewSource:
