@@ -406,13 +406,13 @@ def evaluate(config, workdir: str) -> dict:
     classifier, k-NN and linear probe on frozen features for any model."""
     config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    directory, _, steps = checkpoint.locate(workdir)     # reads only: an empty workdir stays empty
+    _, _, steps = checkpoint.locate(workdir)             # reads only: an empty workdir stays empty
     if not steps:
         raise ValueError(f"--mode=eval: --workdir={workdir} holds no finished checkpoint")
+    step = steps[-1]
     mesh = sharding.make_mesh(config.mesh)
     st = setup(config, mesh, steps_per_epoch=1, total_steps=1)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
-    step = ckpt.latest_step()
     with jax.set_mesh(mesh):
         state = ckpt.restore(step, st.abstract_state)
     results = {}
