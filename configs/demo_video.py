@@ -2,7 +2,9 @@
 
 The clips (scikit-learn digits moving across a 64x64 frame, labelled by digit) are written
 once as real mp4 files to ~/.cache/maskfeat_jax/video_demo (or --config.video.csv_dir) and
-read through the same PyAV/CSV path as Kinetics. Runs on a laptop CPU (2 cores).
+read through the same PyAV/CSV path as Kinetics. 96 steps of 16 clips take about 2 minutes on
+2 CPU cores, writing the videos (first run, about 10 s) and compiling (about 30 s) included; the
+loss falls from about 0.10 to 0.04.
 
     python -m maskfeat_jax.main --config=configs/demo_video.py --workdir=/tmp/maskfeat_video_demo
 """

@@ -20,6 +20,7 @@ def get_config(variant="S"):
     c.model.name = "mvit"
     c.model.variant = variant
     c.model.drop_path = 0.0
+    c.model.dtype = "auto"             # bf16 compute on GPU/TPU, f32 on CPU; official runs: float32 (deviation, see README)
     c.input.dataset = "video_csv"
     c.input.train_split = "train"
     c.input.eval_split = "validation"

@@ -20,6 +20,7 @@ def get_config():
     c.task = "pretrain"
     c.model.variant = "B/16"
     c.model.drop_path = 0.0
+    c.model.dtype = "auto"             # bf16 compute on GPU/TPU, f32 on CPU; official runs: float32 (deviation, see README)
     c.input.dataset = "imagenet2012"
     c.input.image_size = 224
     c.input.global_batch_size = 2048

@@ -18,6 +18,7 @@ def get_config():
     c.task = "finetune"
     c.model.variant = "L/16"
     c.model.drop_path = 0.1
+    c.model.dtype = "auto"             # bf16 compute on GPU/TPU, f32 on CPU; official runs: float32 (deviation, see README)
     c.model.num_classes = 1000
     c.input.dataset = "imagenet2012"
     c.input.image_size = 224

@@ -19,8 +19,11 @@ DATA_DIR="${DATA_DIR:?set DATA_DIR=<dir with the TFDS array_record files, e.g. /
 # nothing else runs on the GPUs. XLA_PYTHON_CLIENT_PREALLOCATE=false allocates on demand,
 # which is slower and fragments, so use it only to measure real usage.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
-# Overlap FSDP all-gathers / gradient reduce-scatters with compute.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+# XLA's GPU flag set: collectives overlapped with compute, cuBLAS matmuls, no CUDA graphs, no
+# automatic rematerialisation (each flag explained in launch/xla_flags.sh). Your own XLA_FLAGS
+# come after them and win where they repeat one.
+source launch/xla_flags.sh
+export XLA_FLAGS="$(gpu_xla_flags)"
 # NCCL: WARN is quiet; INFO prints the chosen rings/transports (useful once, on a new machine).
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 # Compiled programs are reused across restarts; a ViT-L step takes a minute or more to compile.

@@ -51,12 +51,16 @@ fi
 # Quote each extra argument so it reaches main unchanged through the remote shell.
 extra=""
 for a in "$@"; do extra+=" $(printf '%q' "$a")"; done
+# libtpu's flags for overlapping collectives with compute (each one explained in
+# launch/xla_flags.sh), then your own LIBTPU_INIT_ARGS, which win where they repeat one.
+source "$(dirname "$0")/xla_flags.sh"
+tpu_args="$(printf '%q' "$(tpu_init_args)")"
 
 # Every worker runs the same command. --distributed=True makes main call
 # jax.distributed.initialize(), which reads the pod topology from the TPU metadata.
 # The dataset location goes in TFDS_DATA_DIR, which tfds reads when config.input.data_dir
 # is unset (see launch/README.md).
 "${gc[@]}" ssh "$TPU" --worker=all "${where[@]}" --command="cd ~/$REMOTE_DIR && \
-  TFDS_DATA_DIR=$DATA_DIR JAX_COMPILATION_CACHE_DIR=$CACHE_DIR \
+  TFDS_DATA_DIR=$DATA_DIR JAX_COMPILATION_CACHE_DIR=$CACHE_DIR LIBTPU_INIT_ARGS=$tpu_args \
   python3 -m maskfeat_jax.main --config=$CONFIG --workdir=$WORKDIR --distributed=True \
     $extra 2>&1 | tee -a ~/maskfeat_run.log; exit \${PIPESTATUS[0]}"

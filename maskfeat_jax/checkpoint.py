@@ -15,7 +15,9 @@ commit file instead of renaming it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 
 import grain
@@ -37,6 +39,8 @@ class Checkpointer:
                 policies.PreemptionCheckpointingPolicy()]))
         self.mngr = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data_iter", "config", "topology"))
+        self.workdir, self.failed = workdir, False
+        _quiet_disk_full_logs()
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
@@ -48,7 +52,32 @@ class Checkpointer:
         if topology is not None:
             items["topology"] = ocp.args.JsonSave(topology)
         args = ocp.args.Composite(**items)
-        return self.mngr.save(step, args=args, force=force)
+        with self._disk_full_stops_the_run():
+            return self.mngr.save(step, args=args, force=force)
+
+    @contextlib.contextmanager
+    def _disk_full_stops_the_run(self):
+        """A save that fails on a full disk (now or, saved in the background, at the next save or
+        wait) becomes one ``ValueError`` naming the workdir and its free space; the unfinished
+        checkpoint's temporary folder is removed, so a rerun resumes from the last complete step."""
+        try:
+            yield
+        except Exception as e:
+            if not storage.is_disk_full(e):
+                raise
+            self.failed = True
+            if jax.process_index() == 0:
+                for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                    if tmp.is_dir():
+                        tmp.rmtree(missing_ok=True)
+                    else:
+                        tmp.unlink(missing_ok=True)
+            done = ocp.utils.checkpoint_steps(self.directory) if self.directory.exists() else []
+            last = f"step {max(done)}" if done else "none"
+            raise ValueError(f"--workdir={self.workdir}: disk full while saving a checkpoint "
+                             f"({storage.free_space(self.directory)} free after removing the unfinished "
+                             f"one); last complete checkpoint: {last}. Free some space, then rerun the "
+                             f"same command to resume") from None
 
     def saved_config(self, step: int) -> dict:
         return self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -102,11 +131,40 @@ class Checkpointer:
         return str(dst)
 
     def wait(self):
-        self.mngr.wait_until_finished()
+        with self._disk_full_stops_the_run():
+            self.mngr.wait_until_finished()
 
     def close(self):
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        if self.failed:             # reported once already; the background save has ended
+            return
+        with self._disk_full_stops_the_run():
+            self.mngr.wait_until_finished()
+            self.mngr.close()
+
+
+class _DropDiskFull(logging.Filter):
+    """Orbax's background save threads (and asyncio, for their abandoned writes) log a full disk
+    with the same traceback several times; ``Checkpointer`` reports it once, as one line."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and (storage.is_disk_full(exc) or
+                                                         "No space left on device" in record.getMessage()))
+
+
+def _quiet_disk_full_logs():
+    """Installs ``_DropDiskFull``, and drops the "Event loop is closed" errors that TensorStore's
+    remaining writes raise (and Python ignores) once a failed save has closed its event loop."""
+    if any(isinstance(f, _DropDiskFull) for f in logging.getLogger("absl").filters):
+        return
+    for name in ("absl", "asyncio"):     # Orbax logs through absl; asyncio reports the abandoned writes
+        logging.getLogger(name).addFilter(_DropDiskFull())
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+    sys.unraisablehook = hook
 
 
 def abstract(tree):
@@ -137,6 +195,12 @@ def locate(path: str) -> tuple[str, int | None, list[int]]:
         raise ValueError(f"{path / str(named)} is not a finished checkpoint (a save still running, or one "
                          f"that was cut short); finished steps there: {steps}")
     return str(path), named, steps
+
+
+def finished_steps(workdir: str) -> list[int]:
+    """The finished steps in ``WORKDIR/checkpoints``, in order (reads only)."""
+    d = storage.path(workdir) / "checkpoints"
+    return sorted(ocp.utils.checkpoint_steps(d)) if d.is_dir() else []
 
 
 def find_step(workdir: str, step: int | None = None) -> tuple[str, int]:

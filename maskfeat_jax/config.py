@@ -25,14 +25,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile_start_step = -1          # >= 0: write a jax.profiler trace of a few steps to WORKDIR/profile
     c.profile_num_steps = 5             # steps in the trace
     c.peak_flops = 0.0                  # per-device peak FLOP/s for MFU; 0 = table by device kind (CPU: measured)
+    c.platform = "auto"                 # program built for: "auto" (the mesh's devices), "cpu", "gpu", "tpu"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit"                # model family: "vit" (images) or "mvit" (MViTv2, video)
     c.model.variant = "B/16"            # ViT: size/patch (mu, demo, Ti, S, B, L, H); MViTv2: mu, S, B, L
     c.model.drop_path = 0.0             # stochastic depth at the last block (linear from 0)
     c.model.num_classes = 1000          # classifier outputs (fine-tuning)
-    c.model.dtype = "float32"           # compute dtype: "float32" or "bfloat16" (params stay float32)
-    c.model.attention = "auto"          # "auto", "xla", "cudnn" or "einsum"
+    c.model.dtype = "auto"              # compute dtype: "auto" (bfloat16 on GPU/TPU, float32 on CPU),
+    #                                     "float32" or "bfloat16"; params, optimizer, LayerNorm, softmax
+    #                                     and loss stay float32
+    c.model.attention = "auto"          # "auto" (platform.select_attention), "xla", "cudnn" or "einsum"
     c.model.remat = "none"              # rematerialisation per block: "none", "dots_saveable", "full"
 
     c.mask = ml_collections.ConfigDict()
@@ -56,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.worker_count = -1           # grain workers per host, training and eval (0: main process; -1: cores - 1)
     c.input.prefetch = 2                # batches buffered per worker
     c.input.jpeg_draft = False          # JPEG DCT-scaled decode when the crop is >= 2x the output (big images only)
+    c.input.image_backend = "cv2"  # "cv2": simplejpeg decode + OpenCV resize (fast); "pil": Pillow (the official numbers' exact path)
     c.input.synthetic_size = 4096       # examples in the "synthetic" dataset
     c.input.mean = (0.485, 0.456, 0.406)  # per-channel normalisation, applied on device
     c.input.std = (0.229, 0.224, 0.225)
@@ -138,6 +142,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     from maskfeat_jax import sharding
     if config.model.name not in ("vit", "mvit"):
         raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
+    _validate_program(config)
     if config.model.name == "mvit":
         _validate_video(config)
         from maskfeat_jax.models import mvit
@@ -184,6 +189,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
                              f"steps acts only at the last step)")
     if config.nonfinite not in ("error", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
+    if config.input.image_backend not in ("cv2", "pil"):
+        raise ValueError(f"config.input.image_backend={config.input.image_backend!r}: expected 'cv2' "
+                         f"(simplejpeg + OpenCV) or 'pil' (Pillow)")
     ds = config.input.dataset
     if ds in ("video_csv", "video_demo") and config.model.name != "mvit":
         raise ValueError(f"config.input.dataset={ds!r} is a video dataset: set config.model.name='mvit'")
@@ -191,8 +199,45 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         root = ds[len("folder:"):]
         if not os.path.isdir(root):
             raise ValueError(f"config.input.dataset={ds!r}: folder {root!r} does not exist")
+        for key in _splits_read(config):    # found now, not at the first evaluation minutes in
+            split = os.path.join(root, _get(config, key))
+            if not os.path.isdir(split):
+                there = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+                raise ValueError(f"config.{key}={_get(config, key)!r}: {split!r} does not exist (splits in "
+                                 f"{root!r}: {there})")
     elif ds not in KNOWN_DATASETS:
         _check_tfds(ds, config.input.data_dir)
+    for key in ("input.mean", "input.std"):    # one value would broadcast silently, two would fail late
+        v = _get(config, key)
+        if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+            raise ValueError(f"config.{key}={v!r}: expected 3 numbers, one per RGB channel")
+    if not all(x > 0 for x in config.input.std):
+        raise ValueError(f"config.input.std={config.input.std!r}: every value must be positive")
+
+
+def _splits_read(config) -> list[str]:
+    """The config keys of the splits a run reads: the train split, and the eval split when the
+    run evaluates (fine-tuning, the probe, HOG figures)."""
+    evals = (config.task == "finetune" or config.evals.probe
+             or (config.evals.figures_every_steps > 0 and config.task == "pretrain"))
+    return ["input.train_split"] + (["input.eval_split"] if evals else [])
+
+
+def _validate_program(config) -> None:
+    """``config.platform``, ``model.dtype`` and ``model.attention`` (``platform.py``)."""
+    from maskfeat_jax import platform as platform_lib
+    plat = config.get("platform", "auto")
+    if plat != "auto" and plat not in platform_lib.PLATFORMS:
+        raise ValueError(f"config.platform={plat!r}: expected 'auto' or one of {platform_lib.PLATFORMS}")
+    if config.model.dtype != "auto" and config.model.dtype not in platform_lib.DTYPES:
+        raise ValueError(f"config.model.dtype={config.model.dtype!r}: expected 'auto' or one of "
+                         f"{sorted(platform_lib.DTYPES)}")
+    if config.model.attention not in platform_lib.ATTENTION:
+        raise ValueError(f"config.model.attention={config.model.attention!r}: expected one of "
+                         f"{platform_lib.ATTENTION}")
+    if config.model.name == "mvit" and config.model.attention not in ("auto", "einsum"):
+        raise ValueError(f"config.model.attention={config.model.attention!r}: MViTv2 adds per-example "
+                         "relative-position biases to its logits and has one attention form: use 'auto'")
 
 
 def validate_workdir(workdir: str, init_from: str = "") -> None:
@@ -267,6 +312,34 @@ def flat_keys(config, prefix="") -> list[str]:
     return out
 
 
+def comments() -> dict[str, str]:
+    """Each base config key's comment, read from ``base_config``'s source (a comment-only line
+    continues the key above it)."""
+    import inspect
+    import re
+    out, key = {}, None
+    for line in inspect.getsource(base_config).splitlines():
+        m = re.match(r"\s*c\.([\w.]+)\s*=.*?(?:#\s*(.*))?$", line)
+        if m and "ConfigDict()" not in line:
+            key = m.group(1)
+            out[key] = m.group(2) or ""
+        elif key and line.strip().startswith("#"):
+            out[key] = f"{out[key]} {line.strip().lstrip('#').strip()}".strip()
+    return out
+
+
+def describe(config) -> list[str]:
+    """``key = value  # comment`` for every key of ``config`` (``--print_config``), in the base
+    config's order."""
+    notes = comments()
+    order = {k: i for i, k in enumerate(notes)}
+    lines = []
+    for key in sorted(flat_keys(config), key=lambda k: order.get(k, len(order))):
+        note = notes.get(key, "")
+        lines.append(f"{key} = {_get(config, key)!r}" + (f"  # {note}" if note else ""))
+    return lines
+
+
 def unknown_override_keys(config_file: str, argv) -> list[str]:
     """Messages for ``--config.<key>=...`` arguments naming keys the config does not have,
     each with the closest valid keys."""
@@ -286,15 +359,52 @@ def unknown_override_keys(config_file: str, argv) -> list[str]:
     return messages
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # holds configs/ in a clone
+
+
+def resolve_config_file(spec: str) -> str:
+    """``--config=FILE[:arg]`` as given when FILE exists, else FILE relative to the repository
+    this package was installed from (``configs/demo.py`` works from any folder). A missing file
+    is a ``ValueError`` naming it and the closest files in ``configs/``."""
+    path, sep, arg = spec.partition(":")
+    if os.path.isfile(path):
+        return spec
+    in_repo = os.path.join(REPO, path)
+    if not os.path.isabs(path) and os.path.isfile(in_repo):
+        return in_repo + sep + arg
+    known = sorted(f"configs/{f}" for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")) \
+        if os.path.isdir(os.path.join(REPO, "configs")) else []
+    close = difflib.get_close_matches(path.replace(os.sep, "/").split("/")[-1], [k[8:] for k in known], n=3)
+    hint = f"; did you mean {' or '.join('configs/' + c for c in close)}?" if close else \
+        (f"; the configs are {', '.join(known)}" if known else "")
+    where = "" if os.path.isabs(path) else f" (looked in {os.getcwd()} and {REPO})"
+    raise ValueError(f"--config={path}: no such file{where}{hint}")
+
+
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def flags_parser(flag_values):
-    """An ``absl.app.run(..., flags_parser=)`` for a command with a ``--config`` file flag: an
-    unknown ``--config.<key>`` override is reported by name (with the closest keys) and the
-    command exits with code 2, as any other flag error, instead of a traceback."""
+    """An ``absl.app.run(..., flags_parser=)`` for a command with a ``--config`` file flag:
+    ``--config`` is found from any folder (``resolve_config_file``); a missing config file, an
+    unknown ``--config.<key>`` override (named, with the closest keys) or any other flag error
+    is one line on stderr and exit code 2 instead of a traceback; ``--help`` (or ``-h``) exits 0."""
     import sys
 
     def parse(argv):
+        argv = ["--help" if a == "-h" else a for a in argv]
         try:
-            return flag_values(argv)
+            argv = [f"--config={resolve_config_file(a[len('--config='):])}" if a.startswith("--config=") else a
+                    for a in argv]
+            try:
+                rest = flag_values(argv)
+            except SystemExit as e:      # absl's --help prints the usage and exits 1
+                if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv):
+                    sys.exit(0)
+                raise
+            if "config" in flag_values and flag_values["config"].value is not None:
+                getattr(flag_values["config"].value, "keys")   # a file that failed to load raises here
+            return rest
         except Exception as e:  # noqa: BLE001 - ml_collections raises several types here
             config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
             messages = []

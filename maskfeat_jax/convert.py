@@ -161,6 +161,70 @@ class ConversionError(ValueError):
     """A checkpoint that does not fit the configured model (the message names the tensors)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a state dict holds, read from its official tensor names and shapes."""
+    family: str                 # 'vit' or 'mvit'
+    variant: str | None         # the config.model.variant of that size; None where no preset fits
+    size: str                   # 'ViT-B/16', 'MViTv2-S', or the sizes where no preset fits
+    task: str | None            # 'pretrain', 'finetune', or None (backbone only)
+    classes: int | None
+
+    def __str__(self):
+        task = {"pretrain": "pre-training", "finetune": f"fine-tuning ({self.classes} classes)"}
+        return f"{'an' if self.family == 'mvit' else 'a'} {self.size} {task.get(self.task, 'backbone-only')}"
+
+
+def kind_of(shapes: dict) -> Kind | None:
+    """The ``Kind`` of ``{official name: shape}``; None for something that is no ViT or MViTv2."""
+    from maskfeat_jax.models import mvit, vit
+    patch = shapes.get("patch_embed.proj.weight")
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if patch is None or not blocks:
+        return None
+    width, depth = int(patch[0]), max(blocks) + 1
+    if any(re.search(r"\.attn\.(pool|rel_pos)_", k) for k in shapes):
+        starts = [i + 1 for i in sorted(blocks) if f"blocks.{i}.proj.weight" in shapes]   # DIM_MUL
+        stages = tuple(int(d) for d in np.diff([0, *starts, depth]))
+        variant = next((n for n, s in mvit.PRESETS.items() if (s.embed_dim, s.stages) == (width, stages)), None)
+        size = f"MViTv2-{variant}" if variant else f"MViTv2 (embed dim {width}, stage depths {stages})"
+    else:
+        mlp, p = int(shapes.get("blocks.0.mlp.fc1.weight", (0,))[0]), int(patch[-1])
+        name = next((n for n, s in vit.SIZES.items() if (s.width, s.depth, s.mlp) == (width, depth, mlp)), None)
+        variant = name and f"{name}/{p}"
+        size = f"ViT-{variant}" if name else f"ViT (width {width}, depth {depth}, MLP {mlp}, patch {p})"
+    task = ("pretrain" if "mask_token" in shapes or any(k.startswith("pred_head.") for k in shapes) else
+            "finetune" if "head.projection.weight" in shapes else None)
+    classes = int(shapes["head.projection.weight"][0]) if task == "finetune" else None
+    return Kind("mvit" if size.startswith("MViT") else "vit", variant, size, task, classes)
+
+
+def verdict(found: Kind | None, want: Kind | None) -> str | None:
+    """One line: what the checkpoint is, what the config builds, and the config keys to change."""
+    if found is None or want is None:
+        return None
+    fixes = []
+    if found.family != want.family:
+        fixes.append(f"--config.model.name={found.family}")
+    if found.size != want.size or found.family != want.family:
+        fixes.append(f"--config.model.variant={found.variant}" if found.variant else
+                     f"a config.model.variant of that size (no preset in models/{found.family}.py has it)")
+    if found.task and found.task != want.task:
+        fixes.append(f"--config.task={found.task}")
+    if found.classes and found.classes != want.classes:
+        fixes.append(f"--config.model.num_classes={found.classes}")
+    if not fixes:
+        return None
+    then = (" (then fine-tune from the converted checkpoint with --config.init_from)"
+            if found.task == "pretrain" != want.task else "")
+    return f"this is {found} checkpoint, but the config builds {want} model: use {' '.join(fixes)}{then}"
+
+
+def _listing(title: str, lines: list, cap: int = 10) -> str:
+    more = [f"... and {len(lines) - cap} more"] if len(lines) > cap else []
+    return f"{title}:\n  " + "\n  ".join(lines[:cap] + more)
+
+
 def _family(name: str) -> str:
     if name not in ENCODER_RULES:
         raise ConversionError(f"config.model.name={name!r}: the converter knows {sorted(ENCODER_RULES)}")
@@ -187,19 +251,20 @@ def convert_state_dict(state_dict: dict, target_shapes: dict, family: str, task:
     ``target_shapes`` maps our flattened paths (``encoder/blocks/0/attn/qkv_kernel``) to
     shapes. Every parameter must come from the checkpoint with a fitting shape, and every
     checkpoint tensor must be used or listed in ``IGNORED``; otherwise ``ConversionError``
-    names each offending tensor.
+    names the offending tensors (10 per kind of problem), after a first line that says what
+    the checkpoint is and which config keys to change where its kind, family or size differs.
     """
     rules = rules_for(family, task)
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    out, used, missing, bad = {}, set(), [], []
+    out, used, missing, bad, expected = {}, set(), [], [], {}
     for ours, shape in target_shapes.items():
         shape = tuple(int(d) for d in shape)
         name, tf = torch_name(rules, ours)
+        want = expected[name] = tuple(tf.torch_shape(shape))
         if name not in sd:
-            missing.append(f"{name} (for {ours}, expected shape {tf.torch_shape(shape)})")
+            missing.append(f"{name} (for {ours}, expected shape {want})")
             continue
         t = sd[name]
-        want = tuple(tf.torch_shape(shape))
         if tuple(t.shape) != want:
             # 2-D vs 3-D kernels (Conv2d vs Conv3d with a temporal kernel of 1): unit dims only
             if t.size == math.prod(want) and [d for d in t.shape if d != 1] == [d for d in want if d != 1]:
@@ -213,21 +278,23 @@ def convert_state_dict(state_dict: dict, target_shapes: dict, family: str, task:
         assert out[ours].shape == shape, (ours, out[ours].shape, shape)
         used.add(name)
     extra = [k for k in sd if k not in used and not any(re.fullmatch(p, k) for p in IGNORED)]
+    if not (bad or missing or extra):
+        return out
+    first = verdict(kind_of({k: v.shape for k, v in sd.items()}), kind_of(expected))
     problems = []
     if bad:
-        problems.append("wrong shapes:\n  " + "\n  ".join(bad))
+        problems.append(_listing("wrong shapes", bad))
     if missing:
-        problems.append("missing from the checkpoint:\n  " + "\n  ".join(missing))
+        problems.append(_listing("missing from the checkpoint", missing))
     if extra:
         lines = []
         for k in sorted(extra):
-            hint = next((h for p, h in _HINTS if re.search(p, k)), None)
+            hint = None if first else next((h for p, h in _HINTS if re.search(p, k)), None)
             lines.append(f"{k} {tuple(sd[k].shape)}" + (f"  <- {hint}" if hint else ""))
-        problems.append("not mapped to any parameter:\n  " + "\n  ".join(lines))
-    if problems:
-        raise ConversionError(f"checkpoint does not fit config.model.name={family!r}, config.task={task!r}, "
-                              f"{len(target_shapes)} parameters:\n" + "\n".join(problems))
-    return out
+        problems.append(_listing("not mapped to any parameter", lines))
+    raise ConversionError((f"{first}\n" if first else "") +
+                          f"checkpoint does not fit config.model.name={family!r}, config.task={task!r}, "
+                          f"{len(target_shapes)} parameters:\n" + "\n".join(problems))
 
 
 # --------------------------------------------------------------------------------------
@@ -243,13 +310,16 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object
     A ``.npz`` file (arrays keyed by the official names, as ``maskfeat_jax.export`` writes)
     is read with numpy alone; it has no cfg.
     """
-    if str(path).lower().endswith(".npz"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--src={path!r} does not exist")
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}, None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--src={path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ConversionError(f"--src={path!r} is an empty file")
+    if str(path).lower().endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}, None
+        except Exception as e:  # noqa: BLE001 - zipfile, pickle and format errors alike
+            raise ConversionError(f"--src={path!r} is truncated or not a .npz file ({_reason(e)})") from None
     try:
         import torch
     except ImportError:
@@ -258,11 +328,15 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object
                               f"to .npz where torch is installed") from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # noqa: BLE001 - restricted unpickler refused an object
-        if allow_pickle:
-            raise
-        raise ConversionError(f"--src={path!r} could not be read with torch.load(weights_only=True) ({e}). "
-                              "If you trust the file, rerun with --allow_pickle.") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types for one cause
+        refused = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?(\S+)", str(e))
+        if refused and not allow_pickle:     # the weights-only unpickler met a Python object
+            raise ConversionError(f"--src={path!r} holds Python objects that torch.load(weights_only=True) "
+                                  f"refuses ({refused.group(1)}); if you trust the file, rerun with "
+                                  f"--allow_pickle") from None
+        if isinstance(e, ImportError):
+            raise ConversionError(f"--src={path!r} could not be unpickled: {e}") from None
+        raise ConversionError(f"--src={path!r} is truncated or not a PyTorch checkpoint ({_reason(e)})") from None
     sd = ckpt
     if isinstance(ckpt, dict):
         for key in ("model_state", "model", "state_dict"):
@@ -279,6 +353,13 @@ def load_state_dict(path: str, allow_pickle: bool = False) -> tuple[dict, object
         k = k.replace("_checkpoint_wrapped_module.", "")
         out[k] = v.detach().to(torch.float32).cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
     return out, (ckpt.get("cfg") if isinstance(ckpt, dict) else None)
+
+
+def _reason(e: Exception) -> str:
+    """The first line of a loader's error, short (torch's can be paragraphs)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+    line = (m.group(1) if m else str(e)).strip().split("\n")[0].split(". ")[0]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def check_official_cfg(cfg_yaml, config) -> None:
@@ -328,7 +409,6 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     if ckpt_dir.is_dir() and any(d.name.isdigit() for d in ckpt_dir.iterdir()):
         raise ConversionError(f"--out={out!r} already holds checkpoints in {ckpt_dir}; choose an empty --out")
     state_dict, cfg_yaml = load_state_dict(src, allow_pickle)
-    check_official_cfg(cfg_yaml, config)
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
     family = _family(config.model.name)
@@ -343,6 +423,7 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     target = checkpoint.flat_params(st.abstract_state.params)
     converted = convert_state_dict(state_dict, {k: v.shape for k, v in target.items()},
                                    family, config.task)
+    check_official_cfg(cfg_yaml, config)       # the checkpoint is of config.task's kind by now
 
     state = st.init()
     leaves, treedef = jax.tree_util.tree_flatten(state.params)

@@ -30,8 +30,10 @@ def read(workdir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, float), np.asarray(values, float)
 
 
-def plot(steps, values, *, title: str = "", size=(640, 360), margin=(60, 20, 20, 40)) -> Image.Image:
-    """A line chart with labelled axes. ``margin`` is (left, top, right, bottom)."""
+def plot(steps, values, *, title: str = "", ylabel: str = "", size=(640, 360),
+         margin=(72, 20, 20, 40)) -> Image.Image:
+    """A line chart with labelled axes (``ylabel`` written upwards along the y axis) and a grid
+    at the ticks. ``margin`` is (left, top, right, bottom)."""
     w, h = size
     left, top, right, bottom = margin
     img = Image.new("RGB", size, "white")
@@ -43,25 +45,32 @@ def plot(steps, values, *, title: str = "", size=(640, 360), margin=(60, 20, 20,
     y0, y1 = y0 - pad, y1 + pad
     px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)      # noqa: E731
     py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
     for i in range(5):
         yv = y0 + (y1 - y0) * i / 4
+        d.line([left, py(yv), w - right, py(yv)], fill=(225, 225, 225))
         d.line([left - 4, py(yv), left, py(yv)], fill="black")
-        d.text((4, py(yv) - 6), f"{yv:.4g}", fill="black", font=font)
+        d.text((18, py(yv) - 6), f"{yv:.4g}", fill="black", font=font)
         xv = x0 + (x1 - x0) * i / 4
+        d.line([px(xv), top, px(xv), h - bottom], fill=(225, 225, 225))
         d.line([px(xv), h - bottom, px(xv), h - bottom + 4], fill="black")
         d.text((px(xv) - 10, h - bottom + 8), f"{xv:.0f}", fill="black", font=font)
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
     d.line([(px(x), py(y)) for x, y in zip(steps, values)], fill=(31, 119, 180), width=2)
     d.text((left + 8, top + 4), title, fill="black", font=font)
     d.text(((w - left) // 2 + left - 12, h - 16), "step", fill="black", font=font)
+    if ylabel:
+        label = Image.new("RGB", (int(d.textlength(ylabel, font=font)) + 2, 12), "white")
+        ImageDraw.Draw(label).text((1, 0), ylabel, fill="black", font=font)
+        label = label.rotate(90, expand=True)
+        img.paste(label, (2, max(top, (h - bottom + top - label.height) // 2)))
     return img
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--key", default="train/loss")
-    ap.add_argument("--out", default=None)
+    ap = argparse.ArgumentParser(prog="python -m maskfeat_jax.curves", description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True, help="a training workdir (holding metrics.jsonl)")
+    ap.add_argument("--key", default="train/loss", help="the metric to plot against the step (default: %(default)s)")
+    ap.add_argument("--out", default=None, help="the image to write (default: WORKDIR/<key with _ for />.png)")
     a = ap.parse_args(argv)
     out = storage.path(a.out) if a.out else storage.path(a.workdir) / (a.key.replace("/", "_") + ".png")
     try:
@@ -71,7 +80,7 @@ def main(argv=None):
         sys.exit(2)
     with out.open("wb") as f:
         fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
-        plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})").save(f, format=fmt)
+        plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})", ylabel=a.key).save(f, format=fmt)
     out = str(out)
     print(out)
     return out

@@ -28,6 +28,13 @@ Where the devices come from:
   pessimistic estimate. For ViT-L with 16 images per device, the CPU gives 9.9 GiB and
   the TPU compiler 5.95 GiB.
 * Neither flag: the devices of this host, e.g. one GPU host, with that backend's figures.
+* ``--platform=gpu|tpu`` (with ``--devices`` or on any host): build the program for that
+  platform (``config.platform``) and lower it for that platform, without compiling:
+  the report lists what the program holds (attention kernels, dots by operand type) but no
+  memory figures, since that platform's compiler is not here. ``--topology`` compiles for TPU.
+
+The report's ``program:`` line says which platform the step was built for and the choices
+that follow from it (compute dtype, attention implementation, CPU kernels).
 
 The config is validated as the trainer does, except for the dataset check. No data is
 read, so that check runs against an embedded dataset (``'synthetic'``, or ``'video_demo'``
@@ -36,7 +43,9 @@ machines, e.g. on GCS, therefore does not fail here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
 import time
 
@@ -52,6 +61,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", l
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: the real devices).")
 flags.DEFINE_string("topology", None, "Compile for a TPU slice that is not here, e.g. 'v5e:16x16' or "
                     "'v4:4x4x4' (compile-only devices; needs libtpu: pip install 'jax[tpu]').")
+flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "Build the program for this platform and "
+                  "lower it for it, without compiling (sets config.platform).")
 flags.DEFINE_float("device_memory_gib", 0.0, "If > 0: say whether the per-device total fits in this.")
 flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
 flags.mark_flags_as_required(["config"])
@@ -95,6 +106,65 @@ def abstract_batch(config, mesh, grid) -> dict:
             for k, (shape, dtype) in shapes.items()}
 
 
+CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
+               "__cudnn$fmhaScaleBiasSoftmaxBackward")
+ASSUMED_CUDNN = 91000   # the cuDNN version assumed when lowering for GPU on a host without one
+
+
+@contextlib.contextmanager
+def _assume_cudnn():
+    """``jax.nn.dot_product_attention(implementation='cudnn')`` reads the local cuDNN version
+    while tracing; a host without one (CPU) lowers as if cuDNN 9.10 were there."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    if fa.cuda_versions is not None:
+        yield
+        return
+    original = fa.check_cudnn_version
+    fa.check_cudnn_version = lambda: ASSUMED_CUDNN
+    try:
+        yield
+    finally:
+        fa.check_cudnn_version = original
+
+
+def lower_step(config, mesh, platform: str, export: bool = False):
+    """The jitted train step of ``config`` built for ``platform`` and lowered for it, not
+    compiled: returns ``(setup, StableHLO text)``. ``export=True`` goes through ``jax.export``
+    (serialisable; on one device only where the program holds cuDNN attention, whose custom
+    partitioning jax.export cannot serialise), otherwise ``Traced.lower(lowering_platforms=)``."""
+    from maskfeat_jax import platform as platform_lib
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.platform = platform
+    st = train.setup(config, mesh, steps_per_epoch=1, total_steps=max(config.total_steps, 1000))
+    enc = st.model.encoder
+    batch = abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
+    step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
+                   out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    name = platform_lib.EXPORT_NAMES[platform]
+    with jax.set_mesh(mesh), _assume_cudnn():
+        if export:
+            checks = [jax.export.DisabledSafetyCheck.custom_call(n) for n in CUDNN_CALLS]
+            text = jax.export.export(step, platforms=[name], disabled_checks=checks)(
+                st.abstract_state, batch).mlir_module()
+        else:
+            text = step.trace(st.abstract_state, batch).lower(lowering_platforms=(name,)).as_text()
+    return st, text
+
+
+def program_summary(mlir: str) -> dict:
+    """What a lowered program holds: cuDNN attention calls, conditionals, scatters, and its
+    dots by operand element types (e.g. ``{'bf16 x bf16': 120, 'f32 x f32': 4}``)."""
+    dots = {}
+    for a, b in re.findall(r"stablehlo\.dot_general.*?\(tensor<(?:[0-9?]+x)*(\w+)>, tensor<(?:[0-9?]+x)*(\w+)>\)", mlir):
+        dots[f"{a} x {b}"] = dots.get(f"{a} x {b}", 0) + 1
+    return {"cudnn_attention_calls": sum(mlir.count(f"@{n}") + mlir.count(f'"{n}"') for n in CUDNN_CALLS),
+            # custom partitioning (cuDNN attention over a mesh of several devices), resolved at compile
+            "partitioned_calls": mlir.count("@CustomSPMDPartitioning"),
+            "conditionals": mlir.count("stablehlo.case"), "scatters": mlir.count("stablehlo.scatter"),
+            "dots": dots}
+
+
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):   # older JAX: one dict per program
@@ -134,6 +204,7 @@ def run(config, devices=None) -> dict:
     batch = abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
     report = {
         "devices": n, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+        "program": train.describe_program(st.model, config, st.platform),
         "global_batch": gb, "batch_per_device": gb // n, "grad_accum_steps": config.optim.grad_accum_steps,
         "params_bytes_per_device": sharding.bytes_per_device(st.abstract_state.params),
         "opt_state_bytes_per_device": sharding.bytes_per_device(st.abstract_state.opt_state),
@@ -168,6 +239,7 @@ def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
     mib = lambda b: f"{b / 2 ** 20:,.1f} MiB"   # noqa: E731
     lines = [
         f"devices: {r['devices']} x {r['device_kind']}, mesh {r['mesh']}",
+        f"{r['program']}; compiled for {r['device_kind']}",
         f"batch: global {r['global_batch']}, per device {r['batch_per_device']}"
         + (f", in {r['grad_accum_steps']} micro-batches" if r.get("grad_accum_steps", 1) > 1 else ""),
         f"parameters: {mib(r['params_bytes_total'])} in all; per device: params "
@@ -192,13 +264,54 @@ def format_report(r: dict, device_memory_gib: float = 0.0) -> str:
     return "\n".join(lines)
 
 
+def run_lowered(config, platform: str, devices=None) -> dict:
+    """The step built for ``platform`` and lowered for it (``lower_step``), summarised."""
+    devices = jax.devices() if devices is None else list(devices)
+    checked = config.copy_and_resolve_references()
+    checked.input.dataset = "video_demo" if config.model.name == "mvit" else "synthetic"
+    config_lib.validate(checked, len(devices), 1)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    t0 = time.perf_counter()
+    st, text = lower_step(config, mesh, platform)
+    return {"platform": platform, "devices": len(devices), "mesh": dict(mesh.shape),
+            "program": train.describe_program(st.model, config, platform),
+            "seconds": time.perf_counter() - t0, **program_summary(text)}
+
+
+def format_export(r: dict) -> str:
+    dots = ", ".join(f"{v} {k}" for k, v in sorted(r["dots"].items(), key=lambda kv: -kv[1]))
+    return "\n".join([
+        f"lowered for {r['platform']} over {r['devices']} devices, mesh {r['mesh']} "
+        f"(not compiled: no {r['platform']} compiler here, so no memory figures)",
+        r["program"],
+        f"holds: {r['cudnn_attention_calls']} cuDNN attention calls, {r['partitioned_calls']} custom-partitioned "
+        f"calls (cuDNN attention over the mesh), {r['conditionals']} conditionals, "
+        f"{r['scatters']} scatters; dots by operand types: {dots}",
+        f"time: {r['seconds']:.1f}s"])
+
+
 def main(argv):
     del argv
     if FLAGS.devices and FLAGS.topology:
         raise app.UsageError("--devices and --topology exclude each other")
+    if FLAGS.platform and FLAGS.topology:
+        raise app.UsageError("--topology compiles for TPU already; --platform is for --devices or this host")
     if FLAGS.devices:
         use_cpu_devices(FLAGS.devices)
     devices = tpu_devices(FLAGS.topology) if FLAGS.topology else None
+    if FLAGS.platform:
+        try:
+            report = run_lowered(FLAGS.config, FLAGS.platform)
+        except ValueError as e:
+            if not str(e).startswith("config."):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(format_export(report), flush=True)
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     try:
         report = run(FLAGS.config, devices)
     except ValueError as e:   # config errors name their key

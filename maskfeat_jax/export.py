@@ -1,33 +1,33 @@
 """A checkpoint of ours -> the official PySlowFast names and layouts (``.npz`` or ``.pyth``).
 
     python -m maskfeat_jax.export --workdir=DIR [--step=N] --out=FILE.npz|FILE.pyth [--encoder_only]
-
-The reverse of ``maskfeat_jax.convert``, with the same name tables (``convert.rules_for``) and
-each transform's inverse (``convert.Transform.to_torch``). The model family and task come from
-the config saved with the checkpoint (the latest step in ``DIR/checkpoints``, or ``--step``).
-
-What is written, every tensor float32 in the official layout:
-
-* every parameter of the checkpoint under its official name (a parameter the tables do not
-  name is an error naming it, never dropped): the backbone, and the pre-training head
-  (``mask_token``, ``pred_head.*``) or the classifier (``norm``, ``head.projection``);
-* for a pre-training checkpoint, also the HOG layer's buffers that the official ``MaskMViT``
-  registers (``operators.HOGLayerC``): the Sobel filters ``hogs.0.weight_x`` (3, 1, 3, 3) and
-  ``hogs.0.weight_y`` (its transpose). They are constants, not trained, but part of that
-  model's state dict, so the file loads into it with ``load_state_dict(..., strict=True)``.
-  That model builds its HOG layer without a Gaussian window, so no ``hogs.0.gkern`` is
-  written whatever ``config.hog.gaussian_window`` was;
-* with ``--encoder_only``, only the backbone, as fine-tuning loads it (``config.init_from``):
-  no ``mask_token``, ``pred_head.*``, ``hogs.*``, nor a classifier's ``norm`` and
-  ``head.projection``.
-
-``.npz`` needs no PyTorch: ``{k: torch.from_numpy(v) for k, v in np.load(f).items()}`` is the
-state dict (``convert --src=FILE.npz`` reads it back). ``.pyth`` is ``torch.save`` of
-``{"model_state": state_dict}``, the entry PySlowFast checkpoints keep their weights in (no
-optimizer state, no epoch). The file is written to a temporary name in the same folder and
-renamed, so an interrupted export leaves no partial ``--out``. ``--workdir`` may be a
-``gs://`` URL; ``--out`` is a local (or mounted) path.
 """
+# The reverse of ``maskfeat_jax.convert``, with the same name tables (``convert.rules_for``) and
+# each transform's inverse (``convert.Transform.to_torch``). The model family and task come from
+# the config saved with the checkpoint (the latest step in ``DIR/checkpoints``, or ``--step``).
+#
+# What is written, every tensor float32 in the official layout:
+#
+# * every parameter of the checkpoint under its official name (a parameter the tables do not
+#   name is an error naming it, never dropped): the backbone, and the pre-training head
+#   (``mask_token``, ``pred_head.*``) or the classifier (``norm``, ``head.projection``);
+# * for a pre-training checkpoint, also the HOG layer's buffers that the official ``MaskMViT``
+#   registers (``operators.HOGLayerC``): the Sobel filters ``hogs.0.weight_x`` (3, 1, 3, 3) and
+#   ``hogs.0.weight_y`` (its transpose). They are constants, not trained, but part of that
+#   model's state dict, so the file loads into it with ``load_state_dict(..., strict=True)``.
+#   That model builds its HOG layer without a Gaussian window, so no ``hogs.0.gkern`` is
+#   written whatever ``config.hog.gaussian_window`` was;
+# * with ``--encoder_only``, only the backbone, as fine-tuning loads it (``config.init_from``):
+#   no ``mask_token``, ``pred_head.*``, ``hogs.*``, nor a classifier's ``norm`` and
+#   ``head.projection``.
+#
+# ``.npz`` needs no PyTorch: ``{k: torch.from_numpy(v) for k, v in np.load(f).items()}`` is the
+# state dict (``convert --src=FILE.npz`` reads it back). ``.pyth`` is ``torch.save`` of
+# ``{"model_state": state_dict}``, the entry PySlowFast checkpoints keep their weights in (no
+# optimizer state, no epoch). The file is written to a temporary name in the same folder and
+# renamed, so an interrupted export leaves no partial ``--out``. ``--workdir`` may be a
+# ``gs://`` URL; ``--out`` is a local (or mounted) path.
+
 from __future__ import annotations
 
 import os
@@ -173,5 +173,7 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app
+
+    from maskfeat_jax import config as config_lib
     FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))   # --help exits 0; a flag error is one line

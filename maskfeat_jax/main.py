@@ -24,7 +24,7 @@ if __name__ == "__main__":         # first thing, before numpy or jax start thre
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "configs/<name>.py (found from any folder).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval the latest checkpoint.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")
@@ -33,7 +33,10 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.DEFINE_bool("distributed", None, "Force (True) or skip (False) jax.distributed.initialize; "
                   "default: in SLURM srun steps, on GKE/multislice TPU, or when a coordinator is given "
                   "(plain TPU VM pods: pass --distributed=True).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("print_config", False, "Print every config key as `key = value  # comment` and exit.")
+flags.mark_flags_as_required(["config"])
+flags.register_validator("workdir", lambda w: w is not None or FLAGS["print_config"].value,
+                         "--workdir is required (except with --print_config)")
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +60,14 @@ def _maybe_initialize_distributed(jax):
 
 def main(argv):
     del argv
+    from maskfeat_jax import config as config_lib, storage
+    if FLAGS.print_config:
+        print("\n".join(config_lib.describe(FLAGS.config)))
+        return
+    try:   # before the start-up: a workdir that cannot be used fails in a second, not in twenty
+        storage.check_workdir(FLAGS.workdir, write=FLAGS.mode == "train")
+    except ValueError as e:
+        _fail(e)
     import jax  # imported after flag parsing so XLA flags from the environment apply
 
     if not FLAGS["verbosity"].present:   # library INFO logs (checkpointing) only with -v 0
@@ -75,12 +86,15 @@ def main(argv):
             train.evaluate(FLAGS.config, FLAGS.workdir)
         else:
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ValueError as e:  # config/input errors name their key: one clear line, no traceback
-        if not str(e).startswith(("config", "--workdir")):
+    except ValueError as e:  # config/input errors name their key or flag: one clear line, no traceback
+        if not str(e).startswith(("config", "--")):
             raise
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
+
+
+def _fail(e):
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

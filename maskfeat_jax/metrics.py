@@ -82,13 +82,34 @@ class Throughput:
 
 
 class Progress:
-    """One console line per logged step (a live bar when attached to a terminal)."""
+    """One console line per logged step (a live bar when attached to a terminal).
 
-    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int):
+    The ETA counts from ``restart`` (the trainer calls it once the step is compiled), so a
+    resumed run's first estimate leaves the compile out. ``mfu_estimate``: the peak is a
+    measurement (CPU), not a vendor figure, so MFU is shown as ``mfu~``, at most ``>100%``."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, start_step: int, mfu_estimate: bool = False):
         self.total, self.spe, self.start = total_steps, max(steps_per_epoch, 1), start_step
         self.t0 = time.time()
         self.tty = sys.stdout.isatty()
         self.enabled = jax.process_index() == 0
+        self.mfu_estimate = mfu_estimate
+        self._open = False        # a bar line without its newline is on the terminal
+
+    def restart(self, step: int) -> None:
+        self.start, self.t0 = step, time.time()
+
+    def print(self, text: str) -> None:
+        """Prints ``text`` on its own line (ending the live bar's line first)."""
+        if self._open:
+            sys.stdout.write("\n")
+            self._open = False
+        print(text, flush=True)
+
+    def _mfu(self, v: float) -> str:
+        if not self.mfu_estimate:
+            return f"mfu {v:.1%}"
+        return "mfu~ >100%" if v > 1 else f"mfu~ {v:.1%}"
 
     def update(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -98,9 +119,9 @@ class Progress:
         eta = datetime.timedelta(seconds=int((self.total - step) / rate)) if rate > 0 else "?"
         parts = [f"step {step}/{self.total}", f"ep {step / self.spe:.2f}"]
         for key, fmt in (("train/loss", "loss {:.4f}"), ("opt/lr", "lr {:.3e}"),
-                         ("perf/images_per_sec", "img/s {:.1f}"), ("perf/mfu", "mfu {:.1%}")):
+                         ("perf/images_per_sec", "img/s {:.1f}"), ("perf/mfu", self._mfu)):
             if key in scalars:
-                parts.append(fmt.format(scalars[key]))
+                parts.append(fmt(scalars[key]) if callable(fmt) else fmt.format(scalars[key]))
         parts.append(f"eta {eta}")
         line = " | ".join(parts)
         if self.tty:
@@ -108,7 +129,26 @@ class Progress:
             fill = int(width * step / max(self.total, 1))
             sys.stdout.write("\r[" + "#" * fill + "." * (width - fill) + "] " + line)
             sys.stdout.flush()
-            if step >= self.total:
+            self._open = step < self.total
+            if not self._open:
                 sys.stdout.write("\n")
         else:
             print(line, flush=True)
+
+
+def logged(workdir: str, step: int, keys) -> bool:
+    """Whether ``WORKDIR/metrics.jsonl`` already has a row for ``step`` holding all of ``keys``
+    (an evaluation run again adds no duplicate row)."""
+    p = storage.path(workdir) / "metrics.jsonl"
+    if not p.exists():
+        return False
+    rows = (json.loads(line) for line in p.read_text().splitlines() if line.strip())
+    return any(r.get("step") == step and set(keys) <= set(r) for r in rows)
+
+
+def last_value(workdir: str, key: str):
+    """(step, value) of the last row of ``WORKDIR/metrics.jsonl`` holding ``key``, or None."""
+    p = storage.path(workdir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    hits = [(r["step"], r[key]) for r in rows if key in r]
+    return hits[-1] if hits else None

@@ -103,8 +103,10 @@ def _apply(tx, state: TrainState, loss, grads, metrics):
     return state, metrics
 
 
-def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stride: int | None = None):
-    """MaskFeat: HOG targets of the intact input, masked-token MSE with explicit denominator."""
+def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stride: int | None = None,
+                       histogram: str = "scatter"):
+    """MaskFeat: HOG targets of the intact input, masked-token MSE with explicit denominator.
+    ``histogram``: HOG's histogram form for the target platform (``hog.histogram_impl``)."""
     base_key = jax.random.key(config.seed)
     mean, std, h = config.input.mean, config.input.std, config.hog
     accum = config.optim.grad_accum_steps
@@ -113,7 +115,7 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
         images = normalize(batch["image"], mean, std)
         targets_BxNxK = jax.lax.stop_gradient(hog.hog_targets(
             images, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
-            gaussian_window=h.gaussian_window, temporal_stride=temporal_stride))
+            gaussian_window=h.gaussian_window, temporal_stride=temporal_stride, histogram=histogram))
         weight_BxN = (batch["mask"] & batch["valid"][:, None]).astype(jnp.float32)
         denom = jnp.maximum(weight_BxN.sum(), 1.0)          # masked tokens of the whole batch
         inputs = {"images": images, "mask": batch["mask"], "targets": targets_BxNxK, "weight": weight_BxN,

@@ -15,8 +15,10 @@ what other hosts and processes wrote since (checkpoint steps above all).
 from __future__ import annotations
 
 import contextlib
-
+import errno
 import os
+import shutil
+import tempfile
 
 import fsspec
 from etils import epath
@@ -47,6 +49,57 @@ def check_url(p: str, key: str) -> None:
         import gcsfs  # noqa: F401
     except ImportError:
         raise ValueError(f"{key}={p}: gs:// paths need gcsfs: pip install 'maskfeat_jax[gcs]' (or gcsfs)") from None
+
+
+def check_workdir(p: str, key: str = "--workdir", *, write: bool = True) -> None:
+    """Refuses, before anything starts, a local ``p`` that is not a folder this process can
+    write in (``write``: created if missing, then a file made and removed in it, which answers
+    truthfully for permissions, read-only mounts and root alike) or, without ``write``, one that
+    does not exist. A ``ValueError`` names ``key``; URLs are checked by ``check_url`` only."""
+    check_url(p, key)
+    if is_url(p):
+        return
+    d = os.path.abspath(os.path.expanduser(str(p)))
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"{key}={p} is a file, not a folder")
+    if not write:
+        if not os.path.isdir(d):
+            raise ValueError(f"{key}={p} does not exist")
+        return
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".write_check")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{key}={p}: cannot write there ({e.strerror or e})") from None
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from reports a full disk (``ENOSPC``; TensorStore
+    reports it as a ``ValueError`` naming the OS error)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_space(p) -> str:
+    """The free space of the filesystem holding the local ``p`` (or its nearest existing parent),
+    as text: ``"12.0 KiB"``; ``"unknown"`` for URLs."""
+    if is_url(p):
+        return "unknown"
+    d = os.path.abspath(str(p))
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    n = float(shutil.disk_usage(d).free)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 class LineLog:

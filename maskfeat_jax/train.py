@@ -23,9 +23,10 @@ import optax
 from flax import nnx
 
 from maskfeat_jax import checkpoint, config as config_lib, metrics as metrics_lib, models, optim, perf
-from maskfeat_jax import sharding, steps, storage
+from maskfeat_jax import platform as platform_lib, sharding, steps, storage
 from maskfeat_jax.data import pipeline, sources
 from maskfeat_jax.evaluators import classification, probe
+from maskfeat_jax.targets import hog
 
 PREEMPTED_EXIT_CODE = 75   # documented: the run saved a checkpoint after SIGTERM/SIGINT; rerun to resume
 RESTORE_RETRY_S = 2.0     # pause before reading a checkpoint that failed once a second time
@@ -47,6 +48,18 @@ class Setup:
     abstract_state: steps.TrainState   # ShapeDtypeStructs carrying their shardings
     init: Any                    # jitted () -> TrainState, created already sharded
     step_fn: Any                 # pure (state, batch) -> (state, metrics), not yet jitted
+    platform: str                # what the program is built for: 'cpu', 'gpu' or 'tpu'
+
+
+def describe_program(model, config, platform: str) -> str:
+    """One line: the platform the step is built for and the choices that follow from it."""
+    enc = model.encoder
+    dtype = platform_lib.compute_dtype(config.model.dtype, platform)
+    attn = getattr(enc, "attention", None)
+    attn = attn.describe() if attn is not None else "pooling attention (XLA dots)"
+    precision = platform_lib.matmul_precision(platform, dtype)
+    return (f"program: {platform}, compute {jnp.dtype(dtype).name} (params float32), matmul precision "
+            f"{precision}, attention {attn}" + (", CPU kernels" if platform_lib.cpu_kernels(platform) else ""))
 
 
 # XLA CPU spends most of the initialisation's compile in LLVM on the random-number programs (one
@@ -56,10 +69,12 @@ INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
-    """Model and optimizer built abstractly, the sharded state's layout, and the step."""
+    """Model and optimizer built abstractly, the sharded state's layout, and the step, as the
+    program for the mesh's platform (or ``config.platform``)."""
     repl = sharding.replicated(mesh)
+    platform = platform_lib.target(config, mesh.devices)
     with jax.set_mesh(mesh), sharding.rules():
-        model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0), platform))
         graphdef, abs_params = nnx.split(model)
         param_sh = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh))
     tx, schedule = optim.make(config, nnx.to_pure_dict(abs_params), steps_per_epoch, total_steps,
@@ -67,7 +82,7 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
 
     def init_state():
         with sharding.rules():
-            params = nnx.to_pure_dict(nnx.state(models.build(config, nnx.Rngs(config.seed))))
+            params = nnx.to_pure_dict(nnx.state(models.build(config, nnx.Rngs(config.seed), platform)))
         return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 nonfinite=jnp.zeros((), jnp.int32))
 
@@ -80,16 +95,19 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
     if config.task == "pretrain":
         video = config.model.name == "mvit"
         step_fn = steps.make_pretrain_step(graphdef, tx, schedule, config, model.encoder.patch,
-                                           model.encoder.patch_stride[0] if video else None)
+                                           model.encoder.patch_stride[0] if video else None,
+                                           histogram=hog.histogram_impl(platform))
     else:
         step_fn = steps.make_finetune_step(graphdef, tx, schedule, config)
+    dtype = platform_lib.compute_dtype(config.model.dtype, platform)
+    step_fn = platform_lib.with_precision(step_fn, platform_lib.matmul_precision(platform, dtype))
 
     def init():
         with jax.set_mesh(mesh):
             lowered = jax.jit(init_state, out_shardings=state_sh).lower()
-            return lowered.compile(compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend(), {}))()
+            return lowered.compile(compiler_options=INIT_COMPILER_OPTIONS.get(platform_lib.of_devices(mesh.devices), {}))()
 
-    return Setup(model, graphdef, tx, schedule, state_sh, abs_state, init, step_fn)
+    return Setup(model, graphdef, tx, schedule, state_sh, abs_state, init, step_fn, platform)
 
 
 def jit_step(s: Setup, mesh, batch):
@@ -156,6 +174,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if config.get("init_from"):
                 state = state.replace(params=checkpoint.init_from(config.init_from, state.params, mesh))
     start_step = int(jax.device_get(state.step))
+    if start_step >= total_steps:            # a finished run rerun: nothing to compile or train
+        ckpt.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+        if jax.process_index() == 0:
+            print(f"already done: {workdir} holds the checkpoint of step {start_step} of {total_steps}; "
+                  f"--mode=eval evaluates it, a larger config.total_steps (or epochs) trains on", flush=True)
+        return {}
     skipped_before = int(jax.device_get(state.nonfinite))   # skips already in a resumed checkpoint
 
     writer = metrics_lib.Writer(workdir)
@@ -172,9 +198,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stop = {"signal": None}
     multihost = jax.process_count() > 1
     handlers = {} if multihost else {
-        s: signal.signal(s, lambda signum, _: stop.__setitem__("signal", signum))
+        s: signal.signal(s, lambda signum, _: stop.__setitem__("signal", signal.Signals(signum).name))
         for s in (signal.SIGTERM, signal.SIGINT)}
-    progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step)
+    progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step,
+                                    mfu_estimate=peak_src.startswith("measured"))
     train_step = None
     pending, last = None, {}
     trace_dir = None          # where the profiler writes while it traces
@@ -192,6 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 with jax.set_mesh(mesh):
                     train_step = train_step.lower(state, batch).compile()
                 writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
+                progress.restart(step)   # the ETA counts steps, not the compile
             if step == config.profile_start_step:
                 trace_dir = tempfile.mkdtemp(prefix="maskfeat_profile_") if storage.is_url(workdir) \
                     else str(storage.path(workdir) / "profile")
@@ -203,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 stop["signal"] = "SIGTERM (preemption notice, agreed by all hosts)"
             if trace_dir is not None and step == config.profile_start_step + config.profile_num_steps:
                 jax.block_until_ready(state)
-                _stop_profile(trace_dir, workdir, config.profile_start_step, step)
+                _stop_profile(trace_dir, workdir, config.profile_start_step, step, progress.print)
                 trace_dir = None
             if pending is not None:   # read step N-1's metrics after dispatching step N
                 last = _flush(pending, config, writer, progress, meter, skipped_before)
@@ -230,8 +258,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       force=is_last or stop["signal"] is not None)
             if stop["signal"] is not None:
                 ckpt.wait()
-                logging.warning("signal %s: saved step %d, exiting with code %d", stop["signal"], step,
-                                PREEMPTED_EXIT_CODE)
+                progress.print(f"{stop['signal']}: saved step {step}, exiting with code {PREEMPTED_EXIT_CODE}; "
+                               f"rerun the same command to resume")
                 raise Preempted()
             if evaluate_now:
                 res = evaluator.run(state.params) if evaluator is not None else {}
@@ -241,7 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.write(step, res)
                     last.update(res)
                     if jax.process_index() == 0:
-                        print(" | ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+                        progress.print(" | ".join(f"{k} {v:.4f}" for k, v in res.items()))
             if figures_now:
                 from maskfeat_jax import visualize
                 visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
@@ -253,7 +281,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
         if trace_dir is not None:      # the run ended inside the profiling window
-            _stop_profile(trace_dir, workdir, config.profile_start_step, step)
+            _stop_profile(trace_dir, workdir, config.profile_start_step, step, progress.print)
         ckpt.close()
         writer.close()
         if hasattr(train_iter, "close"):
@@ -261,14 +289,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def _stop_profile(trace_dir: str, workdir: str, first: int, step: int) -> None:
+def _stop_profile(trace_dir: str, workdir: str, first: int, step: int, say=print) -> None:
     """Stops the profiler (steps ``first`` to ``step - 1`` traced); for a URL workdir, copies
     its local trace folder there."""
     jax.profiler.stop_trace()
     if storage.is_url(workdir):
         storage.upload_tree(trace_dir, f"{workdir}/profile")
         shutil.rmtree(trace_dir, ignore_errors=True)
-    print(f"profiler trace of steps {first}..{step - 1} in {workdir}/profile", flush=True)
+    say(f"profiler trace of steps {first}..{step - 1} in {workdir}/profile")
 
 
 def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) -> dict:
@@ -368,12 +396,14 @@ def _examples_read(saved: dict | None, step: int, per_batch: int) -> int:
     return step * saved["global_batch_size"] // saved.get("num_sample", 1)
 
 
-def _check_resume_config(ckpt, step, config):
+def _check_resume_config(ckpt, step, config, evaluating: bool = False):
     diffs = config_lib.shape_differences(ckpt.saved_config(step), config)
-    if diffs and not config.checkpoint.allow_config_change:
+    if diffs and (evaluating or not config.checkpoint.allow_config_change):
+        hint = (f"Evaluate with the config it was trained with (saved in {ckpt.directory}/{step}/config/metadata)."
+                if evaluating else "Use another --workdir, or set --config.checkpoint.allow_config_change=True "
+                "to override.")
         raise ValueError("config: the workdir holds a checkpoint whose config differs in shape-changing keys:\n  "
-                         + "\n  ".join(diffs) + "\nUse another --workdir, or set "
-                         "--config.checkpoint.allow_config_change=True to override.")
+                         + "\n  ".join(diffs) + "\n" + hint)
 
 
 def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_epoch, flops_per_image,
@@ -387,12 +417,15 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
     lines = [
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on {jax.process_count()} process(es)",
         f"mesh: {dict(mesh.shape)}",
+        describe_program(model, config, platform_lib.target(config, mesh.devices)),
         f"batch: global {gb}, per device {gb // jax.device_count()}, per host {gb // jax.process_count()}",
         f"lr: peak {lrs['peak']:.3e} = base {config.optim.base_lr:g} x {gb}/{config.optim.reference_batch}"
         f" (start {lrs['start']:.2e}, end {lrs['end']:.2e}), layer decay {config.optim.layer_decay}",
         f"steps: {total_steps} ({steps_per_epoch} per epoch), starting at {int(jax.device_get(state.step))}",
         f"parameters: {n_params:,} ({', '.join(f'{k} {v:,}' for k, v in per_module.items())})",
-        f"FLOPs per step: {flops_per_image * gb:.3e} (analytic, training); peak from {peak_src}",
+        f"FLOPs per step: {flops_per_image * gb:.3e} (analytic, training); peak from {peak_src}"
+        + (" (an estimate: shown as mfu~, which other jobs on the CPU can push past 100%)"
+           if peak_src.startswith("measured") else ""),
         f"per-device bytes: params {sharding.bytes_per_device(state.params):,}, "
         f"optimizer {sharding.bytes_per_device(state.opt_state):,}",
     ]
@@ -403,29 +436,51 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
 
 def evaluate(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in ``workdir`` without training: top-1/top-5 for a
-    classifier, k-NN and linear probe on frozen features for any model."""
+    classifier, k-NN and linear probe on frozen features for any image model. The results go to
+    ``metrics.jsonl`` unless that step's row already holds them (a second run adds nothing)."""
     config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    _, _, steps = checkpoint.locate(workdir)             # reads only: an empty workdir stays empty
+    steps = checkpoint.finished_steps(workdir)            # reads only: an empty workdir stays empty
     if not steps:
-        raise ValueError(f"--mode=eval: --workdir={workdir} holds no finished checkpoint")
+        raise ValueError(f"--mode=eval: --workdir={workdir} holds no finished checkpoint (train first: the "
+                         f"same command without --mode=eval)")
     step = steps[-1]
-    mesh = sharding.make_mesh(config.mesh)
-    st = setup(config, mesh, steps_per_epoch=1, total_steps=1)
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
-    with jax.set_mesh(mesh):
-        state = ckpt.restore(step, st.abstract_state)
-    results = {}
-    if config.task == "finetune":
-        results.update(classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params).run(state.params))
-    if config.evals.probe and jax.process_count() == 1:      # as in training: the probe runs on one host
-        results.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
-    elif config.evals.probe:
-        logging.warning("config.evals.probe: skipped on %d processes; run the probe CLI on one host "
-                        "(python -m maskfeat_jax.evaluators.probe --workdir=...)", jax.process_count())
-    writer = metrics_lib.Writer(workdir)
-    writer.write(step, results)
-    writer.close()
-    ckpt.close()
-    print(json.dumps({"step": step, **results}), flush=True)
+    try:
+        _check_resume_config(ckpt, step, config, evaluating=True)
+        if config.task == "pretrain" and not config.evals.probe:
+            _say_nothing_to_evaluate(config, workdir, step)
+            return {}
+        mesh = sharding.make_mesh(config.mesh)
+        st = setup(config, mesh, steps_per_epoch=1, total_steps=1)
+        with jax.set_mesh(mesh):
+            state = ckpt.restore(step, st.abstract_state)
+        results = {}
+        if config.task == "finetune":
+            results.update(classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params).run(state.params))
+        if config.evals.probe and jax.process_count() == 1:      # as in training: the probe runs on one host
+            results.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
+        elif config.evals.probe:
+            logging.warning("config.evals.probe: skipped on %d processes; run the probe CLI on one host "
+                            "(python -m maskfeat_jax.evaluators.probe --workdir=...)", jax.process_count())
+    finally:
+        ckpt.close()
+    if results and not metrics_lib.logged(workdir, step, results):
+        writer = metrics_lib.Writer(workdir)
+        writer.write(step, results)
+        writer.close()
+    if jax.process_index() == 0:
+        print(json.dumps({"step": step, **results}), flush=True)
     return results
+
+
+def _say_nothing_to_evaluate(config, workdir: str, step: int) -> None:
+    """``--mode=eval`` on a pre-training checkpoint without the probe: what there is instead."""
+    if jax.process_index() != 0:
+        return
+    last = metrics_lib.last_value(workdir, "train/loss")
+    loss = f"; its last logged train/loss is {last[1]:.4f} (step {last[0]})" if last else ""
+    how = "fine-tune it (config.init_from=WORKDIR with a *_ft config) for top-1/top-5"
+    if config.model.name == "vit":
+        how += ", or add --config.evals.probe=True for a k-NN and linear probe on its frozen features"
+    print(f"step {step}: a MaskFeat pre-training checkpoint has no evaluation of its own{loss}; {how}", flush=True)

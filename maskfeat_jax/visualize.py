@@ -6,7 +6,8 @@
   to the bin value.
 * :func:`tokens_to_cells`: per-token targets/predictions ``(B, N, K)`` back to a cell map.
 * :func:`figure`: input | input with masked patches greyed | target HOG | prediction
-  (visible patches show the target, masked ones the prediction, as in the paper).
+  (visible patches show the target, masked ones the prediction, as in the paper);
+  :func:`titled` writes each panel's title above it.
 * :func:`make_figures` / :func:`write_to_tensorboard`: figures for a params tree (the
   trainer can call these), and the command below for a saved checkpoint::
 
@@ -31,10 +32,10 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["glyph_angles", "glyph_stencils", "render_hog", "tokens_to_cells", "figure",
-           "load_saved_config", "load_model", "make_figures", "write_to_tensorboard", "main"]
+__all__ = ["glyph_angles", "glyph_stencils", "render_hog", "tokens_to_cells", "figure", "titled",
+           "auto_cell_px", "load_saved_config", "load_model", "make_figures", "write_to_tensorboard", "main"]
 
 
 # ----------------------------------------------------------------------------
@@ -202,6 +203,34 @@ def figure(image_uint8, mask_N, target_NxK, pred_NxK, grid: Sequence[int], *, nb
     return np.concatenate(parts, axis=1)
 
 
+PANEL_TITLES = ("input", "mask", "target HOG", "prediction on masked patches")
+
+
+def titled(fig, panel_w: int, gap: int = 4, titles: Sequence[str] = PANEL_TITLES, size: int = 16) -> np.ndarray:
+    """``fig`` (panels of ``panel_w`` pixels, ``gap`` apart) below a white strip with each panel's
+    title centred over it; the font shrinks (to 8 px) until every title fits its panel."""
+    def font(px):
+        try:
+            return ImageFont.load_default(size=px)     # scalable (Pillow >= 10.1 with FreeType)
+        except (TypeError, ImportError, OSError):
+            return ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while size > 8 and max(probe.textlength(t, font=font(size)) for t in titles) > panel_w - 4:
+        size -= 1
+    f = font(size)
+    strip = Image.new("RGB", (fig.shape[1], size + 10), "white")
+    d = ImageDraw.Draw(strip)
+    for k, t in enumerate(titles):
+        x = k * (panel_w + gap) + (panel_w - d.textlength(t, font=f)) / 2
+        d.text((max(x, 0), 4), t, fill="black", font=f)
+    return np.concatenate([np.asarray(strip), np.asarray(fig, np.uint8)], axis=0)
+
+
+def auto_cell_px(cells_across: int) -> int:
+    """Output pixels per HOG cell: panels about 256 px wide, glyphs 16 to 32 px long."""
+    return int(np.clip(256 // max(cells_across, 1), 16, 32))
+
+
 # ----------------------------------------------------------------------------
 # model side
 # ----------------------------------------------------------------------------
@@ -254,16 +283,18 @@ def load_model(config, params):
 
 
 def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: str | None = None,
-                 start: int = 0, cell_px: int = 16, source=None, **figure_kwargs) -> list[np.ndarray]:
+                 start: int = 0, cell_px: int | None = None, titles: bool = True, source=None,
+                 **figure_kwargs) -> list[np.ndarray]:
     """HOG figures (see :func:`figure`) for ``num_images`` held-out examples.
 
     Examples ``start, start+1, ...`` of ``split`` (default ``config.input.eval_split``) go
     through the eval transform (resize + centre crop); masks are ``masking.block_mask``
     drawn from ``numpy.random.default_rng(seed)``; targets are ``hog_targets`` of the
     normalised images and predictions the MaskFeat model's ``pred_BxNxK`` with ``params``
-    (a pure dict of host or device arrays, e.g. ``TrainState.params``). ``source``
-    overrides the dataset (anything indexable giving ``{"image": ...}``);
-    ``figure_kwargs`` go to :func:`figure`."""
+    (a pure dict of host or device arrays, e.g. ``TrainState.params``). ``cell_px`` defaults
+    to :func:`auto_cell_px` (lines ``cell_px / 16`` wide); ``titles`` names the panels
+    (:func:`titled`). ``source`` overrides the dataset (anything indexable giving
+    ``{"image": ...}``); ``figure_kwargs`` go to :func:`figure`."""
     import jax
     from flax import nnx
 
@@ -303,9 +334,15 @@ def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: s
         return targets, pred
 
     targets, pred = jax.device_get(run(params, images, masks))
-    return [figure(images[i], masks[i], targets[i], pred[i], grid, nbins=h.nbins, cell_px=cell_px,
+    q = patch // h.cell_size
+    if cell_px is None:
+        cell_px = auto_cell_px(grid[1] * q)
+        figure_kwargs.setdefault("line_width", cell_px / 16)
+    figs = [figure(images[i], masks[i], targets[i], pred[i], grid, nbins=h.nbins, cell_px=cell_px,
                    **figure_kwargs)
             for i in range(len(idx))]
+    gap = figure_kwargs.get("gap", 4)
+    return [titled(f, grid[1] * q * cell_px, gap) for f in figs] if titles else figs
 
 
 def write_to_tensorboard(writer, step: int, figures: Sequence[np.ndarray], tag: str = "hog") -> None:
@@ -334,12 +371,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                                                  "of a MaskFeat pre-training checkpoint.")
     parser.add_argument("--workdir", required=True, help="training workdir (or its checkpoints folder)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--num_images", type=int, default=4, help="held-out examples, one figure each")
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/figures)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the block masks")
     parser.add_argument("--split", default=None, help="dataset split (default: config.input.eval_split)")
     parser.add_argument("--start", type=int, default=0, help="index of the first example")
-    parser.add_argument("--cell_px", type=int, default=16, help="output pixels per HOG cell side")
+    parser.add_argument("--cell_px", type=int, default=None,
+                        help="output pixels per HOG cell side (default: 16 to 32, panels about 256 px)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write the figures to WORKDIR/tensorboard at the checkpoint's step")
     args = parser.parse_args(argv)

@@ -385,7 +385,7 @@ def _photo_jpeg_bytes(w, h, seed=0):
 def test_train_map_matches_reference():
     """TrainMap (Pillow from decode to flip) against the steps written out separately:
     decode to an array, draw the crop, crop the array, resize it, draw the flip, draw the mask."""
-    c = _config(image_size=32)
+    c = _config(image_size=32, image_backend="pil")
     grid = _grid(c)
     tm = pipeline.TrainMap(c, grid)
     data = _photo_jpeg_bytes(120, 90, seed=2)
@@ -412,7 +412,7 @@ def test_finetune_train_map_matches_reference():
     """Fine-tuning's TrainMap against its steps written out separately, with non-default
     settings: crop scale (config.augment.crop_min_scale), flip, RandAugment with the configured
     ops and magnitude and ImageNet's mean as fill, then the erase box."""
-    c = _config(image_size=32)
+    c = _config(image_size=32, image_backend="pil")
     c.task, c.augment.crop_min_scale, c.augment.erase_prob = "finetune", 0.6, 0.5
     c.augment.randaug_ops, c.augment.randaug_magnitude = 3, 4
     tm = pipeline.TrainMap(c, _grid(c))
@@ -438,7 +438,7 @@ def test_finetune_train_map_matches_reference():
 
 
 def test_train_map_jpeg_draft():
-    c = _config(image_size=32)
+    c = _config(image_size=32, image_backend="pil")
     data = _photo_jpeg_bytes(640, 480, seed=5)
     assert pipeline.TrainMap(c, _grid(c)).draft is False
     c.input.jpeg_draft = True

@@ -1,12 +1,15 @@
-"""Tests of maskfeat_jax.targets.hog against an independent loop-level float64 reference."""
+"""Tests of maskfeat_jax.targets.hog against an independent loop-level float64 reference.
+
+The numeric tests run both histogram forms ('scatter' and 'onehot') against the reference."""
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskfeat_jax.targets.hog import hog_cells, hog_dim, hog_targets
+from maskfeat_jax.targets.hog import HISTOGRAMS, histogram_impl, hog_cells, hog_dim, hog_targets
 
 KX = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
 KY = [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]
@@ -75,41 +78,93 @@ def _rand(shape, seed=0):
     return np.random.RandomState(seed).uniform(0.0, 1.0, shape).astype(np.float32)
 
 
+@pytest.mark.parametrize("histogram", HISTOGRAMS)
 @pytest.mark.parametrize("hw", [(16, 24), (32, 32), (24, 40), (20, 28)])
-def test_cells_match_loop_reference(hw):
+def test_cells_match_loop_reference(hw, histogram):
     x = _rand((2, *hw, 3), seed=hw[0] * 100 + hw[1])
-    got = np.asarray(hog_cells(jnp.asarray(x)))
+    got = np.asarray(hog_cells(jnp.asarray(x), histogram=histogram))
     assert got.shape == (2, hw[0] // 8, hw[1] // 8, 3, 9)
     assert got.dtype == np.float32
     for b in range(2):
         np.testing.assert_allclose(got[b], ref_hog_cells(x[b]), atol=1e-5, rtol=0)
 
 
-def test_cells_gaussian_window_matches_reference():
+@pytest.mark.parametrize("histogram", HISTOGRAMS)
+def test_cells_gaussian_window_matches_reference(histogram):
     x = _rand((1, 32, 32, 3), seed=7)
-    got = np.asarray(hog_cells(jnp.asarray(x), gaussian_window=8))
+    got = np.asarray(hog_cells(jnp.asarray(x), gaussian_window=8, histogram=histogram))
     want = ref_hog_cells(x[0], gaussian_window=8)
     np.testing.assert_allclose(got[0], want, atol=1e-5, rtol=0)
     # The window really changes the result.
     assert np.abs(want - ref_hog_cells(x[0])).max() > 1e-3
 
 
-def test_cells_other_nbins_and_cell_size():
+@pytest.mark.parametrize("histogram", HISTOGRAMS)
+def test_cells_other_nbins_and_cell_size(histogram):
     x = _rand((1, 12, 16, 2), seed=3)
-    got = np.asarray(hog_cells(jnp.asarray(x), nbins=6, cell_size=4))
+    got = np.asarray(hog_cells(jnp.asarray(x), nbins=6, cell_size=4, histogram=histogram))
     np.testing.assert_allclose(got[0], ref_hog_cells(x[0], nbins=6, cell=4), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("histogram", HISTOGRAMS)
 @pytest.mark.parametrize("hw,patch,cell", [((32, 48), 16, 8), ((24, 40), 8, 8), ((24, 48), 24, 8)])
-def test_targets_token_layout_matches_reference(hw, patch, cell):
+def test_targets_token_layout_matches_reference(hw, patch, cell, histogram):
     x = _rand((2, *hw, 3), seed=11)
     q = patch // cell
-    got = np.asarray(hog_targets(jnp.asarray(x), patch_size=patch, cell_size=cell))
+    got = np.asarray(hog_targets(jnp.asarray(x), patch_size=patch, cell_size=cell, histogram=histogram))
     n_tok = (hw[0] // patch) * (hw[1] // patch)
     assert got.shape == (2, n_tok, hog_dim(patch, 9, cell, 3))
     for b in range(2):
         want = ref_tokens(ref_hog_cells(x[b], cell=cell), q)
         np.testing.assert_allclose(got[b], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((2, 32, 48, 3), {}),
+    ((2, 20, 28, 3), {}),                                    # cells' remainder dropped
+    ((1, 12, 16, 2), dict(nbins=6, cell_size=4)),
+    ((1, 32, 32, 3), dict(gaussian_window=8)),
+    ((2, 24, 40, 3), dict(nbins=5, cell_size=4, gaussian_window=4))])
+def test_histogram_forms_agree(shape, kw):
+    x = jnp.asarray(_rand(shape, seed=sum(shape)) * 255.0)
+    scatter = np.asarray(hog_cells(x, histogram="scatter", **kw))
+    onehot = np.asarray(hog_cells(x, histogram="onehot", **kw))
+    assert onehot.shape == scatter.shape and onehot.dtype == np.float32
+    np.testing.assert_allclose(onehot, scatter, atol=1e-6, rtol=0)
+    assert np.abs(scatter).max() > 0.5
+
+
+def test_histogram_forms_agree_on_video_targets():
+    v = jnp.asarray(_rand((2, 4, 16, 32, 3), seed=23))
+    scatter = np.asarray(hog_targets(v, temporal_stride=2, histogram="scatter"))
+    onehot = np.asarray(hog_targets(v, temporal_stride=2, histogram="onehot"))
+    np.testing.assert_allclose(onehot, scatter, atol=1e-6, rtol=0)
+
+
+def test_histogram_impl_per_platform():
+    assert histogram_impl("tpu") == "onehot"
+    assert histogram_impl("gpu") == "onehot"
+    assert histogram_impl("cpu") == "scatter"
+    assert all(histogram_impl(p) in HISTOGRAMS for p in ("cpu", "gpu", "tpu"))
+    with pytest.raises(ValueError, match="platform"):
+        histogram_impl("cuda")
+    with pytest.raises(ValueError, match="histogram"):
+        hog_cells(jnp.zeros((1, 16, 16, 3)), histogram="dot")
+
+
+@pytest.mark.parametrize("histogram", HISTOGRAMS)
+def test_tpu_lowering_of_each_histogram_form(histogram):
+    # Lowered for TPU from this CPU host: the one-hot form's StableHLO holds no scatter
+    # (the text includes source locations, so this test's name must not say 'scatter').
+    fn = jax.jit(partial(hog_targets, histogram=histogram))
+    exp = jax.export.export(fn, platforms=["tpu"])(jax.ShapeDtypeStruct((2, 32, 48, 3), jnp.uint8))
+    text = exp.mlir_module()
+    assert exp.platforms == ("tpu",)
+    if histogram == "onehot":
+        assert "scatter" not in text
+    else:
+        assert "stablehlo.scatter" in text
+    assert exp.out_avals[0].shape == (2, 6, 108)
 
 
 def test_token_layout_explicit_index():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskfeat_jax import config as config_lib, models
+from maskfeat_jax import config as config_lib, models, platform
 from maskfeat_jax.models import heads, vit
 
 
@@ -99,12 +99,20 @@ def test_drop_path_is_deterministic_without_rng_and_active_with_it():
     assert not np.allclose(a, d)
 
 
-@pytest.mark.parametrize("impl", ["xla", "einsum"])
-def test_attention_implementations_agree(impl):
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 3, 8)) for i in range(3))
-    ref = jnp.einsum("bhqk,bkhd->bqhd",
-                     jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), -1), v)
-    np.testing.assert_allclose(models.layers.attention(q, k, v, impl), ref, atol=1e-5)
+def _choice(impl, n, padded=None):
+    return platform.Attention(impl, n, padded or n, "test")
+
+
+@pytest.mark.parametrize("impl,padded", [("xla", 5), ("einsum", 5), ("xla", 6), ("xla", 8)])
+def test_attention_implementations_agree(impl, padded):
+    """Every form, and XLA's on a token axis padded as the cuDNN path pads it (masked through
+    ``key_value_seq_lengths``), gives plain softmax attention, values and gradients."""
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 5, 3, 8)) for i in range(4))
+    out, vjp = jax.vjp(lambda q, k, v: models.layers.attention(q, k, v, _choice(impl, 5, padded)), q, k, v)
+    ref, vjp_ref = jax.vjp(_plain_attention, q, k, v)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def _plain_attention(q, k, v):
@@ -121,7 +129,7 @@ def test_einsum_attention_matches_plain_softmax_attention_in_value_and_gradient(
     q, k, v, g = (jax.random.normal(jax.random.key(i), (2, 7, 3, 8)) for i in range(4))
     q, k, v = (x.astype(dtype).astype(jnp.float32) for x in (q * logit_scale, k, v))
     run = lambda q, k, v: models.layers.attention(   # noqa: E731
-        q.astype(dtype), k.astype(dtype), v.astype(dtype), "einsum").astype(jnp.float32)
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), _choice("einsum", 7)).astype(jnp.float32)
     out, vjp = jax.vjp(run, q, k, v)
     ref, vjp_ref = jax.vjp(_plain_attention, q, k, v)
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
@@ -135,13 +143,13 @@ def test_flat_attention_projections_match_the_einsum_projections(monkeypatch, dt
     """The CPU layout of the qkv / output projections (2-D matmuls on reshaped kernels) against
     the 4-D einsums used elsewhere: same values and gradients, parameters unchanged."""
     with nnx.use_eager_sharding(False):
-        attn = vit.Attention(16, 2, rngs=nnx.Rngs(0), dtype=dtype, impl="einsum")
+        attn = vit.Attention(16, 2, rngs=nnx.Rngs(0), dtype=dtype, choice=_choice("einsum", 5), platform="cpu")
     gd, st = nnx.split(attn)
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     g = jax.random.normal(jax.random.key(2), (2, 5, 16))
     results = []
     for flat in (True, False):
-        monkeypatch.setattr(vit, "flat_projections", lambda flat=flat: flat)
+        monkeypatch.setattr(vit, "flat_projections", lambda platform, flat=flat: flat)
         out, vjp = jax.vjp(lambda s, x: nnx.merge(gd, s)(x).astype(jnp.float32), st, x)
         results.append((out, jax.tree.leaves(vjp(g))))
     (out_flat, g_flat), (out_ein, g_ein) = results
@@ -153,12 +161,12 @@ def test_flat_attention_projections_match_the_einsum_projections(monkeypatch, dt
 def test_flat_projections_only_where_the_heads_are_not_split():
     """2-D projections on CPU, but the 4-D einsums under a mesh that splits the heads ('tensor')."""
     from maskfeat_jax import config as config_lib, sharding
-    assert vit.flat_projections()
+    assert vit.flat_projections("cpu") and not vit.flat_projections("gpu") and not vit.flat_projections("tpu")
     c = config_lib.base_config()
     for mesh_cfg, flat in [((8, 1, 1), True), ((1, 4, 2), False)]:
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
         with jax.set_mesh(sharding.make_mesh(c.mesh)):
-            assert vit.flat_projections() is flat, mesh_cfg
+            assert vit.flat_projections("cpu") is flat, mesh_cfg
 
 
 @pytest.mark.parametrize("drop_path,with_rng", [(0.0, False), (0.5, True)], ids=["no_rng", "drop_path_rng"])

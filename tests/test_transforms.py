@@ -252,7 +252,7 @@ def test_eval_transform(noise):
 
 def test_eval_resize_truncates_as_the_official_loader(monkeypatch):
     sides = []
-    monkeypatch.setattr(T, "resize_short_and_center_crop", lambda img, short, size, interp: sides.append(short))
+    monkeypatch.setattr(T, "resize_short_and_center_crop", lambda img, short, size, *_: sides.append(short))
     for size in (224, 96, 160, 384):
         T.eval_transform(np.zeros((8, 8, 3), np.uint8), size)
     assert sides == [256, 109, 182, 438]          # int(size / 0.875); rounding gives 110 and 183 for 96 and 160

@@ -291,7 +291,7 @@ def test_make_figures_draws_the_model_prediction_in_masked_patches():
     bias = np.zeros((3, 9, 2, 2), np.float32)
     bias[:, 4] = 1.0                                           # every channel, every cell: bin 4
     params["head"]["bias"] = bias.reshape(-1)
-    figs = V.make_figures(c, params, num_images=2, seed=3, outline=None)
+    figs = V.make_figures(c, params, num_images=2, seed=3, outline=None, cell_px=CELL_PX, titles=False)
     assert len(figs) == 2
     side = 4 * 2 * CELL_PX
     for fig in figs:
@@ -336,7 +336,7 @@ def test_command_end_to_end(tmp_path):
 
     p = _run("maskfeat_jax.visualize", f"--workdir={work}", "--num_images", "3", "--tensorboard")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    side = 32 // 8 * CELL_PX                           # 4 cells of 16 px
+    side = 32 // 8 * 32              # 4 cells of 32 px (visualize.auto_cell_px), below the panel titles
     from maskfeat_jax.data import sources, transforms
     c = config_lib.base_config()
     c.input.dataset = "digits"
@@ -345,11 +345,13 @@ def test_command_end_to_end(tmp_path):
         path = work / "figures" / f"hog_{i}.png"
         assert path.exists(), p.stdout
         with Image.open(path) as im:
-            assert im.mode == "RGB" and im.size == (4 * side + 3 * 4, side)
+            assert im.mode == "RGB" and im.size[0] == 4 * side + 3 * 4 and im.size[1] > side
             fig = np.asarray(im)
+        strip, fig = fig[:-side], fig[-side:]
+        assert all(strip[:, k * (side + 4):k * (side + 4) + side].min() < 128 for k in range(4))   # titled
         # panel 1 is the i-th held-out example through the eval transform, upscaled
         img = transforms.eval_transform(held_out[i]["image"], 32)
-        np.testing.assert_array_equal(fig[:, :side], np.repeat(np.repeat(img, 2, 0), 2, 1))
+        np.testing.assert_array_equal(fig[:, :side], np.repeat(np.repeat(img, 4, 0), 4, 1))
         assert fig[:, 2 * (side + 4):].max() > 0       # HOG panels are not empty
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -362,7 +364,7 @@ def test_command_end_to_end(tmp_path):
         V.main([f"--workdir={work}", "--step", "5"])
     assert e.value.code == 2
     with Image.open(out / "hog_0.png") as im:
-        assert im.size == (4 * 32 + 12, 32)
+        assert im.size[0] == 4 * 32 + 12 and im.size[1] > 32
     assert not (out / "hog_1.png").exists()
 
 

@@ -17,6 +17,7 @@ byte-identical from run to run; the defaults take a few seconds.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -101,6 +102,9 @@ def make_video_demo(out: str, *, num_train: int = 200, num_val: int = 50, frames
     if frames < 1 or num_train < 1 or num_val < 1:
         raise ValueError(f"frames, num_train and num_val must be >= 1, got {frames}, {num_train}, {num_val}")
     codec, options = pick_codec()
+    # about 30 ms per 32-frame 64x64 video on one core of the 2-core development machine
+    seconds = math.ceil((num_train + num_val) * frames * size * size / 4e6)
+    print(f"writing {num_train + num_val} demo videos to {out} (once, ~{seconds} s)", flush=True)
     for split, count in (("train", num_train), ("val", num_val)):
         src = sources.DigitsSource("train" if split == "train" else "validation")
         by_label = [np.flatnonzero(src.labels == k) for k in range(10)]

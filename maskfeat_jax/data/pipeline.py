@@ -109,7 +109,9 @@ class TrainMap(grain.transforms.RandomMap):
 
     ``jpeg_draft`` (default ``config.input.jpeg_draft``, off): decode JPEGs at DCT scale 1/2, 1/4 or 1/8 when the crop
     stays at least ``image_size`` after it (see ``transforms.resized_crop``);
-    only images at least twice the output size in the crop are affected.
+    only images at least twice the output size in the crop are affected. ``config.input.image_backend``:
+    "cv2" opens JPEGs and arrays as ``transforms.CvImage`` (simplejpeg; Pillow takes the rest) and
+    resizes with OpenCV, from where the image is an array; "pil" is Pillow throughout.
     """
 
     def __init__(self, config, grid: tuple[int, int], *, jpeg_draft: bool | None = None):
@@ -119,11 +121,13 @@ class TrainMap(grain.transforms.RandomMap):
         self.crop_min_scale = config.augment.crop_min_scale
         self.randaug = {"num_ops": config.augment.randaug_ops, "magnitude": config.augment.randaug_magnitude}
         self.draft = bool(config.input.jpeg_draft if jpeg_draft is None else jpeg_draft)
+        self.backend = config.input.image_backend
 
-    def _decode_crop(self, image, rng, scale) -> tuple[Image.Image | None, bool]:
-        """The random resized crop of ``image`` as a Pillow image, or ``(None, False)``."""
+    def _decode_crop(self, image, rng, scale) -> tuple[Image.Image | np.ndarray | None, bool]:
+        """The random resized crop of ``image`` (a Pillow image or an array), or ``(None, False)``."""
         try:
-            im = open_image(image)
+            im = T.CvImage.open(image) if self.backend == "cv2" else None
+            im = im or open_image(image)
         except Exception as e:  # noqa: BLE001 - any undecodable input is skipped, never fatal
             _skip(image, e)
             return None, False
@@ -134,7 +138,7 @@ class TrainMap(grain.transforms.RandomMap):
             im.close()
             _skip(image, e)
             return None, False
-        return T.resized_crop(rgb, box, self.size, "bicubic", reduced=reduced), True
+        return T.resized_crop(rgb, box, self.size, "bicubic", reduced=reduced, backend=self.backend), True
 
     def random_map(self, element, rng: np.random.Generator):
         pretrain = self.task == "pretrain"
@@ -172,12 +176,14 @@ def erase_box(rng, size: int, p: float, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3
 
 
 class EvalMap(grain.transforms.Map):
-    def __init__(self, size: int):
-        self.size = size
+    """Decode (Pillow) and resize (``backend``, see ``transforms.resize_short``) for evaluation."""
+
+    def __init__(self, size: int, backend: str = "pil"):
+        self.size, self.backend = size, backend
 
     def map(self, element):
-        img, ok = decode(element["image"], pil=True)
-        return {"image": T.eval_transform(img, self.size), "label": np.int32(element["label"]),
+        img, ok = decode(element["image"], pil=self.backend == "pil")
+        return {"image": T.eval_transform(img, self.size, backend=self.backend), "label": np.int32(element["label"]),
                 "valid": np.bool_(ok)}
 
 
@@ -242,7 +248,7 @@ def eval_batches(config, source, batch_size: int, *, process_index=None, process
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     n_batches = math.ceil(math.ceil(len(source) / pc) / batch_size)
-    ds = grain.MapDataset.source(source)[pi::pc].map(EvalMap(config.input.image_size))
+    ds = grain.MapDataset.source(source)[pi::pc].map(EvalMap(config.input.image_size, config.input.image_backend))
     ds = ds.batch(batch_size, drop_remainder=False)
     size = config.input.image_size
     empty = {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0,), np.int32),

@@ -109,10 +109,12 @@ def main():
 
     from maskfeat_jax import checkpoint
     flags.FLAGS.mark_as_parsed()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--step", type=int, default=None)
-    ap.add_argument("--split", default=None)
+    ap = argparse.ArgumentParser(prog="python -m maskfeat_jax.evaluators.probe", description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True,
+                    help="a training workdir (or its checkpoints folder, or one step folder); the model and "
+                         "data come from the config saved there")
+    ap.add_argument("--step", type=int, default=None, help="the checkpoint step (default: the latest)")
+    ap.add_argument("--split", default=None, help="the held-out split (default: config.input.eval_split)")
     args = ap.parse_args()
     try:
         path = "{}/{}".format(*checkpoint.find_step(args.workdir, args.step))

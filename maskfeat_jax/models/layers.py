@@ -97,9 +97,10 @@ def cotangent_boundary(x):
     loss: quadratic in depth (a ViT-B/16 step spent about a quarter of its time there). A
     conditional is never fused into, so the cotangent passes through one whose branches both
     return it unchanged (taken on a runtime predicate, so it is not folded away): the producer
-    writes the cotangent once and every consumer reads it. Only on the CPU backend, where the
-    problem is; elsewhere a plain identity. (An exact sum with zeros over a new axis does the
-    same, but costs a padded copy and a library reduction: 3% of a ViT-B/16 step.)
+    writes the cotangent once and every consumer reads it. The models place it only in CPU
+    programs (``platform.cpu_kernels``), where the problem is. (An exact sum with zeros over a
+    new axis does the same, but costs a padded copy and a library reduction: 3% of a ViT-B/16
+    step.)
     """
     return x
 
@@ -109,7 +110,7 @@ def _boundary_fwd(x):
 
 
 def _boundary_bwd(_, ct):
-    if jax.default_backend() != "cpu" or ct.size == 0:
+    if ct.size == 0:
         return (ct,)
     first = ct.reshape(-1)[:1].reshape(())
     # Both branches are the identity (+ 0.0 keeps the second from being merged with the first).
@@ -171,26 +172,26 @@ def drop_path(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def attention(q, k, v, impl: str):
-    """Softmax attention on ``(B, N, H, D)`` inputs with scale ``D**-0.5``.
-
-    ``impl``: 'einsum' (XLA einsums in head-major layout with a hand-written backward,
-    ``softmax_attention``), or 'xla' / 'cudnn' through ``jax.nn.dot_product_attention``;
-    'auto' picks cuDNN flash attention on GPU where it applies, 'einsum' on CPU (faster than
-    'xla' there in both passes, benchmarks/README.md) and 'xla' elsewhere.
+def attention(q, k, v, choice):
+    """Softmax attention on ``(B, N, H, D)`` inputs with scale ``D**-0.5``, run as ``choice``
+    (a ``platform.Attention``, chosen for the target platform): 'einsum' (XLA einsums in
+    head-major layout with a hand-written backward, ``softmax_attention``), or 'xla' / 'cudnn'
+    through ``jax.nn.dot_product_attention``; for cuDNN the token axis is padded to
+    ``choice.padded`` and the padding masked through ``key_value_seq_lengths``.
     """
-    if impl == "auto":
-        backend = jax.default_backend()
-        if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            impl = "cudnn"
-        else:
-            impl = "einsum" if backend == "cpu" else "xla"
-    if impl == "einsum":
+    if choice.impl == "einsum":
         scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
         q_BxHxNxD, k_BxHxNxD, v_BxHxNxD = (a.transpose(0, 2, 1, 3) for a in (q * scale, k, v))
         out_BxHxNxD = softmax_attention(q_BxHxNxD, k_BxHxNxD, v_BxHxNxD)
         return out_BxHxNxD.transpose(0, 2, 1, 3)
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    b, n = q.shape[:2]
+    if choice.padded == n:
+        return jax.nn.dot_product_attention(q, k, v, implementation=choice.impl)
+    pad = ((0, 0), (0, choice.padded - n), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.full((b,), n, jnp.int32),
+                                       implementation=choice.impl)
+    return out[:, :n]
 
 
 def _dot(spec, a, b):

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maskfeat_jax import sharding
+from maskfeat_jax import platform as platform_lib, sharding
 from maskfeat_jax.models import layers
 from maskfeat_jax.models.layers import Dense, LayerNorm, Mlp, param
 from maskfeat_jax.models.pooling_attention import (  # noqa: F401  (interpolate_rel_pos is API)
-    PoolingAttention, interpolate_rel_pos, max_pool, pooled_grid)
+    PoolingAttention, interpolate_rel_pos, max_pool, pooled_grid, pooled_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +92,33 @@ def upsample_mask(mask_BxN, src_thw, dst_thw):
     return m.reshape(b, -1)
 
 
+def patch_conv(x_BxTxHxWxC, kernel_TxHxWxCxD, stride):
+    """Conv3d (padding ``k // 2``, no bias) as a sum over the temporal taps of 2-D convs of
+    the strided frames: XLA CPU runs the 3-D convolution about 5x slower, forward and
+    backward, on the video demo's clips (benchmarks/README.md, video_demo.py)."""
+    kt, st = kernel_TxHxWxCxD.shape[0], stride[0]
+    x = jnp.pad(x_BxTxHxWxC, ((0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)))
+    b, t = x.shape[0], pooled_size(x_BxTxHxWxC.shape[1], kt, st)
+    pad = [(k // 2, k // 2) for k in kernel_TxHxWxCxD.shape[1:3]]
+    acc = None
+    for a in range(kt):
+        frames = x[:, a:a + (t - 1) * st + 1:st]
+        y = jax.lax.conv_general_dilated(frames.reshape(-1, *frames.shape[2:]), kernel_TxHxWxCxD[a],
+                                         stride[1:], pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = y.reshape(b, t, *y.shape[1:])
+        acc = y if acc is None else acc + y
+    return acc
+
+
 class MultiScaleBlock(nnx.Module):
     """Pre-norm block: pooled skip + DropPath(Attn(LN1 x)), then MLP with the width change."""
 
     def __init__(self, dim, dim_out, heads, thw, q_stride, kv_stride, kernel, drop_path, *,
-                 rel_pos_temporal, rngs, dtype, impl):
+                 rel_pos_temporal, rngs, dtype, impl, cpu_kernels=True):
         self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.attn = PoolingAttention(dim, heads, thw, q_stride, kv_stride, kernel,
-                                     rel_pos_temporal=rel_pos_temporal, rngs=rngs, dtype=dtype, impl=impl)
+                                     rel_pos_temporal=rel_pos_temporal, rngs=rngs, dtype=dtype, impl=impl,
+                                     cpu_kernels=cpu_kernels)
         self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, 4 * dim, dim_out, rngs=rngs, dtype=dtype)
         self.proj = Dense(dim, dim_out, ("embed", None), rngs=rngs, dtype=dtype) if dim != dim_out else None
@@ -124,12 +143,17 @@ class MultiScaleBlock(nnx.Module):
 
 class MViT(nnx.Module):
     """The encoder. ``__call__`` returns ``tokens_BxNxD`` (cls first, on ``grid``) and each
-    stage's output ``stage{1..4}_BxNxD`` (the output of its last block)."""
+    stage's output ``stage{1..4}_BxNxD`` (the output of its last block).
+
+    ``platform`` ('cpu', 'gpu', 'tpu') is the one the program is built for: CPU programs run the
+    patch embedding and the pooling convolutions as sums over their taps (``patch_conv``,
+    ``depthwise_pool``), the others as XLA convolutions; same values."""
 
     def __init__(self, *, variant="S", num_frames: int | None = 16, image_size=224, in_chans=3,
                  pretrain=True, drop_path=0.0, mask_token=False, dtype=jnp.float32, attention="auto",
-                 remat="none", rngs: nnx.Rngs):
+                 remat="none", platform="cpu", rngs: nnx.Rngs):
         size = parse_variant(variant)
+        self.cpu_kernels = platform_lib.cpu_kernels(platform)
         rngs = _KeyStream(rngs.params())
         video = num_frames is not None
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -156,7 +180,7 @@ class MViT(nnx.Module):
         for i, (dim, dim_out, heads, q_stride, kv_stride) in enumerate(block_configs(size, pretrain)):
             blocks.append(MultiScaleBlock(dim, dim_out, heads, thw, q_stride, kv_stride, (kt, 3, 3),
                                           float(rates[i]), rel_pos_temporal=video, rngs=rngs, dtype=dtype,
-                                          impl=attention))
+                                          impl=attention, cpu_kernels=self.cpu_kernels))
             thw = blocks[-1].out_thw
         stage_ends = [s - 1 for s in size.stage_starts] + [size.depth - 1]
         self.blocks = nnx.List(blocks)
@@ -168,9 +192,12 @@ class MViT(nnx.Module):
         """Patch embedding, mask-token replacement, cls token: ``(B, 1 + N, C0)``."""
         dt = self.dtype
         x = inputs.astype(dt) if inputs.ndim == 5 else inputs.astype(dt)[:, None]
-        pad = [(k // 2, k // 2) for k in self.patch_kernel_size]
-        x = jax.lax.conv_general_dilated(x, self.patch_kernel[...].astype(dt), self.patch_stride, pad,
-                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        if self.cpu_kernels:
+            x = patch_conv(x, self.patch_kernel[...].astype(dt), self.patch_stride)
+        else:
+            pad = [(k // 2, k // 2) for k in self.patch_kernel_size]
+            x = jax.lax.conv_general_dilated(x, self.patch_kernel[...].astype(dt), self.patch_stride, pad,
+                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
         if x.shape[1:4] != self.patch_grid:
             raise ValueError(f"input of shape {inputs.shape} gives a {x.shape[1:4]} token grid; the model "
                              f"was built for {self.patch_grid} (config.input sizes)")

@@ -9,7 +9,9 @@ Images run as ``T = 1`` with a temporal kernel of 1 and no temporal relative pos
 """
 from __future__ import annotations
 
+import itertools
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,62 @@ def skip_kernel(stride) -> tuple[int, ...]:
     return tuple(s + 1 if s > 1 else s for s in stride)
 
 
+def _taps(kernel) -> list[tuple[int, ...]]:
+    return list(itertools.product(*map(range, kernel)))
+
+
+def _pad(x_BxTxHxWxC, kernel):
+    return jnp.pad(x_BxTxHxWxC, [(0, 0)] + [(k // 2, k // 2) for k in kernel] + [(0, 0)])
+
+
+def _tap_sum(x_BxTxHxWxC, kernel_TxHxWxC, stride):
+    kernel = kernel_TxHxWxC.shape[:3]
+    x = _pad(x_BxTxHxWxC, kernel)
+    b, *_, c = x.shape
+    out = pooled_grid(x_BxTxHxWxC.shape[1:4], kernel, stride)
+    f32, acc = jnp.float32, 0.0
+    for tap in _taps(kernel):
+        end = [o + (n - 1) * s + 1 for o, n, s in zip(tap, out, stride)]
+        window = jax.lax.slice(x, (0, *tap, 0), (b, *end, c), (1, *stride, 1))
+        acc = acc + window.astype(f32) * kernel_TxHxWxC[tap].astype(f32)
+    return acc.astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def depthwise_pool(x_BxTxHxWxC, kernel_TxHxWxC, stride):
-    """Depthwise conv (cross-correlation, padding ``k // 2``, no bias)."""
+    """Depthwise conv (cross-correlation, padding ``k // 2``, no bias), written as a sum over
+    the kernel's taps of strided slices times per-channel weights (float32 accumulation): one
+    elementwise fusion, and one for the input's gradient. XLA CPU runs the grouped 3-D
+    convolution 20-40x slower, forward+backward (benchmarks/README.md, video_demo.py). The
+    kernel's gradient is one reduction looped over the taps: autodiff emits one reduction
+    kernel per tap, which made the video demo's step compile 1.3x longer."""
+    return _tap_sum(x_BxTxHxWxC, kernel_TxHxWxC, stride)
+
+
+def _depthwise_pool_fwd(x, kernel, stride):
+    return _tap_sum(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_pool_bwd(stride, res, ct):
+    x, kernel = res
+    dx = jax.vjp(lambda x: _tap_sum(x, kernel, stride), x)[1](ct)[0]
+    xp = _pad(x, kernel.shape[:3])
+    span = [(n - 1) * s + 1 for n, s in zip(ct.shape[1:4], stride)]
+
+    def tap_grad(tap):
+        window = jax.lax.dynamic_slice(xp, (0, *tap, 0), (xp.shape[0], *span, xp.shape[-1]))
+        window = window[:, ::stride[0], ::stride[1], ::stride[2]].astype(jnp.float32)
+        return jnp.sum(window * ct.astype(jnp.float32), (0, 1, 2, 3))
+
+    dk = jax.lax.map(tap_grad, jnp.asarray(_taps(kernel.shape[:3]), jnp.int32))
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_pool.defvjp(_depthwise_pool_fwd, _depthwise_pool_bwd)
+
+
+def conv_pool(x_BxTxHxWxC, kernel_TxHxWxC, stride):
+    """``depthwise_pool`` as XLA's grouped convolution: the form of GPU and TPU programs."""
     pad = [(k // 2, k // 2) for k in kernel_TxHxWxC.shape[:3]]
     return jax.lax.conv_general_dilated(
         x_BxTxHxWxC, kernel_TxHxWxC[:, :, :, None, :], tuple(stride), pad,
@@ -79,28 +135,39 @@ def rel_pos_index(q_len: int, k_len: int) -> np.ndarray:
     return dist.astype(np.int64)
 
 
-def _rel_table(table, q_len, k_len):
-    """``(q_len, k_len, D)``: the table resized to ``2 max(q, k) - 1`` rows, then gathered."""
-    return interpolate_rel_pos(table, 2 * max(q_len, k_len) - 1)[rel_pos_index(q_len, k_len)]
+def rel_pos_matrix(table_len: int, q_len: int, k_len: int) -> np.ndarray:
+    """``(q_len, k_len, table_len)`` float32: row ``(q, k)`` of the table as resized to
+    ``2 max(q, k) - 1`` rows (``interpolate_rel_pos``) and gathered at ``rel_pos_index``,
+    written as weights on the original rows. Applied with a dot, the lookup has no gather,
+    so its gradient has no scatter (TPU); with no resize each row is one-hot: exact."""
+    resize = interpolate_rel_pos(np.eye(table_len, dtype=np.float32), 2 * max(q_len, k_len) - 1)
+    return resize[rel_pos_index(q_len, k_len)]
+
+
+def _rel_table(table, q_len, k_len, dtype):
+    """``(q_len, k_len, D)`` in ``dtype``: the table resized and gathered (``rel_pos_matrix``)."""
+    m = jnp.asarray(rel_pos_matrix(table.shape[0], q_len, k_len))
+    return layers.einsum("qkl,ld->qkd", m, table, dtype).astype(dtype)
 
 
 def decomposed_rel_pos(q_BxNxHxD, q_thw, k_thw, rel_pos_h, rel_pos_w, rel_pos_t=None):
     """The additive logit bias ``(B, heads, Nq, Nk)`` (float32) of the non-cls tokens.
 
-    ``q_BxNxHxD`` is the pooled, normed, *unscaled* q without its cls token.
+    ``q_BxNxHxD`` is the pooled, normed, *unscaled* q without its cls token; the dots run in
+    its dtype with float32 accumulation, in both passes (``layers.einsum``).
     bias[q=(t,h,w), k=(t',h',w')] = q . (Rh[h,h'] + Rw[w,w'] + Rt[t,t']).
     """
     (qt, qh, qw), (kt, kh, kw) = q_thw, k_thw
     b, _, nh, d = q_BxNxHxD.shape
+    dt = q_BxNxHxD.dtype
     r_q = q_BxNxHxD.reshape(b, qt, qh, qw, nh, d)
-    f32 = jnp.float32
-    rh = _rel_table(rel_pos_h.astype(r_q.dtype), qh, kh)
-    rw = _rel_table(rel_pos_w.astype(r_q.dtype), qw, kw)
-    bias = (jnp.einsum("bthwnc,hkc->bnthwk", r_q, rh, preferred_element_type=f32)[..., None, :, None]
-            + jnp.einsum("bthwnc,wkc->bnthwk", r_q, rw, preferred_element_type=f32)[..., None, None, :])
+    rh = _rel_table(rel_pos_h, qh, kh, dt)
+    rw = _rel_table(rel_pos_w, qw, kw, dt)
+    bias = (layers.einsum("bthwnc,hkc->bnthwk", r_q, rh, dt)[..., None, :, None]
+            + layers.einsum("bthwnc,wkc->bnthwk", r_q, rw, dt)[..., None, None, :])
     if rel_pos_t is not None:
-        rt = _rel_table(rel_pos_t.astype(r_q.dtype), qt, kt)
-        bias = bias + jnp.einsum("bthwnc,tkc->bnthwk", r_q, rt, preferred_element_type=f32)[..., None, None]
+        rt = _rel_table(rel_pos_t, qt, kt, dt)
+        bias = bias + layers.einsum("bthwnc,tkc->bnthwk", r_q, rt, dt)[..., None, None]
     else:
         bias = jnp.broadcast_to(bias, bias.shape[:5] + (kt,) + bias.shape[6:])
     return bias.reshape(b, nh, qt * qh * qw, kt * kh * kw)
@@ -118,10 +185,10 @@ class PoolingAttention(nnx.Module):
     """
 
     def __init__(self, dim, heads, thw, q_stride, kv_stride, kernel, *, rel_pos_temporal=True,
-                 rngs, dtype=jnp.float32, impl="auto"):
+                 rngs, dtype=jnp.float32, impl="auto", cpu_kernels=True):
         if impl not in ("auto", "einsum"):
-            raise ValueError(f"config.model.attention={impl!r}: MViTv2 adds decomposed relative positions "
-                             "to float32 logits and supports only 'auto' or 'einsum'")
+            raise ValueError(f"config.model.attention={impl!r}: MViTv2 adds per-example relative-position "
+                             "biases to its logits and has one attention form: use 'auto'")
         hd = dim // heads
         self.qkv_kernel = param(rngs, layers.normal_02, (dim, 3, heads, hd), ("embed", None, "heads", "kv"))
         self.qkv_bias = param(rngs, layers.const_02, (3, heads, hd), (None, "heads", "kv"))
@@ -144,33 +211,36 @@ class PoolingAttention(nnx.Module):
         self.thw, self.q_stride, self.kv_stride = tuple(thw), tuple(q_stride), tuple(kv_stride)
         self.q_thw = pooled_grid(thw, kernel, q_stride)
         self.kv_thw = pooled_grid(thw, kernel, kv_stride)
-        self.dtype = dtype
+        self.dtype, self.cpu_kernels = dtype, cpu_kernels     # platform.cpu_kernels
 
     def _pool(self, x_BxNxHxD, kernel, norm, stride):
         cls, x = x_BxNxHxD[:, :1], x_BxNxHxD[:, 1:]
         b, _, nh, d = x.shape
         # heads stay folded into channels; the per-head kernel is shared, so tile it
         k = jnp.tile(kernel[...].astype(x.dtype), (1, 1, 1, nh))
-        x = depthwise_pool(x.reshape(b, *self.thw, nh * d), k, stride)
+        pool = depthwise_pool if self.cpu_kernels else conv_pool
+        x = pool(x.reshape(b, *self.thw, nh * d), k, stride)
         x = x.reshape(b, -1, nh, d)
         return norm(jnp.concatenate([cls, x], axis=1))
 
     def __call__(self, x_BxNxD):
         dt = self.dtype
-        qkv = jnp.einsum("bnd,dthk->tbnhk", x_BxNxD.astype(dt), self.qkv_kernel[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        # every dot: operands in dt, float32 accumulation, in both passes (layers.einsum)
+        qkv = layers.einsum("bnd,dthk->tbnhk", x_BxNxD, self.qkv_kernel[...], dt)
+        qkv = (qkv + self.qkv_bias[...][:, None, None]).astype(dt)
         q = self._pool(qkv[0], self.pool_q, self.norm_q, self.q_stride)
         k = self._pool(qkv[1], self.pool_k, self.norm_k, self.kv_stride)
         v = self._pool(qkv[2], self.pool_v, self.norm_v, self.kv_stride)
         scale = jnp.asarray(1 / math.sqrt(q.shape[-1]), dt)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+        logits = layers.einsum("bqhd,bkhd->bhqk", q * scale, k, dt)
         rel_t = None if self.rel_pos_t is None else self.rel_pos_t[...]
         bias = decomposed_rel_pos(q[:, 1:], self.q_thw, self.kv_thw, self.rel_pos_h[...],
                                   self.rel_pos_w[...], rel_t)
-        logits = logits.at[:, :, 1:, 1:].add(bias)
+        # the cls row and column get no bias; pad-and-add rather than a scatter (TPU)
+        logits = logits + jnp.pad(bias, ((0, 0), (0, 0), (1, 0), (1, 0)))
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out_BxNxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        out_BxNxHxD = out_BxNxHxD.at[:, 1:].add(q[:, 1:])          # residual pooling
+        out_BxNxHxD = layers.einsum("bhqk,bkhd->bqhd", probs, v, dt)
+        out_BxNxHxD = (out_BxNxHxD + jnp.pad(q[:, 1:], ((0, 0), (1, 0), (0, 0), (0, 0)))).astype(dt)  # residual pooling
         out_BxNxHxD = sharding.constrain(out_BxNxHxD, ("batch", "length", "act_heads", "kv"))
-        y = jnp.einsum("bnhk,hkd->bnd", out_BxNxHxD, self.proj_kernel[...].astype(dt))
-        return y + self.proj_bias[...].astype(dt)
+        y = layers.einsum("bnhk,hkd->bnd", out_BxNxHxD, self.proj_kernel[...], dt)
+        return (y + self.proj_bias[...]).astype(dt)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maskfeat_jax import sharding
+from maskfeat_jax import platform as platform_lib, sharding
 from maskfeat_jax.models import layers
 from maskfeat_jax.models.layers import LayerNorm, Mlp, param
 
@@ -50,18 +50,18 @@ def parse_variant(variant: str) -> tuple[ViTSize, int]:
                          f"{sorted(SIZES)}, e.g. 'B/16'") from None
 
 
-def flat_projections() -> bool:
+def flat_projections(platform: str) -> bool:
     """Whether the attention projections run as plain 2-D matmuls on reshaped kernels.
 
-    On the CPU backend they do: the backward dots then read the kernels in place, where through
+    In CPU programs they do: the backward dots then read the kernels in place, where through
     the 4-D einsums XLA CPU re-lays both kernels out in every step (2-3% of a ViT-B/16 step).
-    Not when the heads are split over the mesh's 'tensor' axis, nor on other backends: there
+    Not when the heads are split over the mesh's 'tensor' axis, nor for other platforms: there
     the einsums keep a head-sharded kernel's layout (a reshape would merge the sharded heads
     axis). Same values either way.
     """
     mesh = jax.sharding.get_abstract_mesh()
     heads_split = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
-    return jax.default_backend() == "cpu" and not heads_split
+    return platform_lib.cpu_kernels(platform) and not heads_split
 
 
 def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
@@ -98,19 +98,21 @@ def resize_pos_embed(pos_1xNxD, n_tokens: int) -> np.ndarray:
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim, heads, *, rngs, dtype, impl):
+    """Multi-head self-attention; ``choice`` is the ``platform.Attention`` for its length."""
+
+    def __init__(self, dim, heads, *, rngs, dtype, choice, platform):
         hd = dim // heads
         self.qkv_kernel = param(rngs, layers.normal_02, (dim, 3, heads, hd), ("embed", None, "heads", "kv"))
         self.qkv_bias = param(rngs, layers.const_02, (3, heads, hd), (None, "heads", "kv"))
         self.proj_kernel = param(rngs, layers.normal_02, (heads, hd, dim), ("heads", "kv", "embed"))
         self.proj_bias = param(rngs, layers.const_02, (dim,), ("embed",))
-        self.dtype, self.impl = dtype, impl
+        self.dtype, self.choice, self.platform = dtype, choice, platform
 
     def __call__(self, x_BxNxD):
         dt = self.dtype
         b, n, d = x_BxNxD.shape
         _, t, h, k = self.qkv_kernel.shape
-        flat = flat_projections()
+        flat = flat_projections(self.platform)
         if flat:
             qkv = layers.einsum("nd,de->ne", x_BxNxD.reshape(b * n, d), self.qkv_kernel[...].reshape(d, -1), dt)
             qkv = qkv.reshape(b, n, t, h, k)
@@ -119,7 +121,7 @@ class Attention(nnx.Module):
             # (B*N, D) x (D, 3*H*K) matmul with no transpose of its output (3 = q, k, v)
             qkv = layers.einsum("bnd,dthk->bnthk", x_BxNxD, self.qkv_kernel[...], dt)
         qkv = (qkv + self.qkv_bias[...]).astype(dt)
-        out_BxNxHxK = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.impl)
+        out_BxNxHxK = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.choice)
         out_BxNxHxK = sharding.constrain(out_BxNxHxK, ("batch", "length", "act_heads", "kv"))
         if flat:
             y = layers.einsum("nd,de->ne", out_BxNxHxK.reshape(b * n, h * k),
@@ -132,9 +134,9 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then the same for the MLP."""
 
-    def __init__(self, dim, heads, mlp, drop_path, *, rngs, dtype, impl):
+    def __init__(self, dim, heads, mlp, drop_path, *, rngs, dtype, choice, platform):
         self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, impl=impl)
+        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, choice=choice, platform=platform)
         self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, mlp, dim, rngs=rngs, dtype=dtype)
         self.drop_path = drop_path
@@ -147,11 +149,14 @@ class Block(nnx.Module):
 
 
 class ViT(nnx.Module):
-    """The encoder. ``__call__`` returns a dict with ``tokens_BxNxD`` (cls first)."""
+    """The encoder. ``__call__`` returns a dict with ``tokens_BxNxD`` (cls first).
+
+    ``platform`` ('cpu', 'gpu', 'tpu') is the one the program is built for: it picks the
+    attention implementation (``self.attention``) and whether the CPU kernels are used."""
 
     def __init__(self, *, variant="B/16", image_size=224, in_chans=3, drop_path=0.0,
                  mask_token=False, dtype=jnp.float32, attention="auto", remat="none",
-                 rngs: nnx.Rngs):
+                 platform="cpu", rngs: nnx.Rngs):
         size, p = parse_variant(variant)
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if h % p or w % p:
@@ -165,10 +170,11 @@ class ViT(nnx.Module):
         self.cls_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed"))
         self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
         self.mask_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed")) if mask_token else None
+        self.attention = platform_lib.select_attention(attention, platform, dtype, n + 1, d // size.heads)
         rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]
-        self.blocks = nnx.List([Block(d, size.heads, size.mlp, r, rngs=rngs, dtype=dtype, impl=attention)
-                                for r in rates])
-        self.dtype, self.remat = dtype, remat
+        self.blocks = nnx.List([Block(d, size.heads, size.mlp, r, rngs=rngs, dtype=dtype,
+                                      choice=self.attention, platform=platform) for r in rates])
+        self.dtype, self.remat, self.platform = dtype, remat, platform
 
     def embed(self, images_BxHxWxC, mask_BxN=None):
         dt = self.dtype
@@ -188,6 +194,7 @@ class ViT(nnx.Module):
         policy = layers.REMAT_POLICIES[self.remat]
         run = (lambda blk, x, r: blk(x, r)) if self.remat == "none" else nnx.remat(
             lambda blk, x, r: blk(x, r), policy=policy)
+        boundary = layers.cotangent_boundary if platform_lib.cpu_kernels(self.platform) else (lambda x: x)
         for i, blk in enumerate(self.blocks):
-            x = run(blk, layers.cotangent_boundary(x), None if rng is None else jax.random.fold_in(rng, i))
-        return {"tokens_BxNxD": layers.cotangent_boundary(x)}
+            x = run(blk, boundary(x), None if rng is None else jax.random.fold_in(rng, i))
+        return {"tokens_BxNxD": boundary(x)}

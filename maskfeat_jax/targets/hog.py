@@ -16,11 +16,19 @@ Per-token targets flatten each patch in the official order (channel c, bin k,
 cell-row i, cell-col j); tokens are row-major over the patch grid, and (t, h, w)
 for video, where frames 0, s, 2s, ... of the clip are used.
 
-Speed notes (XLA on CPU): the bin is found without ``atan2`` by folding the
-gradient onto the half-plane [0, pi) and counting the bin boundaries it passes
-(nbins-1 multiply-compares; same bins as the formula up to float rounding at a
-boundary); the histogram is one scatter-add of ``mag`` into (cell, bin) slots,
-so no (B, H, W, C, nbins) tensor is ever built.
+Speed notes: the bin is found without ``atan2`` by folding the gradient onto the
+half-plane [0, pi) and counting the bin boundaries it passes (nbins-1
+multiply-compares; same bins as the formula up to float rounding at a boundary).
+The histogram has two forms with the same numbers (up to summation order),
+chosen by ``histogram=``:
+
+* ``'scatter'``: one scatter-add of ``mag`` into (cell, bin) slots, one update
+  per pixel and channel (about 150k per 224x224 RGB image); no
+  (B, C, nbins, H, W) tensor is built. Fastest on XLA CPU.
+* ``'onehot'``: ``mag`` masked by the bin one-hot, summed per cell with a
+  reshape and a reduction; no scatter, which TPUs run slowly.
+
+``histogram_impl(platform)`` gives the form to use on 'cpu', 'gpu' or 'tpu'.
 """
 from __future__ import annotations
 
@@ -33,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["hog_cells", "hog_targets", "hog_dim"]
+__all__ = ["HISTOGRAMS", "histogram_impl", "hog_cells", "hog_targets", "hog_dim"]
+
+HISTOGRAMS = ("scatter", "onehot")  # the forms of the per-cell histogram, see histogram_impl
 
 
 def _gradients(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -68,6 +78,54 @@ def _orientation_bin(gx: jax.Array, gy: jax.Array, nbins: int) -> jax.Array:
     return b
 
 
+def histogram_impl(platform: str) -> str:
+    """The histogram form for a platform: 'scatter' on 'cpu', 'onehot' on 'gpu' and 'tpu'.
+
+    On XLA CPU the scatter-add is 5-7x faster (``benchmarks/hog.py``). TPUs run
+    scatters slowly, so they get the scatter-free form; so do GPUs, whose float
+    scatter-add is atomic and so not deterministic in its summation order.
+    """
+    impls = {"cpu": "scatter", "gpu": "onehot", "tpu": "onehot"}
+    if platform not in impls:
+        raise ValueError(f"unknown platform {platform!r}, expected one of {sorted(impls)}")
+    return impls[platform]
+
+
+def _histogram_scatter(mag_BxCxHxW: jax.Array, bins_BxCxHxW: jax.Array, nbins: int,
+                       cell_size: int) -> jax.Array:
+    """Hard vote + cell pooling as one scatter-add into (B, nh, nw, C, nbins) slots.
+
+    H and W are multiples of ``cell_size``. Slot ids come from iotas, which XLA
+    fuses, so they are never stored as a big constant.
+    """
+    bsz, chans, height, width = mag_BxCxHxW.shape
+    nh, nw = height // cell_size, width // cell_size
+    cell_HxW = (jnp.arange(height) // cell_size)[:, None] * nw + (jnp.arange(width) // cell_size)[None, :]
+    slot_BxCxHxW = ((jnp.arange(bsz)[:, None, None, None] * (nh * nw) + cell_HxW) * chans
+                    + jnp.arange(chans)[None, :, None, None])
+    seg_BxCxHxW = slot_BxCxHxW * nbins + bins_BxCxHxW
+    hist = jax.ops.segment_sum(mag_BxCxHxW.reshape(-1), seg_BxCxHxW.reshape(-1),
+                               num_segments=bsz * nh * nw * chans * nbins)
+    return hist.reshape(bsz, nh, nw, chans, nbins)
+
+
+def _histogram_onehot(mag_BxCxHxW: jax.Array, bins_BxCxHxW: jax.Array, nbins: int,
+                      cell_size: int) -> jax.Array:
+    """The same (B, nh, nw, C, nbins) histogram without a scatter: ``mag`` masked by
+    the bin one-hot, then summed over each cell's rows and columns.
+
+    The bin axis goes before (H, W) so that W stays the minor axis of the
+    one-hot product (TPU lanes); XLA fuses the product into the reduction.
+    """
+    bsz, chans, height, width = mag_BxCxHxW.shape
+    nh, nw = height // cell_size, width // cell_size
+    onehot_BxCxKxHxW = bins_BxCxHxW[:, :, None] == jnp.arange(nbins)[:, None, None]
+    votes_BxCxKxHxW = jnp.where(onehot_BxCxKxHxW, mag_BxCxHxW[:, :, None], 0.0)
+    hist_BxCxKxNhxNw = votes_BxCxKxHxW.reshape(
+        bsz, chans, nbins, nh, cell_size, nw, cell_size).sum((4, 6))
+    return jnp.transpose(hist_BxCxKxNhxNw, (0, 3, 4, 1, 2))
+
+
 def _gaussian_window(g: int, h: int, w: int) -> np.ndarray:
     """The official g x g kernel (sigma = g // 2, sums to 1), tiled to (h, w)."""
     n = np.arange(g, dtype=np.float64)
@@ -77,18 +135,22 @@ def _gaussian_window(g: int, h: int, w: int) -> np.ndarray:
     return np.tile(k2, (h // g, w // g)).astype(np.float32)
 
 
-@partial(jax.jit, static_argnames=("nbins", "cell_size", "gaussian_window"))
+@partial(jax.jit, static_argnames=("nbins", "cell_size", "gaussian_window", "histogram"))
 def hog_cells(images: jax.Array, *, nbins: int = 9, cell_size: int = 8,
-              gaussian_window: int = 0) -> jax.Array:
+              gaussian_window: int = 0, histogram: str = "scatter") -> jax.Array:
     """Per-cell HOG: ``(B, H, W, C)`` -> ``(B, H//cell, W//cell, C, nbins)``, float32.
 
     Each (cell, channel) histogram has L2 norm 1, or 0 where the cell has no gradient.
+    ``histogram`` is 'scatter' or 'onehot' (see ``histogram_impl``); both give the
+    same numbers up to float summation order.
     """
     if images.ndim != 4:
         raise ValueError(f"hog_cells expects (B, H, W, C) images, got shape {images.shape}")
     if nbins < 1 or cell_size < 1 or gaussian_window < 0:
         raise ValueError(f"bad HOG parameters nbins={nbins}, cell_size={cell_size}, "
                          f"gaussian_window={gaussian_window}")
+    if histogram not in HISTOGRAMS:
+        raise ValueError(f"histogram={histogram!r}, expected one of {HISTOGRAMS}")
     bsz, height, width, chans = images.shape
     if height < 2 or width < 2:
         raise ValueError(f"HOG needs H, W >= 2 for reflect padding, got {height}x{width}")
@@ -105,17 +167,9 @@ def hog_cells(images: jax.Array, *, nbins: int = 9, cell_size: int = 8,
         mag = mag * _gaussian_window(g, height, width)
     bins = _orientation_bin(gx, gy, nbins)
 
-    # Hard vote + cell pooling as one scatter-add into (B, nh, nw, C, nbins) slots.
     hc, wc = nh * cell_size, nw * cell_size  # drop the remainder, like unfold
-    mag, bins = mag[..., :hc, :wc], bins[..., :hc, :wc]
-    # Slot ids from iotas (fused by XLA, never stored as a big constant).
-    cell = (jnp.arange(hc) // cell_size)[:, None] * nw + (jnp.arange(wc) // cell_size)[None, :]
-    slot = ((jnp.arange(bsz)[:, None, None, None] * (nh * nw) + cell) * chans
-            + jnp.arange(chans)[None, :, None, None])  # (B, C, hc, wc)
-    seg = slot * nbins + bins
-    hist = jax.ops.segment_sum(mag.reshape(-1), seg.reshape(-1),
-                               num_segments=bsz * nh * nw * chans * nbins)
-    hist = hist.reshape(bsz, nh, nw, chans, nbins)
+    pool = _histogram_onehot if histogram == "onehot" else _histogram_scatter
+    hist = pool(mag[..., :hc, :wc], bins[..., :hc, :wc], nbins, cell_size)
     norm = jnp.sqrt(jnp.sum(hist * hist, axis=-1, keepdims=True))
     return hist / jnp.maximum(norm, 1e-12)
 
@@ -128,9 +182,10 @@ def hog_dim(patch_size: int = 16, nbins: int = 9, cell_size: int = 8, channels: 
 
 
 @partial(jax.jit, static_argnames=("patch_size", "nbins", "cell_size", "gaussian_window",
-                                   "temporal_stride"))
+                                   "temporal_stride", "histogram"))
 def hog_targets(images: jax.Array, *, patch_size: int = 16, nbins: int = 9, cell_size: int = 8,
-                gaussian_window: int = 0, temporal_stride: int | None = None) -> jax.Array:
+                gaussian_window: int = 0, temporal_stride: int | None = None,
+                histogram: str = "scatter") -> jax.Array:
     """Per-token HOG targets in the official layout.
 
     * image ``(B, H, W, C)`` -> ``(B, (H//p)*(W//p), C*nbins*q*q)``, q = p // cell,
@@ -138,6 +193,9 @@ def hog_targets(images: jax.Array, *, patch_size: int = 16, nbins: int = 9, cell
     * video ``(B, T, H, W, C)`` needs ``temporal_stride=s``: frames 0, s, ... (T//s of
       them) -> ``(B, (T//s)*(H//p)*(W//p), C*nbins*q*q)``, tokens in (t, h, w) order.
       ``temporal_stride`` is ignored for images.
+
+    ``histogram`` picks the histogram form, 'scatter' or 'onehot': pass
+    ``histogram_impl(platform)``.
     """
     if images.ndim not in (4, 5):
         raise ValueError(f"expected (B, H, W, C) or (B, T, H, W, C), got shape {images.shape}")
@@ -147,7 +205,7 @@ def hog_targets(images: jax.Array, *, patch_size: int = 16, nbins: int = 9, cell
     if height % patch_size or width % patch_size:
         raise ValueError(f"image size {height}x{width} is not a multiple of patch_size={patch_size}")
     q = patch_size // cell_size
-    kw = dict(nbins=nbins, cell_size=cell_size, gaussian_window=gaussian_window)
+    kw = dict(nbins=nbins, cell_size=cell_size, gaussian_window=gaussian_window, histogram=histogram)
     if images.ndim == 4:
         cells = hog_cells(images, **kw)
         return einops.rearrange(cells, "b (h i) (w j) c k -> b (h w) (c k i j)", i=q, j=q)
