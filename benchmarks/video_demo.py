@@ -9,11 +9,11 @@ encoder's input is data, so not theirs): the patch embedding, each block's q, k 
 the skip max pool, each whole block and the whole encoder. Every part runs in three forms,
 compiled first, then timed interleaved (fastest of ``--repeats``):
 
-* ``xla conv``: single XLA convolutions (the 3-D patch convolution; the pooling as a grouped
-  3-D convolution, ``feature_group_count`` = channels);
-* ``taps, autodiff``: the model's forms with autodiff's gradients;
-* ``model``: the model's code (``mvit.patch_conv``: 2-D convolutions of the frames, one per
-  temporal tap; ``pooling_attention.depthwise_pool``: a sum of strided slices times
+* ``xla conv``: single XLA convolutions, the GPU and TPU programs' forms (the 3-D patch
+  convolution; ``pooling_attention.conv_pool``, a grouped 3-D convolution);
+* ``taps, autodiff``: the CPU program's forms with autodiff's gradients;
+* ``model``: the CPU program's forms (``mvit.patch_conv``: 2-D convolutions of the frames, one
+  per temporal tap; ``pooling_attention.depthwise_pool``: a sum of strided slices times
   per-channel weights, with its own backward).
 
 Then the trainer's compiled step (``train.setup``, ``train.jit_step``; HOG targets and the AdamW
@@ -50,14 +50,7 @@ def xla_patch_conv(x, kernel, stride):
                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
-def xla_depthwise_pool(x, kernel, stride):
-    return jax.lax.conv_general_dilated(x, kernel[:, :, :, None, :], tuple(stride),
-                                        [(k // 2, k // 2) for k in kernel.shape[:3]],
-                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-                                        feature_group_count=x.shape[-1])
-
-
-FORMS = {"xla conv": (xla_patch_conv, xla_depthwise_pool),
+FORMS = {"xla conv": (xla_patch_conv, pooling_attention.conv_pool),
          "taps, autodiff": (mvit.patch_conv, pooling_attention._tap_sum),
          "model": (mvit.patch_conv, pooling_attention.depthwise_pool)}
 

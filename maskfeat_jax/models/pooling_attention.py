@@ -65,7 +65,7 @@ def depthwise_pool(x_BxTxHxWxC, kernel_TxHxWxC, stride):
     elementwise fusion, and one for the input's gradient. XLA CPU runs the grouped 3-D
     convolution 20-40x slower, forward+backward (benchmarks/README.md, video_demo.py). The
     kernel's gradient is one reduction looped over the taps: autodiff emits one reduction
-    kernel per tap, which made the video demo's step compile 1.3x longer."""
+    kernel per tap, which made the video demo's step compile 1.3-1.6x longer."""
     return _tap_sum(x_BxTxHxWxC, kernel_TxHxWxC, stride)
 
 
