@@ -170,7 +170,7 @@ def test_mvit_accelerator_form_matches_the_cpu_form():
             model = mvit.MViT(variant="mu", num_frames=4, image_size=32, platform=plat, rngs=nnx.Rngs(0))
         gd, params = nnx.split(model)
         loss = lambda p: jnp.sum(nnx.merge(gd, p)(x)["tokens_BxNxD"] ** 2)   # noqa: E731
-        outs.append(jax.value_and_grad(loss)(params))
+        outs.append(jax.jit(jax.value_and_grad(loss))(params))
     (cpu_v, cpu_g), (acc_v, acc_g) = outs
     np.testing.assert_allclose(acc_v, cpu_v, rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(cpu_g))
