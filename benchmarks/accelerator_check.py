@@ -39,7 +39,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from maskfeat_jax import masking, models, optim, perf, sharding, steps  # noqa: E402
+from maskfeat_jax import models, optim, perf, sharding, steps  # noqa: E402
+from maskfeat_jax.data import masking  # noqa: E402
 from maskfeat_jax import platform as platform_lib  # noqa: E402
 from maskfeat_jax.models import layers  # noqa: E402
 from maskfeat_jax.targets import hog  # noqa: E402

@@ -3,7 +3,9 @@
 Pre-trains the demo ViT with MaskFeat (configs/demo.py), then fine-tunes it
 (configs/demo_ft.py) from that checkpoint and from scratch with the same budget, for
 several seeds, and prints held-out top-1 (mean and spread). Every run goes through
-``python -m maskfeat_jax.main``, exactly as a user would run it.
+``python -m maskfeat_jax.main``, exactly as a user would run it. The results are also
+written as markdown (command, pre-training loss, per-seed runs, wall time) to ``--table``,
+the file the README's comparison table is copied from.
 
     python benchmarks/demo_finetune.py --workdir=/tmp/maskfeat_demo_cmp [--seeds=0,1,2]
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -22,6 +25,8 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TABLE = ROOT / "benchmarks" / "figures" / "demo_finetune.md"
+LABELS = {"maskfeat": "MaskFeat pre-training (configs/demo.py)", "scratch": "random"}
 
 
 def run(args: list[str]) -> float:
@@ -37,24 +42,47 @@ def final_eval(workdir: pathlib.Path) -> dict:
     return [r for r in rows if "eval/top1" in r][-1]
 
 
+def pretrain_summary(pt: pathlib.Path, secs: float) -> str:
+    """One line on the pre-training run: time, first and last logged loss, last frozen-feature probes."""
+    rows = [json.loads(line) for line in open(pt / "metrics.jsonl")]
+    losses = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    probes = [r for r in rows if "eval/knn_top1" in r]
+    line = (f"pre-training: {secs:.0f} s, train/loss {losses[0][1]:.4f} (step {losses[0][0]}) -> "
+            f"{losses[-1][1]:.4f} (step {losses[-1][0]})")
+    if probes:
+        line += (f", k-NN {100 * probes[-1]['eval/knn_top1']:.1f} %, "
+                 f"linear probe {100 * probes[-1]['eval/linear_probe_top1']:.1f} %")
+    return line
+
+
+def table(results: dict[str, list[float]], seeds: list[int]) -> list[str]:
+    lines = [f"| initialisation | held-out top-1, mean +- std over {len(seeds)} seeds "
+             f"| runs (seeds {', '.join(map(str, seeds))}) |", "|---|---|---|"]
+    for init, accs in results.items():
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(f"| {LABELS[init]} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} % | "
+                     f"{', '.join(f'{100 * x:.1f}' for x in accs)} |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--pretrain_args", default="", help="extra --config overrides for pre-training")
     ap.add_argument("--finetune_args", default="", help="extra --config overrides for fine-tuning")
+    ap.add_argument("--table", default=str(TABLE), help="markdown file the results are written to")
     a = ap.parse_args()
+    start = time.time()
     wd = pathlib.Path(a.workdir)
     pt = wd / "pretrain"
     secs = run(["--config=configs/demo.py", f"--workdir={pt}", *a.pretrain_args.split()])  # resumes if done
-    pt_rows = [json.loads(line) for line in open(pt / "metrics.jsonl")]
-    losses = [r["train/loss"] for r in pt_rows if "train/loss" in r]
-    probes = [r for r in pt_rows if "eval/knn_top1" in r]
-    print(f"pre-training: {secs:.0f} s, train/loss {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last)"
-          + (f", k-NN {probes[-1]['eval/knn_top1']:.3f}, linear probe {probes[-1]['eval/linear_probe_top1']:.3f}"
-             if probes else ""), flush=True)
+    summary = pretrain_summary(pt, secs)
+    print(summary, flush=True)
+    seeds = [int(s) for s in a.seeds.split(",")]
     results = {"maskfeat": [], "scratch": []}
-    for seed in [int(s) for s in a.seeds.split(",")]:
+    runs = []
+    for seed in seeds:
         for init in results:
             out = wd / f"ft_{init}_{seed}"
             shutil.rmtree(out, ignore_errors=True)   # fine-tuning always starts fresh
@@ -63,15 +91,19 @@ def main():
                         *a.finetune_args.split()])
             ev = final_eval(out)
             results[init].append(ev["eval/top1"])
-            print(f"fine-tune from {init:8s} seed {seed}: top-1 {ev['eval/top1']:.4f} "
-                  f"top-5 {ev['eval/top5']:.4f} ({ev['eval/examples']:.0f} held-out images, {secs:.0f} s)",
-                  flush=True)
-    print("\n| initialisation | held-out top-1, mean +- std over seeds | runs |")
-    print("|---|---|---|")
-    for init, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {init} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} % | "
-              f"{', '.join(f'{100 * x:.1f}' for x in accs)} |")
+            runs.append(f"fine-tune from {init:8s} seed {seed}: top-1 {ev['eval/top1']:.4f} "
+                        f"top-5 {ev['eval/top5']:.4f} ({ev['eval/examples']:.0f} held-out images, {secs:.0f} s)")
+            print(runs[-1], flush=True)
+    rows = table(results, seeds)
+    print("\n" + "\n".join(rows))
+    command = shlex.join(["python", "benchmarks/demo_finetune.py", *sys.argv[1:]])
+    text = [f"`{command}`", "", *rows, "", "```", summary, *runs, "```", "",
+            f"Wall time {(time.time() - start) / 60:.1f} min on {os.cpu_count()} CPU cores "
+            f"({time.strftime('%Y-%m-%d')})."]
+    out = pathlib.Path(a.table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text) + "\n")
+    print(f"table written to {out}")
 
 
 if __name__ == "__main__":

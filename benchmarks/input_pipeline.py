@@ -145,7 +145,7 @@ def bench_peer(paths: list[str], args, repeats: int) -> tuple[float, float, floa
 
 def bench_convert(args, n: int = 2000) -> tuple[float, float, float]:
     """(wall img/s, CPU img/s, faults/img) for an output-sized array to Pillow and back, as
-    ``transforms.rand_augment`` converts a ``cv2`` fine-tuning example."""
+    ``rand_augment.rand_augment`` converts a ``cv2`` fine-tuning example."""
     img = np.random.default_rng(0).integers(0, 256, (args.image_size, args.image_size, 3), np.uint8)
     start = _clocks()
     for _ in range(n):
@@ -208,7 +208,7 @@ def bench_map(root: str, args, repeats: int, task: str, backend: str) -> tuple[f
 def bench_mask(args, n: int = 2000) -> tuple[float, float, float]:
     """(wall img/s, CPU img/s, faults/img) for ``masking.block_mask`` alone, with the
     pre-training config's settings."""
-    from maskfeat_jax import masking
+    from maskfeat_jax.data import masking
 
     c = _config("", 0, args)
     rng = np.random.default_rng(0)

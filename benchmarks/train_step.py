@@ -45,7 +45,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maskfeat_jax import config as config_lib, masking, perf, sharding, train  # noqa: E402
+from maskfeat_jax import config as config_lib, perf, sharding, train  # noqa: E402
+from maskfeat_jax.data import masking  # noqa: E402
 from maskfeat_jax.targets import hog as hog_lib  # noqa: E402
 
 # No XLA CPU flag measured faster for this step on the 2-core development CPU (see README.md:

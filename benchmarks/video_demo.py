@@ -10,10 +10,10 @@ the skip max pool, each whole block and the whole encoder. Every part runs in th
 compiled first, then timed interleaved (fastest of ``--repeats``):
 
 * ``xla conv``: single XLA convolutions, the GPU and TPU programs' forms (the 3-D patch
-  convolution; ``pooling_attention.conv_pool``, a grouped 3-D convolution);
+  convolution; ``layers.depthwise_conv``, a grouped 3-D convolution);
 * ``taps, autodiff``: the CPU program's forms with autodiff's gradients;
-* ``model``: the CPU program's forms (``mvit.patch_conv``: 2-D convolutions of the frames, one
-  per temporal tap; ``pooling_attention.depthwise_pool``: a sum of strided slices times
+* ``model``: the CPU program's forms (``cpu_kernels.patch_conv``: 2-D convolutions of the frames, one
+  per temporal tap; ``cpu_kernels.depthwise_pool``: a sum of strided slices times
   per-channel weights, with its own backward).
 
 Then the trainer's compiled step (``train.setup``, ``train.jit_step``; HOG targets and the AdamW
@@ -40,30 +40,25 @@ from flax import nnx  # noqa: E402
 
 from maskfeat_jax import models, sharding, train  # noqa: E402
 from maskfeat_jax.data import sources, video  # noqa: E402
-from maskfeat_jax.models import mvit, pooling_attention  # noqa: E402
+from maskfeat_jax.models import cpu_kernels, layers, pooling_attention  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def xla_patch_conv(x, kernel, stride):
-    return jax.lax.conv_general_dilated(x, kernel, stride, [(k // 2, k // 2) for k in kernel.shape[:3]],
-                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-
-
-FORMS = {"xla conv": (xla_patch_conv, pooling_attention.conv_pool),
-         "taps, autodiff": (mvit.patch_conv, pooling_attention._tap_sum),
-         "model": (mvit.patch_conv, pooling_attention.depthwise_pool)}
+FORMS = {"xla conv": (layers.conv, layers.depthwise_conv),
+         "taps, autodiff": (cpu_kernels.patch_conv, cpu_kernels.tap_sum),
+         "model": (cpu_kernels.patch_conv, cpu_kernels.depthwise_pool)}
 
 
 @contextlib.contextmanager
 def form(name):
     """Traces inside run with the patch embedding and pooling of ``FORMS[name]``."""
-    saved = mvit.patch_conv, pooling_attention.depthwise_pool
-    mvit.patch_conv, pooling_attention.depthwise_pool = FORMS[name]
+    saved = cpu_kernels.patch_conv, cpu_kernels.depthwise_pool   # CpuKernels looks them up at call time
+    cpu_kernels.patch_conv, cpu_kernels.depthwise_pool = FORMS[name]
     try:
         yield
     finally:
-        mvit.patch_conv, pooling_attention.depthwise_pool = saved
+        cpu_kernels.patch_conv, cpu_kernels.depthwise_pool = saved
 
 
 def loadavg() -> str:
@@ -113,7 +108,7 @@ def model_parts(config):
     b, t, s = config.input.global_batch_size, config.video.num_frames, config.input.image_size
     rng = np.random.default_rng(0)
     clip = jnp.asarray(rng.normal(size=(b, t, s, s, 3)), jnp.float32)
-    parts = [("patch embedding", lambda k, x: mvit.patch_conv(x, k, enc.patch_stride),
+    parts = [("patch embedding", lambda k, x: cpu_kernels.patch_conv(x, k, enc.patch_stride),
               (enc.patch_kernel[...], clip), 0)]
     x = enc.embed(clip)
     for i, blk in enumerate(enc.blocks):
@@ -122,9 +117,9 @@ def model_parts(config):
         grid = jnp.asarray(rng.normal(size=(b, *a.thw, a.qkv_kernel.shape[0])), jnp.float32)
         for which, stride in (("q", a.q_stride), ("k", a.kv_stride), ("v", a.kv_stride)):
             kernel = jnp.tile(getattr(a, f"pool_{which}")[...], (1, 1, 1, nh))   # as PoolingAttention._pool
-            out = pooling_attention.pooled_grid(a.thw, kernel.shape[:3], stride)
+            out = layers.pooled_grid(a.thw, kernel.shape[:3], stride)
             parts.append((f"block{i} pool {which} {a.thw}->{out}",
-                          lambda k, x, s=stride: pooling_attention.depthwise_pool(x, k, s), (kernel, grid), (0, 1)))
+                          lambda k, x, s=stride: cpu_kernels.depthwise_pool(x, k, s), (kernel, grid), (0, 1)))
         if np.prod(blk.q_stride) > 1:
             parts.append((f"block{i} skip max pool", lambda x, s=blk.q_stride: pooling_attention.max_pool(x, s),
                           (grid,), 0))

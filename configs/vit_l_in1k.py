@@ -1,36 +1,12 @@
-"""MaskFeat pre-training of ViT-L/16 on ImageNet-1k (spec 9.1, in1k_VIT_L_MaskFeat_PT).
+"""MaskFeat pre-training of ViT-L/16 on ImageNet-1k.
+
+The setting ``configs/vit_in1k.py:L/16`` under its own name; the recipe and its notes are there.
 
     python -m maskfeat_jax.main --config=configs/vit_l_in1k.py --workdir=gs://BUCKET/maskfeat_vit_l \\
         --config.input.data_dir=gs://BUCKET/tensorflow_datasets
-
-Smoke test on the CPU with random images:
-    python -m maskfeat_jax.main --config=configs/vit_l_in1k.py --workdir=/tmp/vitl \\
-        --config.input.dataset=synthetic --config.input.global_batch_size=8 --config.total_steps=3
-
-Global batch 2048 with lr 2e-4 per 256 images (linear scaling, as the official configs
-scale per 8-GPU node). The official config file trains 300 epochs; the released
-checkpoint (85.7 top-1 after fine-tuning) was trained for 1600: set
-``--config.epochs=1600`` to match it.
 """
-from maskfeat_jax.config import base_config
+from maskfeat_jax import config as config_lib
 
 
 def get_config():
-    c = base_config()
-    c.task = "pretrain"
-    c.model.variant = "L/16"
-    c.model.drop_path = 0.0
-    c.model.dtype = "auto"             # bf16 compute on GPU/TPU, f32 on CPU; official runs: float32 (deviation, see README)
-    c.input.dataset = "imagenet2012"
-    c.input.image_size = 224
-    c.input.global_batch_size = 2048
-    c.mask.ratio = 0.4                 # block-wise, at most 78 of 196 patches
-    c.epochs = 300
-    c.optim.base_lr = 2e-4             # per 256 images
-    c.optim.warmup_start_lr = 1e-6
-    c.optim.end_lr = 1e-6
-    c.optim.warmup_epochs = 30
-    c.optim.weight_decay = 0.05
-    c.optim.grad_clip = 0.02
-    c.checkpoint.every_steps = 1000
-    return c
+    return config_lib.from_file(__file__, "vit_in1k.py:L/16")

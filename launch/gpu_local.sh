@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CONFIG="${CONFIG:-configs/vit_l_in1k.py}"
+CONFIG="${CONFIG:-configs/vit_in1k.py:L/16}"        # FILE[:ARG], e.g. configs/vit_in1k.py:L/16,ft
 WORKDIR="${WORKDIR:?set WORKDIR=<local dir, or a mounted bucket>}"
 DATA_DIR="${DATA_DIR:?set DATA_DIR=<dir with the TFDS array_record files, e.g. /data/tensorflow_datasets>}"
 

@@ -19,7 +19,7 @@ ZONE="${ZONE:?set ZONE=<zone, e.g. us-central2-b>}"
 PROJECT="${PROJECT:-}"                                 # empty: gcloud's default project
 WORKDIR="${WORKDIR:?set WORKDIR=gs://<bucket>/maskfeat/<run-name>}"
 DATA_DIR="${DATA_DIR:?set DATA_DIR=gs://<bucket>/tensorflow_datasets (TFDS array_record files)}"
-CONFIG="${CONFIG:-configs/vit_l_in1k.py}"
+CONFIG="${CONFIG:-configs/vit_in1k.py:L/16}"        # FILE[:ARG], e.g. configs/vit_in1k.py:L/16,ft
 # Where the code comes from: "copy" ships this checkout (uncommitted edits included),
 # otherwise a git URL, e.g. https://github.com/<org>/maskfeat_jax.git, cloned at GIT_REF.
 SOURCE="${SOURCE:-copy}"

@@ -16,8 +16,8 @@ commit file instead of renaming it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import sys
 import time
 
 import grain
@@ -25,7 +25,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from maskfeat_jax import storage
+from maskfeat_jax import config as config_lib, storage
+
+RESTORE_RETRY_S = 2.0     # pause before reading a checkpoint that failed once a second time
 
 
 class Checkpointer:
@@ -40,7 +42,7 @@ class Checkpointer:
         self.mngr = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data_iter", "config", "topology"))
         self.workdir, self.failed = workdir, False
-        _quiet_disk_full_logs()
+        storage.quiet_disk_full_logs()
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
@@ -142,34 +144,140 @@ class Checkpointer:
             self.mngr.close()
 
 
-class _DropDiskFull(logging.Filter):
-    """Orbax's background save threads (and asyncio, for their abandoned writes) log a full disk
-    with the same traceback several times; ``Checkpointer`` reports it once, as one line."""
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where the input stood at ``step`` (the step the run starts from): the examples (videos)
+    read so far, and the batch the iterator was built to start at (grain's saved position
+    counts from there). ``per_batch``: the examples (videos) the input passes per batch."""
+    step: int
+    examples_read: int
+    start_batch: int
+    per_batch: int
 
-    def filter(self, record):
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (record.levelno >= logging.ERROR and (storage.is_disk_full(exc) or
-                                                         "No space left on device" in record.getMessage()))
-
-
-def _quiet_disk_full_logs():
-    """Installs ``_DropDiskFull``, and drops the "Event loop is closed" errors that TensorStore's
-    remaining writes raise (and Python ignores) once a failed save has closed its event loop."""
-    if any(isinstance(f, _DropDiskFull) for f in logging.getLogger("absl").filters):
-        return
-    for name in ("absl", "asyncio"):     # Orbax logs through absl; asyncio reports the abandoned writes
-        logging.getLogger(name).addFilter(_DropDiskFull())
-    previous = sys.unraisablehook
-
-    def hook(u):
-        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
-            previous(u)
-    sys.unraisablehook = hook
+    def at(self, step: int) -> dict:
+        """What a checkpoint of ``step`` records beside the input topology."""
+        return {"examples_read": self.examples_read + (step - self.step) * self.per_batch,
+                "start_batch": self.start_batch}
 
 
-def abstract(tree):
-    """ShapeDtypeStructs (with shardings) for a tree of arrays."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def restore_or_init(ckpt: Checkpointer, setup, make_iter, config, topology: dict, mesh=None):
+    """The run's start, in the order of the module docstring: the newest checkpoint in the
+    workdir that reads back (with the data iterator, ``make_iter(start batch)``), else a fresh
+    state with ``config.init_from``'s weights, else from scratch. Call it under the mesh.
+
+    A checkpoint written by another input ``topology`` restores the state only; the input
+    restarts at the batch that follows the examples already read (for the new batch size).
+    Returns (state, data iterator, ``Position``)."""
+    per_batch = topology["global_batch_size"] // topology.get("num_sample", 1)
+    if ckpt.latest_step() is None:
+        data_iter = make_iter(0)
+        state = setup.init()
+        if config.get("init_from"):
+            state = state.replace(params=init_from(config.init_from, state.params, mesh))
+        return state, data_iter, Position(int(jax.device_get(state.step)), 0, 0, per_batch)
+    state, saved, data_iter = _restore_latest_good(ckpt, setup.abstract_state, make_iter, config, topology)
+    step = int(jax.device_get(state.step))
+    read, start = _examples_read(saved, step, per_batch), (saved or {}).get("start_batch", 0)
+    if data_iter is None:    # written by another input topology: restart the input where it was
+        start = read // per_batch
+        read = start * per_batch
+        print(f"input topology changed ({_input_topology(saved)} -> {topology}): the data iterator "
+              f"starts at batch {start} instead of restoring its saved state", flush=True)
+        data_iter = make_iter(start)
+    return state, data_iter, Position(step, read, start, per_batch)
+
+
+def _restore_latest_good(ckpt, abstract_state, make_iter, config, topology):
+    """Restores the newest checkpoint that reads back; a damaged one is reported and skipped.
+
+    Every read is tried twice (a storage error may pass; TensorStore reports those as
+    ``ValueError``), and all processes agree on each try: a step counts as restored only where
+    every process read it, so they all resume from the same step and set aside the same ones.
+
+    Returns (state, the saved input topology or None, the restored data iterator). The iterator
+    (``make_iter(start batch)``) is restored only when the topologies agree, else it is None."""
+    steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps_desc):
+        state, saved, data_iter, err = _read_agreed(ckpt, step, abstract_state, make_iter, config, topology)
+        if err is not None:
+            nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
+            print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}: "
+                  f"{str(err)[:300]}); {nxt}", flush=True)
+            continue
+        for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
+            moved = ckpt.set_aside(bad)
+            print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
+                  "could not be set aside: this run saves again only after that step"), flush=True)
+        print(f"resuming from step {step}", flush=True)
+        return state, saved, data_iter
+    raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored (the last error is above). If "
+                       f"the config changed since they were written in a way that changes the train state "
+                       f"(model, optimizer), resume with the saved config (JSON in "
+                       f"{ckpt.directory}/<step>/config/metadata); if the checkpoints are damaged, move the "
+                       f"folder away to start from scratch")
+
+
+def _read_agreed(ckpt, step, abstract_state, make_iter, config, topology):
+    """Reads ``step`` at most twice, until every process has read it: (state, saved topology,
+    data iterator or None, None), or (None, None, None, the last error)."""
+    for attempt in range(2):
+        state, saved, data_iter, err = None, None, None, None
+        try:
+            check_config(ckpt, step, config)
+            saved = ckpt.saved_topology(step)
+            changed = saved is not None and _input_topology(saved) != topology
+            data_iter = None if changed else make_iter((saved or {}).get("start_batch", 0))
+            state = ckpt.restore(step, abstract_state, data_iter)
+        except ValueError as e:
+            if "shape-changing" in str(e):
+                raise
+            err = e
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+            err = e
+        if _all_processes_agree(err is None):
+            return state, saved, data_iter, None
+        if hasattr(data_iter, "close"):
+            data_iter.close()
+        err = err or RuntimeError("another process could not read it")
+        if attempt == 0:     # perhaps the storage, not the checkpoint: read it once more
+            logging.warning("reading checkpoint %d failed (%s: %s); retrying once", step, type(err).__name__, err)
+            time.sleep(RESTORE_RETRY_S)
+    return None, None, None, err
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def _input_topology(saved: dict) -> dict:
+    """A checkpoint's saved topology without its position (``examples_read``, ``start_batch``)."""
+    return {k: v for k, v in saved.items() if k not in ("examples_read", "start_batch")}
+
+
+def _examples_read(saved: dict | None, step: int, per_batch: int) -> int:
+    """Examples (videos) the input had passed at a checkpoint of ``step``. Checkpoints written
+    before the count was recorded give ``step`` batches of their own size."""
+    if saved is None:
+        return step * per_batch
+    if "examples_read" in saved:
+        return int(saved["examples_read"])
+    return step * saved["global_batch_size"] // saved.get("num_sample", 1)
+
+
+def check_config(ckpt, step: int, config, evaluating: bool = False) -> None:
+    """Refuses a checkpoint whose saved config differs from ``config`` in shape-changing keys
+    (training may override with ``config.checkpoint.allow_config_change``; evaluation may not)."""
+    diffs = config_lib.shape_differences(ckpt.saved_config(step), config)
+    if diffs and (evaluating or not config.checkpoint.allow_config_change):
+        hint = (f"Evaluate with the config it was trained with (saved in {ckpt.directory}/{step}/config/metadata)."
+                if evaluating else "Use another --workdir, or set --config.checkpoint.allow_config_change=True "
+                "to override.")
+        raise ValueError("config: the workdir holds a checkpoint whose config differs in shape-changing keys:\n  "
+                         + "\n  ".join(diffs) + "\n" + hint)
 
 
 def flat_params(tree) -> dict:
@@ -178,58 +286,45 @@ def flat_params(tree) -> dict:
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): x for path, x in leaves}
 
 
-def locate(path: str) -> tuple[str, int | None, list[int]]:
-    """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, the step
-    folder's step or None, the finished steps saved there in order).
+def _finished(directory) -> list[int]:
+    """The finished steps saved in ``directory`` (a checkpoints folder), in order.
 
     Finished as Orbax decides: on a disk a step folder appears by rename once complete; on
     ``gs://`` it is written in place and finished by its ``commit_success.txt``, so a save in
-    progress (or one a crash cut short) is not a step. A named step folder must be finished."""
-    path, named = storage.path(path), None
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.name.isdigit():                       # a step folder
-        path, named = path.parent, int(path.name)
-    steps = sorted(ocp.utils.checkpoint_steps(path)) if path.is_dir() else []
-    if named is not None and named not in steps and (path / str(named)).exists():
-        raise ValueError(f"{path / str(named)} is not a finished checkpoint (a save still running, or one "
-                         f"that was cut short); finished steps there: {steps}")
-    return str(path), named, steps
+    progress (or one a crash cut short) is not a step."""
+    return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
 def finished_steps(workdir: str) -> list[int]:
     """The finished steps in ``WORKDIR/checkpoints``, in order (reads only)."""
-    d = storage.path(workdir) / "checkpoints"
-    return sorted(ocp.utils.checkpoint_steps(d)) if d.is_dir() else []
+    return _finished(storage.path(workdir) / "checkpoints")
 
 
-def find_step(workdir: str, step: int | None = None) -> tuple[str, int]:
-    """The tools' ``--workdir`` (a workdir, its ``checkpoints`` folder or one step folder) and
-    ``--step`` -> (checkpoints dir, step): ``step``, else the named step folder's, else the latest
-    finished one. A ``ValueError`` names the flag at fault."""
-    directory, named, steps = locate(workdir)
+def resolve(path: str, step: int | None = None, key: str = "--workdir") -> tuple[str, int]:
+    """A workdir, its ``checkpoints`` folder or one step folder, and an optional step ->
+    (checkpoints dir, step): ``step``, else the named step folder's, else the latest finished
+    one. The step must be finished; a ``ValueError`` names ``key`` (the flag or config key that
+    gave ``path``) or ``--step``."""
+    directory, named = storage.path(path), None
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if directory.name.isdigit():                       # a step folder
+        directory, named = directory.parent, int(directory.name)
+    steps = _finished(directory)
+    if named is not None and named not in steps and (directory / str(named)).exists():
+        raise ValueError(f"{directory / str(named)} is not a finished checkpoint (a save still running, or one "
+                         f"that was cut short); finished steps there: {steps}")
     if not steps:
-        raise ValueError(f"--workdir={workdir}: no checkpoint found in {directory}")
+        raise ValueError(f"{key}={path}: no checkpoint found in {directory}")
     step = step if step is not None else named if named is not None else steps[-1]
     if step not in steps:
         raise ValueError(f"--step={step}: {directory} holds steps {steps}")
-    return directory, step
-
-
-def _resolve(path: str) -> tuple[str, int]:
-    """A workdir, its ``checkpoints`` folder, or one step folder -> (checkpoints dir, step):
-    the step folder's, else the latest."""
-    directory, named, steps = locate(path)
-    if named is not None:
-        return directory, named
-    if not steps:
-        raise ValueError(f"config.init_from={directory!r}: no checkpoint found there")
-    return directory, steps[-1]
+    return str(directory), step
 
 
 def read_params(path: str) -> dict:
     """The parameter tree of a checkpoint, as host numpy arrays (any mesh, any task)."""
-    directory, step = _resolve(path)
+    directory, step = resolve(path, key="config.init_from")
     item = storage.path(directory) / str(step) / "state"
     from absl import logging as absl_logging
     verbosity = absl_logging.get_verbosity()
@@ -246,41 +341,32 @@ def read_params(path: str) -> dict:
 def init_from(path: str, params, mesh=None):
     """Copies the encoder weights of a checkpoint into ``params`` (a fine-tuning model).
 
-    Keys present in both are loaded; a shape mismatch is an error naming the key, except for
-    MViTv2's rel-pos tables (resized linearly, spec 7.3) and ViT's position table (resized
-    bicubically, for fine-tuning at another image size). Keys only in ``params`` (the new
-    head) keep their fresh init; keys only in the checkpoint (mask token, HOG head,
-    optimizer) are ignored. The report is logged and returned."""
-    src = flat_params(read_params(path))
-    dst = flat_params(params)
-    import jax.numpy as jnp
-    loaded, new, interpolated = [], [], []
-    out = {}
+    Keys present in both are loaded, each fitted to the model by ``models.load`` (ViT's
+    position table and MViTv2's rel-pos tables are resized); a shape mismatch left is an
+    error naming the key. Keys only in ``params`` (the new head) keep their fresh init; keys
+    only in the checkpoint (mask token, HOG head, optimizer) are ignored. What was loaded,
+    resized, kept and ignored is printed."""
+    from maskfeat_jax import models
+    src, dst = flat_params(read_params(path)), flat_params(params)
+    loaded, new, interpolated, out = [], [], [], {}
     for key, x in dst.items():
-        if key.startswith("encoder/") and key in src:
-            if key.split("/")[-1].startswith("rel_pos_") and src[key].shape[1:] == x.shape[1:] \
-                    and src[key].shape[0] != x.shape[0]:
-                from maskfeat_jax.models.mvit import interpolate_rel_pos   # PT -> FT tables (spec 7.3)
-                src[key] = np.asarray(interpolate_rel_pos(jnp.asarray(src[key]), x.shape[0]))
-                interpolated.append(key)
-            if key == "encoder/pos_embed" and src[key].shape[::2] == x.shape[::2] and src[key].shape != x.shape:
-                from maskfeat_jax.models.vit import resize_pos_embed      # another image size
-                src[key] = resize_pos_embed(src[key], x.shape[1])
-                interpolated.append(key)
-            if tuple(src[key].shape) != tuple(x.shape):
-                raise ValueError(f"config.init_from: parameter {key} has shape {tuple(src[key].shape)} in "
-                                 f"{path}, but the model expects {tuple(x.shape)}")
-            out[key] = jax.device_put(src[key].astype(x.dtype), x.sharding)
-            loaded.append(key)
-        else:
+        if not (key.startswith("encoder/") and key in src):
             out[key] = x
             new.append(key)
+            continue
+        value = models.load(key, src[key], tuple(x.shape))
+        if value is not src[key]:
+            interpolated.append(key)
+        if tuple(value.shape) != tuple(x.shape):
+            raise ValueError(f"config.init_from: parameter {key} has shape {tuple(src[key].shape)} in "
+                             f"{path}, but the model expects {tuple(x.shape)}")
+        out[key] = jax.device_put(value.astype(x.dtype), x.sharding)
+        loaded.append(key)
     ignored = sorted(set(src) - set(loaded))
-    logging.info("init_from %s: loaded %d tensors (interpolated %s); new: %s; ignored: %s", path, len(loaded),
-                 interpolated, new, ignored)
-    print(f"init_from {path}: loaded {len(loaded)} tensors (position tables interpolated: {interpolated}), "
-          f"new {new}, ignored {ignored}", flush=True)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if jax.process_index() == 0:     # a start-up line: what fine-tuning starts from
+        print(f"init_from {path}: loaded {len(loaded)} tensors (position tables interpolated: {interpolated}); "
+              f"new: {new}; ignored: {ignored}", flush=True)
+    treedef = jax.tree_util.tree_structure(params)
     return jax.tree_util.tree_unflatten(treedef, [out[k] for k in dst])
 
 
@@ -303,7 +389,7 @@ def saved_config(path: str):
     import json
 
     import ml_collections
-    directory, step = _resolve(path)
+    directory, step = resolve(path, key="config.init_from")
     text = (storage.path(directory) / str(step) / "config" / "metadata").read_text()
     return ml_collections.ConfigDict(_tuples(json.loads(text)))
 

@@ -1,16 +1,21 @@
-"""The base config every file in ``configs/`` starts from, and its validation.
+"""The base config every file in ``configs/`` starts from, and the plumbing around it.
 
-Each field is commented once here; the config files only change values. Validation
-runs before any data is read or anything is compiled, and every message names the key.
+Each field is commented once here; the config files only change values. A config file may
+take an argument (``--config=configs/vit_in1k.py:L/16,ft``, read with ``parse_arg``); the
+per-setting files name one setting of another file (``from_file``). Validation
+(``config_validate``, re-exported here) runs before any data is read or anything is compiled,
+and every message names the key; ``flags_parser`` turns flag and config errors into one line.
 """
 from __future__ import annotations
 
 import difflib
 import os
+import re
 
 import ml_collections
 
-KNOWN_DATASETS = ("digits", "synthetic", "video_csv", "video_demo")  # plus TFDS names, "folder:<root>"
+from maskfeat_jax.config_validate import KNOWN_DATASETS, validate, validate_workdir  # noqa: F401
+from maskfeat_jax.config_validate import get as _get
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.image_backend = "cv2"  # "cv2": simplejpeg decode + OpenCV resize (fast); "pil": Pillow (the official numbers' exact path)
     c.input.synthetic_size = 4096       # examples in the "synthetic" dataset
     c.input.mean = (0.485, 0.456, 0.406)  # per-channel normalisation, applied on device
-    c.input.std = (0.229, 0.224, 0.225)
+    c.input.std = (0.229, 0.224, 0.225)   # per-channel divisor after the mean, applied on device
 
     c.video = ml_collections.ConfigDict()  # used when config.model.name == "mvit"
     c.video.num_frames = 16             # frames per clip
@@ -76,6 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.video.test_crops = 1              # spatial crops per clip at evaluation (1 or 3)
     c.video.num_sample = 1              # training clips per decoded video (repeated augmentation)
 
+    _training_groups(c)
+    return c
+
+
+def _training_groups(c: ml_collections.ConfigDict) -> None:
+    """The groups of ``base_config`` that set how it trains: augmentation, optimizer,
+    evaluation, mesh and checkpoints."""
     c.augment = ml_collections.ConfigDict()  # fine-tuning only (pre-training: crop + flip)
     c.augment.crop_min_scale = 0.08     # fine-tuning random resized crop scale (min, 1)
     c.augment.flip = True               # random horizontal flip (pre-training and fine-tuning)
@@ -94,9 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.end_lr = 1e-6               # lr at the end of the cosine (scaled like base_lr)
     c.optim.warmup_epochs = 30.0        # linear warm-up length
     c.optim.weight_decay = 0.05         # decoupled; biases and 1-D parameters exempt
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
+    c.optim.b1 = 0.9                    # AdamW first-moment decay
+    c.optim.b2 = 0.999                  # AdamW second-moment decay
+    c.optim.eps = 1e-8                  # AdamW denominator epsilon
     c.optim.grad_clip = 0.02            # global L2 norm clip; 0 disables
     c.optim.grad_accum_steps = 1        # micro-batches per step (same update, 1/k of the activations)
     c.optim.layer_decay = 1.0           # layer-wise lr decay (fine-tuning); 1.0 = off
@@ -116,7 +128,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000     # periodic save interval (a final save always happens)
     c.checkpoint.max_to_keep = 3        # older checkpoints are deleted
     c.checkpoint.allow_config_change = False  # resume even if shape-changing keys differ
-    return c
 
 
 SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input.image_size",
@@ -125,161 +136,6 @@ SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input
 # layer-wise decay on or off
 STRUCTURE_KEYS = {"optim.grad_clip": ("clipping", lambda v: v > 0),
                   "optim.layer_decay": ("layer-wise decay", lambda v: v < 1.0)}
-
-
-def _get(config, dotted):
-    for k in dotted.split("."):
-        config = config[k]
-    return config
-
-
-def validate(config, num_devices: int, num_processes: int = 1) -> None:
-    """Checks the config before anything is built; raises ValueError naming the key."""
-    from maskfeat_jax.models import vit  # local: keeps config import light
-
-    if config.task not in ("pretrain", "finetune"):
-        raise ValueError(f"config.task={config.task!r}: expected 'pretrain' or 'finetune'")
-    from maskfeat_jax import sharding
-    if config.model.name not in ("vit", "mvit"):
-        raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
-    _validate_program(config)
-    if config.model.name == "mvit":
-        _validate_video(config)
-        from maskfeat_jax.models import mvit
-        blocks = mvit.block_configs(mvit.parse_variant(config.model.variant), config.task == "pretrain")
-        patch, widths = 16, sorted({d for b in blocks for d in b[:2]})   # prediction stride 16
-        heads, mlps = min(b[2] for b in blocks), sorted({4 * b[0] for b in blocks})
-    else:
-        vsize, patch = vit.parse_variant(config.model.variant)
-        widths, heads, mlps = [vsize.width], vsize.heads, [vsize.mlp]
-    outputs = (config.model.num_classes if config.task == "finetune"
-               else 3 * config.hog.nbins * (patch // max(config.hog.cell_size, 1)) ** 2)
-    _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
-    variant = f"config.model.variant={config.model.variant!r}"
-    if heads % tensor or any(m % tensor for m in mlps):
-        raise ValueError(f"config.mesh.tensor={tensor} does not divide the {heads} heads (fewest in a block) / "
-                         f"{mlps} MLP units of {variant}")
-    if outputs % tensor:
-        raise ValueError(f"config.mesh.tensor={tensor} does not divide the head's {outputs} outputs "
-                         f"({'config.model.num_classes' if config.task == 'finetune' else 'HOG features per token'})")
-    if any(w % fsdp for w in widths):
-        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the width{'s' * (len(widths) > 1)} "
-                         f"{', '.join(map(str, widths))} of {variant}")
-    size = config.input.image_size
-    if size % patch:
-        raise ValueError(f"config.input.image_size={size} is not a multiple of the patch size {patch} "
-                         f"(config.model.variant={config.model.variant!r})")
-    if patch % config.hog.cell_size:
-        raise ValueError(f"config.hog.cell_size={config.hog.cell_size} does not divide the patch size "
-                         f"{patch} (config.model.variant={config.model.variant!r})")
-    if not 0.0 < config.mask.ratio < 1.0:
-        raise ValueError(f"config.mask.ratio={config.mask.ratio} must be in (0, 1)")
-    gb = config.input.global_batch_size
-    if gb <= 0 or gb % num_devices:
-        raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_devices} devices")
-    if gb % num_processes:
-        raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_processes} processes")
-    k = config.optim.grad_accum_steps
-    if k < 1 or gb % (k * num_devices):
-        raise ValueError(f"config.optim.grad_accum_steps={k}: config.input.global_batch_size={gb} must split "
-                         f"into {k} micro-batches of a multiple of the {num_devices} devices")
-    for key in ("log_every_steps", "evals.every_steps", "checkpoint.every_steps"):
-        if _get(config, key) < 1:
-            raise ValueError(f"config.{key}={_get(config, key)} must be at least 1 (a value above the run's "
-                             f"steps acts only at the last step)")
-    if config.nonfinite not in ("error", "skip"):
-        raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
-    if config.input.image_backend not in ("cv2", "pil"):
-        raise ValueError(f"config.input.image_backend={config.input.image_backend!r}: expected 'cv2' "
-                         f"(simplejpeg + OpenCV) or 'pil' (Pillow)")
-    ds = config.input.dataset
-    if ds in ("video_csv", "video_demo") and config.model.name != "mvit":
-        raise ValueError(f"config.input.dataset={ds!r} is a video dataset: set config.model.name='mvit'")
-    if ds.startswith("folder:"):
-        root = ds[len("folder:"):]
-        if not os.path.isdir(root):
-            raise ValueError(f"config.input.dataset={ds!r}: folder {root!r} does not exist")
-        for key in _splits_read(config):    # found now, not at the first evaluation minutes in
-            split = os.path.join(root, _get(config, key))
-            if not os.path.isdir(split):
-                there = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-                raise ValueError(f"config.{key}={_get(config, key)!r}: {split!r} does not exist (splits in "
-                                 f"{root!r}: {there})")
-    elif ds not in KNOWN_DATASETS:
-        _check_tfds(ds, config.input.data_dir)
-    for key in ("input.mean", "input.std"):    # one value would broadcast silently, two would fail late
-        v = _get(config, key)
-        if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
-            raise ValueError(f"config.{key}={v!r}: expected 3 numbers, one per RGB channel")
-    if not all(x > 0 for x in config.input.std):
-        raise ValueError(f"config.input.std={config.input.std!r}: every value must be positive")
-
-
-def _splits_read(config) -> list[str]:
-    """The config keys of the splits a run reads: the train split, and the eval split when the
-    run evaluates (fine-tuning, the probe, HOG figures)."""
-    evals = (config.task == "finetune" or config.evals.probe
-             or (config.evals.figures_every_steps > 0 and config.task == "pretrain"))
-    return ["input.train_split"] + (["input.eval_split"] if evals else [])
-
-
-def _validate_program(config) -> None:
-    """``config.platform``, ``model.dtype`` and ``model.attention`` (``platform.py``)."""
-    from maskfeat_jax import platform as platform_lib
-    plat = config.get("platform", "auto")
-    if plat != "auto" and plat not in platform_lib.PLATFORMS:
-        raise ValueError(f"config.platform={plat!r}: expected 'auto' or one of {platform_lib.PLATFORMS}")
-    if config.model.dtype != "auto" and config.model.dtype not in platform_lib.DTYPES:
-        raise ValueError(f"config.model.dtype={config.model.dtype!r}: expected 'auto' or one of "
-                         f"{sorted(platform_lib.DTYPES)}")
-    if config.model.attention not in platform_lib.ATTENTION:
-        raise ValueError(f"config.model.attention={config.model.attention!r}: expected one of "
-                         f"{platform_lib.ATTENTION}")
-    if config.model.name == "mvit" and config.model.attention not in ("auto", "einsum"):
-        raise ValueError(f"config.model.attention={config.model.attention!r}: MViTv2 adds per-example "
-                         "relative-position biases to its logits and has one attention form: use 'auto'")
-
-
-def validate_workdir(workdir: str, init_from: str = "") -> None:
-    """The workdir (and ``config.init_from``): a local or mounted path, or a ``gs://`` URL
-    (with gcsfs installed); anything else is refused before the run starts."""
-    from maskfeat_jax import storage
-    storage.check_url(workdir, "--workdir")
-    storage.check_url(init_from or "", "config.init_from")
-
-
-def _validate_video(config):
-    from maskfeat_jax.models import mvit
-    mvit.parse_variant(config.model.variant)
-    if config.input.dataset not in ("video_csv", "video_demo"):
-        raise ValueError(f"config.input.dataset={config.input.dataset!r}: MViTv2 reads 'video_csv' or "
-                         f"'video_demo'")
-    if config.input.image_size % 32:
-        raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of 32 for "
-                         f"MViTv2 (one cube-mask unit is 32x32 pixels)")
-    if config.video.num_frames % 2:
-        raise ValueError(f"config.video.num_frames={config.video.num_frames} must be even (temporal stride 2)")
-    if config.evals.probe:
-        raise ValueError("config.evals.probe=True: the k-NN and linear probe read images; for MViTv2 on video "
-                         "set config.evals.probe=False (fine-tuning's top-1/top-5 evaluates video models)")
-    if config.input.dataset == "video_csv":
-        d = config.video.csv_dir
-        split_csv = os.path.join(d, f"{config.input.train_split}.csv")
-        if not d or not os.path.isfile(split_csv):
-            raise ValueError(f"config.video.csv_dir={d!r}: {split_csv!r} does not exist")
-
-
-def _check_tfds(name, data_dir):
-    import tensorflow_datasets as tfds
-    base = name.split(":")[0].split("/")[0]
-    builders = tfds.list_builders(with_community_datasets=False)  # no network, no TensorFlow
-    if base not in builders:
-        close = difflib.get_close_matches(base, list(builders) + list(KNOWN_DATASETS), n=3)
-        raise ValueError(f"config.input.dataset={name!r} is not a known dataset; did you mean {close}? "
-                         f"(built in: {list(KNOWN_DATASETS)}, 'folder:<root>', or any TFDS name)")
-    remote = data_dir is not None and "://" in data_dir     # gs://...: checked when tfds opens it
-    if data_dir is not None and not remote and not os.path.isdir(os.path.expanduser(data_dir)):
-        raise ValueError(f"config.input.data_dir={data_dir!r} does not exist")
 
 
 def shape_differences(saved: dict, config) -> list[str]:
@@ -316,9 +172,9 @@ def comments() -> dict[str, str]:
     """Each base config key's comment, read from ``base_config``'s source (a comment-only line
     continues the key above it)."""
     import inspect
-    import re
     out, key = {}, None
-    for line in inspect.getsource(base_config).splitlines():
+    source = inspect.getsource(base_config) + inspect.getsource(_training_groups)
+    for line in source.splitlines():
         m = re.match(r"\s*c\.([\w.]+)\s*=.*?(?:#\s*(.*))?$", line)
         if m and "ConfigDict()" not in line:
             key = m.group(1)
@@ -340,23 +196,56 @@ def describe(config) -> list[str]:
     return lines
 
 
-def unknown_override_keys(config_file: str, argv) -> list[str]:
-    """Messages for ``--config.<key>=...`` arguments naming keys the config does not have,
-    each with the closest valid keys."""
+def parse_arg(arg: str | None, variants, switches=("ft", "runlocal")) -> tuple[str, set[str]]:
+    """A config file's argument (``--config=FILE:ARG``) as ``(variant, switches)``.
+
+    ``ARG`` is ``VARIANT[,SWITCH...]``: the first of ``variants`` (the default without an
+    argument), then any of ``switches``, comma separated (``L/16,ft,runlocal``). Anything else
+    is a ``ValueError`` naming what the file takes."""
+    variant, *rest = [a.strip() for a in (arg or variants[0]).split(",")]
+    if variant not in variants or not set(rest) <= set(switches):
+        raise ValueError(f"config argument {arg!r}: expected VARIANT[,SWITCH...] with VARIANT one of "
+                         f"{', '.join(variants)} and SWITCH one of {', '.join(switches)}")
+    return variant, set(rest)
+
+
+def from_file(anchor: str, spec: str) -> ml_collections.ConfigDict:
+    """``get_config(ARG)`` of the config file ``FILE`` for ``spec = "FILE:ARG"``, ``FILE``
+    relative to the folder of ``anchor`` (a config file's ``__file__``): a config file that
+    names one setting of another, e.g. ``configs/vit_l_in1k.py`` for ``vit_in1k.py:L/16``."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_config_file", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    keys = flat_keys(module.get_config())
-    messages = []
-    for arg in argv:
-        if arg.startswith("--config.") and "=" in arg:
-            key = arg[len("--config."):].split("=", 1)[0]
-            if key not in keys:
-                close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-                hint = f"; did you mean {' or '.join(close)}?" if close else ""
-                messages.append(f"unknown config key config.{key}{hint}")
-    return messages
+    name, _, arg = spec.partition(":")
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor)), name)
+    module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
+_MISSING = re.compile(r"^\W*'([^'\\]+)\\?'")
+
+
+def unknown_override_message(error: Exception, argv) -> str | None:
+    """One line for ml_collections' error about an unknown ``--config.<key>`` override: the
+    whole key, and ml_collections' own closest name put in its place (``unknown config key
+    config.optim.base_rl; did you mean optim.base_lr?``). None when ``error`` is another error."""
+    if not isinstance(error, (AttributeError, KeyError)):
+        return None
+    text = str(error)
+    m = _DID_YOU_MEAN.search(text)
+    missing = m.group(2) if m else (_MISSING.match(text) or [None, None])[1]
+    overrides = [a.lstrip("-").split("=", 1)[0][len("config."):] for a in argv
+                 if a.lstrip("-").startswith("config.")]
+    for key in overrides:
+        parts = key.split(".")
+        if missing in parts:
+            message = f"unknown config key config.{key}"
+            if m:
+                i = parts.index(missing)
+                message += f"; did you mean {'.'.join(parts[:i] + [m.group(1)] + parts[i + 1:])}?"
+            return message
+    return None
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # holds configs/ in a clone
@@ -381,14 +270,24 @@ def resolve_config_file(spec: str) -> str:
     raise ValueError(f"--config={path}: no such file{where}{hint}")
 
 
+def _one_line(error: Exception) -> str:
+    """``error``'s message; ml_collections puts a config file's own traceback into its message,
+    of which the flag and the last line (the file's error) are kept."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and "Error whilst parsing config file" in lines[0]:
+        return f"{lines[0].split(': Error whilst', 1)[0]}: {lines[-1]}"
+    return str(error)
+
+
 HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
 def flags_parser(flag_values):
     """An ``absl.app.run(..., flags_parser=)`` for a command with a ``--config`` file flag:
-    ``--config`` is found from any folder (``resolve_config_file``); a missing config file, an
-    unknown ``--config.<key>`` override (named, with the closest keys) or any other flag error
-    is one line on stderr and exit code 2 instead of a traceback; ``--help`` (or ``-h``) exits 0."""
+    ``--config`` is found from any folder (``resolve_config_file``); a missing config file, a
+    config file's own error, an unknown ``--config.<key>`` override (named, with ml_collections'
+    closest key: ``unknown_override_message``) or any other flag error is one line on stderr and
+    exit code 2 instead of a traceback; ``--help`` (or ``-h``) exits 0."""
     import sys
 
     def parse(argv):
@@ -406,14 +305,7 @@ def flags_parser(flag_values):
                 getattr(flag_values["config"].value, "keys")   # a file that failed to load raises here
             return rest
         except Exception as e:  # noqa: BLE001 - ml_collections raises several types here
-            config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-            messages = []
-            if config_file is not None:
-                try:
-                    messages = unknown_override_keys(config_file, argv)
-                except Exception:  # noqa: BLE001 - the config file itself is broken: the original error
-                    messages = []
-            print("error: " + ("\n       ".join(messages) if messages else str(e)), file=sys.stderr)
+            print(f"error: {unknown_override_message(e, argv) or _one_line(e)}", file=sys.stderr)
             sys.exit(2)
 
     return parse

@@ -5,8 +5,8 @@
 
 ``--src`` may also be a ``.npz`` of the same tensors keyed by the official names (read
 without PyTorch). The reverse direction, a checkpoint of ours -> the official names and
-layouts, is ``maskfeat_jax.export``; it uses the name tables and transforms below, each
-transform carrying its inverse (``Transform.to_torch``).
+layouts, is ``maskfeat_jax.export``; both use the name tables and transforms of
+``official_names``, each transform carrying its inverse (``Transform.to_torch``).
 
 The config decides the model (family ``config.model.name``, size, ``config.task``); every
 tensor of the PyTorch state dict is mapped onto that model's parameter tree, and the result
@@ -14,235 +14,23 @@ is written as step 0 of ``DIR/checkpoints`` in the trainer's own format (TrainSt
 fresh optimizer state, data-iterator state, config), so ``--config.init_from=DIR`` (weights
 only), ``--workdir=DIR`` (resume at step 0) and evaluation of ``DIR`` all accept it. Use the
 config the model will be trained or evaluated with: the saved config is checked on resume.
-
-Official names (read from facebookresearch/SlowFast, ``slowfast/models/``):
-
-* backbone, class ``MViT`` (``video_model_builder.py``; ViT is this class with 2-D patches
-  and no pooling): ``patch_embed.proj`` (``stem_helper.PatchEmbed``, Conv2d for ViT,
-  Conv3d for MViTv2), ``cls_token``, ``pos_embed`` (ViT: one table, cls included; MViTv2
-  MaskFeat: none), ``blocks.i.{norm1, attn, norm2, mlp.fc1, mlp.fc2}`` and, where the width
-  changes, ``blocks.i.proj`` (``attention.MultiScaleBlock``); attention
-  (``attention.MultiScaleAttention``): ``attn.qkv`` (one Linear, output laid out as
-  (3, heads, head_dim)), ``attn.proj``, and for MViTv2 ``attn.pool_{q,k,v}`` (depthwise
-  Conv3d, no bias), ``attn.norm_{q,k,v}``, ``attn.rel_pos_{h,w,t}``;
-* pre-training (``masked.MaskMViT``): ``mask_token``; the final ``norm`` and ``head`` are
-  deleted and the HOG head is ``pred_head`` (``head_helper.MSSeparateHead``):
-  ``pred_head.transforms.0.0`` (its LayerNorm, in an ``nn.Sequential``) and
-  ``pred_head.projections.0`` (Linear to 108); ``hogs.0.weight_x/weight_y`` are the HOG
-  layer's Sobel buffers (``operators.HOGLayerC``);
-* fine-tuning (``MViT`` with ``USE_MEAN_POOLING: True``): ``norm`` is the LayerNorm after
-  the mean over the patch tokens (our ``fc_norm``), ``head.projection``
-  (``head_helper.TransformerBasicHead``) the classifier.
-
-The HOG head's 108 outputs are in the official (channel, bin, cell row, cell column) order,
-which ``targets.hog`` also uses, so the projection is copied as is.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 import sys
-from typing import Callable
 
 import numpy as np
 
-# --------------------------------------------------------------------------------------
-# Tensor transforms, both directions side by side. ``torch_shape(ours)`` is the shape the
-# checkpoint tensor must have for a parameter of shape ``ours``; ``apply(t, ours)`` converts
-# PyTorch layout -> ours, ``to_torch(x)`` ours -> PyTorch layout (its exact inverse: only
-# transposes and reshapes, no arithmetic).
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    torch_shape: Callable[[tuple], tuple]
-    apply: Callable[[np.ndarray, tuple], np.ndarray]
-    to_torch: Callable[[np.ndarray], np.ndarray]
-
-
-def _conv_torch_shape(s):               # ours (*kernel, C_in, C_out) <-> torch (C_out, C_in, *kernel)
-    return (s[-1], s[-2], *s[:-2])
-
-
-TRANSFORMS = {
-    "copy": Transform(lambda s: tuple(s), lambda t, s: t, lambda x: x),
-    # Linear weight (out, in) <-> kernel (in, out)
-    "linear": Transform(lambda s: (s[1], s[0]), lambda t, s: t.T, lambda x: x.T),
-    # Conv weight (out, in, *k) <-> (*k, in, out)
-    "conv": Transform(_conv_torch_shape,
-                      lambda t, s: np.transpose(t, (*range(2, t.ndim), 1, 0)),
-                      lambda x: np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))),
-    # qkv Linear weight (3*heads*hd, D) <-> (D, 3, heads, hd): output rows are (3, heads, hd)
-    "qkv_kernel": Transform(lambda s: (math.prod(s[1:]), s[0]), lambda t, s: t.T.reshape(s),
-                            lambda x: x.reshape(x.shape[0], -1).T),
-    "qkv_bias": Transform(lambda s: (math.prod(s),), lambda t, s: t.reshape(s), lambda x: x.reshape(-1)),
-    # output projection weight (D, heads*hd) <-> (heads, hd, D): input columns are (heads, hd)
-    "proj_kernel": Transform(lambda s: (s[2], s[0] * s[1]), lambda t, s: t.T.reshape(s),
-                             lambda x: x.reshape(-1, x.shape[-1]).T),
-    # depthwise pooling conv (hd, 1, *k) <-> (*k, hd)
-    "depthwise": Transform(lambda s: (s[-1], 1, *s[:-1]),
-                           lambda t, s: np.transpose(t[:, 0], (*range(1, t.ndim - 1), 0)),
-                           lambda x: np.transpose(x, (x.ndim - 1, *range(x.ndim - 1)))[:, None]),
-}
-
-# --------------------------------------------------------------------------------------
-# Name tables: (our flattened path as a regex, the official name with \1.. groups, transform).
-# One table per model family for the encoder, one per task for the head.
-
-_BLOCK = [
-    (r"encoder/blocks/(\d+)/norm([12])/scale", r"blocks.\1.norm\2.weight", "copy"),
-    (r"encoder/blocks/(\d+)/norm([12])/bias", r"blocks.\1.norm\2.bias", "copy"),
-    (r"encoder/blocks/(\d+)/attn/qkv_kernel", r"blocks.\1.attn.qkv.weight", "qkv_kernel"),
-    (r"encoder/blocks/(\d+)/attn/qkv_bias", r"blocks.\1.attn.qkv.bias", "qkv_bias"),
-    (r"encoder/blocks/(\d+)/attn/proj_kernel", r"blocks.\1.attn.proj.weight", "proj_kernel"),
-    (r"encoder/blocks/(\d+)/attn/proj_bias", r"blocks.\1.attn.proj.bias", "copy"),
-    (r"encoder/blocks/(\d+)/mlp/fc([12])/kernel", r"blocks.\1.mlp.fc\2.weight", "linear"),
-    (r"encoder/blocks/(\d+)/mlp/fc([12])/bias", r"blocks.\1.mlp.fc\2.bias", "copy"),
-]
-
-_STEM = [
-    (r"encoder/patch_kernel", "patch_embed.proj.weight", "conv"),
-    (r"encoder/patch_bias", "patch_embed.proj.bias", "copy"),
-    (r"encoder/cls_token", "cls_token", "copy"),
-    (r"encoder/mask_token", "mask_token", "copy"),
-]
-
-ENCODER_RULES = {
-    "vit": _STEM + [(r"encoder/pos_embed", "pos_embed", "copy")] + _BLOCK,
-    "mvit": _STEM + _BLOCK + [
-        (r"encoder/blocks/(\d+)/attn/pool_([qkv])", r"blocks.\1.attn.pool_\2.weight", "depthwise"),
-        (r"encoder/blocks/(\d+)/attn/norm_([qkv])/scale", r"blocks.\1.attn.norm_\2.weight", "copy"),
-        (r"encoder/blocks/(\d+)/attn/norm_([qkv])/bias", r"blocks.\1.attn.norm_\2.bias", "copy"),
-        (r"encoder/blocks/(\d+)/attn/rel_pos_([hwt])", r"blocks.\1.attn.rel_pos_\2", "copy"),
-        (r"encoder/blocks/(\d+)/proj/kernel", r"blocks.\1.proj.weight", "linear"),
-        (r"encoder/blocks/(\d+)/proj/bias", r"blocks.\1.proj.bias", "copy"),
-    ],
-}
-
-HEAD_RULES = {
-    "pretrain": [
-        (r"norm/scale", "pred_head.transforms.0.0.weight", "copy"),
-        (r"norm/bias", "pred_head.transforms.0.0.bias", "copy"),
-        (r"head/kernel", "pred_head.projections.0.weight", "linear"),
-        (r"head/bias", "pred_head.projections.0.bias", "copy"),
-    ],
-    "finetune": [
-        (r"fc_norm/scale", "norm.weight", "copy"),
-        (r"fc_norm/bias", "norm.bias", "copy"),
-        (r"head/kernel", "head.projection.weight", "linear"),
-        (r"head/bias", "head.projection.bias", "copy"),
-    ],
-}
-
-# Checkpoint entries that are deliberately not converted (regex -> why).
-IGNORED = {
-    r"hogs\.\d+\.weight_[xy]": "HOG Sobel filter buffers (targets.hog builds them)",
-    r"hogs\.\d+\.gkern": "HOG Gaussian window buffer (config.hog.gaussian_window)",
-}
-
-# Hints for unmapped keys that point at a config mismatch rather than a broken file.
-_HINTS = [
-    (r"pred_head\.", "a pre-training (MaskMViT) checkpoint: use --config.task=pretrain, then "
-                     "fine-tune from it with --config.init_from"),
-    (r"head\.projection\.|^norm\.", "a fine-tuned checkpoint: use --config.task=finetune and the "
-                                    "checkpoint's number of classes (--config.model.num_classes)"),
-    (r"pos_embed_(spatial|temporal|class)", "separable space-time position embeddings (video ViT, "
-                                            "SEP_POS_EMBED) are not supported"),
-    (r"pred_head\.transforms\.0\.[1-9]|decoder_", "an MAE-style decoder (HEAD_TYPE separate_xformer) "
-                                                  "is not supported"),
-    (r"blocks\.\d+\.", "the checkpoint has more blocks or other block parameters than "
-                       "config.model.variant builds"),
-]
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not fit the configured model (the message names the tensors)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """What a state dict holds, read from its official tensor names and shapes."""
-    family: str                 # 'vit' or 'mvit'
-    variant: str | None         # the config.model.variant of that size; None where no preset fits
-    size: str                   # 'ViT-B/16', 'MViTv2-S', or the sizes where no preset fits
-    task: str | None            # 'pretrain', 'finetune', or None (backbone only)
-    classes: int | None
-
-    def __str__(self):
-        task = {"pretrain": "pre-training", "finetune": f"fine-tuning ({self.classes} classes)"}
-        return f"{'an' if self.family == 'mvit' else 'a'} {self.size} {task.get(self.task, 'backbone-only')}"
-
-
-def kind_of(shapes: dict) -> Kind | None:
-    """The ``Kind`` of ``{official name: shape}``; None for something that is no ViT or MViTv2."""
-    from maskfeat_jax.models import mvit, vit
-    patch = shapes.get("patch_embed.proj.weight")
-    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if patch is None or not blocks:
-        return None
-    width, depth = int(patch[0]), max(blocks) + 1
-    if any(re.search(r"\.attn\.(pool|rel_pos)_", k) for k in shapes):
-        starts = [i + 1 for i in sorted(blocks) if f"blocks.{i}.proj.weight" in shapes]   # DIM_MUL
-        stages = tuple(int(d) for d in np.diff([0, *starts, depth]))
-        variant = next((n for n, s in mvit.PRESETS.items() if (s.embed_dim, s.stages) == (width, stages)), None)
-        size = f"MViTv2-{variant}" if variant else f"MViTv2 (embed dim {width}, stage depths {stages})"
-    else:
-        mlp, p = int(shapes.get("blocks.0.mlp.fc1.weight", (0,))[0]), int(patch[-1])
-        name = next((n for n, s in vit.SIZES.items() if (s.width, s.depth, s.mlp) == (width, depth, mlp)), None)
-        variant = name and f"{name}/{p}"
-        size = f"ViT-{variant}" if name else f"ViT (width {width}, depth {depth}, MLP {mlp}, patch {p})"
-    task = ("pretrain" if "mask_token" in shapes or any(k.startswith("pred_head.") for k in shapes) else
-            "finetune" if "head.projection.weight" in shapes else None)
-    classes = int(shapes["head.projection.weight"][0]) if task == "finetune" else None
-    return Kind("mvit" if size.startswith("MViT") else "vit", variant, size, task, classes)
-
-
-def verdict(found: Kind | None, want: Kind | None) -> str | None:
-    """One line: what the checkpoint is, what the config builds, and the config keys to change."""
-    if found is None or want is None:
-        return None
-    fixes = []
-    if found.family != want.family:
-        fixes.append(f"--config.model.name={found.family}")
-    if found.size != want.size or found.family != want.family:
-        fixes.append(f"--config.model.variant={found.variant}" if found.variant else
-                     f"a config.model.variant of that size (no preset in models/{found.family}.py has it)")
-    if found.task and found.task != want.task:
-        fixes.append(f"--config.task={found.task}")
-    if found.classes and found.classes != want.classes:
-        fixes.append(f"--config.model.num_classes={found.classes}")
-    if not fixes:
-        return None
-    then = (" (then fine-tune from the converted checkpoint with --config.init_from)"
-            if found.task == "pretrain" != want.task else "")
-    return f"this is {found} checkpoint, but the config builds {want} model: use {' '.join(fixes)}{then}"
+from maskfeat_jax import official_names
+from maskfeat_jax.official_names import HINTS, IGNORED, ConversionError, kind_of, rules_for, torch_name, verdict
 
 
 def _listing(title: str, lines: list, cap: int = 10) -> str:
     more = [f"... and {len(lines) - cap} more"] if len(lines) > cap else []
     return f"{title}:\n  " + "\n  ".join(lines[:cap] + more)
-
-
-def _family(name: str) -> str:
-    if name not in ENCODER_RULES:
-        raise ConversionError(f"config.model.name={name!r}: the converter knows {sorted(ENCODER_RULES)}")
-    return name
-
-
-def rules_for(family: str, task: str):
-    if task not in HEAD_RULES:
-        raise ConversionError(f"config.task={task!r}: expected one of {sorted(HEAD_RULES)}")
-    return [(re.compile(p), t, TRANSFORMS[f]) for p, t, f in ENCODER_RULES[_family(family)] + HEAD_RULES[task]]
-
-
-def torch_name(rules, ours: str) -> tuple[str, Transform]:
-    for pat, template, tf in rules:
-        m = pat.fullmatch(ours)
-        if m:
-            return m.expand(template), tf
-    raise ConversionError(f"no official name is known for parameter {ours} (converter table out of date)")
 
 
 def convert_state_dict(state_dict: dict, target_shapes: dict, family: str, task: str) -> dict:
@@ -289,7 +77,7 @@ def convert_state_dict(state_dict: dict, target_shapes: dict, family: str, task:
     if extra:
         lines = []
         for k in sorted(extra):
-            hint = None if first else next((h for p, h in _HINTS if re.search(p, k)), None)
+            hint = None if first else next((h for p, h in HINTS if re.search(p, k)), None)
             lines.append(f"{k} {tuple(sd[k].shape)}" + (f"  <- {hint}" if hint else ""))
         problems.append(_listing("not mapped to any parameter", lines))
     raise ConversionError((f"{first}\n" if first else "") +
@@ -411,18 +199,10 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     state_dict, cfg_yaml = load_state_dict(src, allow_pickle)
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
-    family = _family(config.model.name)
-    try:
-        st = train.setup(config, mesh, steps_per_epoch=1, total_steps=1)
-    except ValueError as e:
-        if family != "vit" and str(e).startswith("config.model.name"):
-            raise NotImplementedError(
-                f"converting {family!r} checkpoints: the name table (ENCODER_RULES[{family!r}]) is written, "
-                f"but models.build cannot build config.model.name={family!r} yet ({e})") from e
-        raise
+    st = train.setup(config, mesh, steps_per_epoch=1, total_steps=1)
     target = checkpoint.flat_params(st.abstract_state.params)
     converted = convert_state_dict(state_dict, {k: v.shape for k, v in target.items()},
-                                   family, config.task)
+                                   official_names.family(config.model.name), config.task)
     check_official_cfg(cfg_yaml, config)       # the checkpoint is of config.task's kind by now
 
     state = st.init()
@@ -465,14 +245,16 @@ def _define_flags():
     return flags.FLAGS
 
 
-def main(argv):
-    del argv
-    from absl import logging
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every file at INFO
+def run_cli(fn, *errors) -> None:
+    """Runs a command line tool's ``fn()``: Orbax's per-file INFO logs only with ``--verbosity``;
+    a ``ConversionError``, a missing file, one of ``errors`` or a ``ValueError`` naming a
+    ``config.`` key is one line on stderr and exit code 2, with no traceback."""
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     try:
-        convert(FLAGS.src, FLAGS.config, FLAGS.out, allow_pickle=FLAGS.allow_pickle)
-    except (ConversionError, FileNotFoundError, NotImplementedError) as e:
+        fn()
+    except (ConversionError, FileNotFoundError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ValueError as e:   # config errors name their key
@@ -480,6 +262,11 @@ def main(argv):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv):
+    del argv
+    run_cli(lambda: convert(FLAGS.src, FLAGS.config, FLAGS.out, allow_pickle=FLAGS.allow_pickle))
 
 
 if __name__ == "__main__":

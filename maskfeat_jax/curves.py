@@ -1,15 +1,16 @@
 """Training curves from ``WORKDIR/metrics.jsonl`` as a PNG (Pillow only, no plotting library).
 
-    python -m maskfeat_jax.curves --workdir=DIR [--key=train/loss] [--out=DIR/loss.png]
+    python -m maskfeat_jax.curves --workdir=DIR [--key=train/loss] [--out=DIR/train_loss.png]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+from typing import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
 from maskfeat_jax import storage
@@ -66,25 +67,39 @@ def plot(steps, values, *, title: str = "", ylabel: str = "", size=(640, 360),
     return img
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m maskfeat_jax.curves", description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True, help="a training workdir (holding metrics.jsonl)")
-    ap.add_argument("--key", default="train/loss", help="the metric to plot against the step (default: %(default)s)")
-    ap.add_argument("--out", default=None, help="the image to write (default: WORKDIR/<key with _ for />.png)")
-    a = ap.parse_args(argv)
-    out = storage.path(a.out) if a.out else storage.path(a.workdir) / (a.key.replace("/", "_") + ".png")
+def _define_flags(flag_values):
+    flags.DEFINE_string("workdir", None, "A training workdir (holding metrics.jsonl).", flag_values=flag_values)
+    flags.DEFINE_string("key", "train/loss", "Metric key in metrics.jsonl: the metric to plot against the step.", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "The image to write (default: WORKDIR/<key with _ for />.png).",
+                        flag_values=flag_values)
+    flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
+    return flag_values
+
+
+def main(argv: Sequence[str]) -> str:
+    """``python -m maskfeat_jax.curves``: the chart of one metric, its path printed and returned.
+    Under ``app.run`` ``argv`` is the program name; a list of flags (``main(["--workdir=DIR"])``)
+    is parsed into flags of its own, leaving absl's global flags alone."""
+    fv = flags.FLAGS
+    if argv and argv[0].startswith("--"):
+        fv = _define_flags(flags.FlagValues())
+        fv(["curves", *argv])
+    out = storage.path(fv.out) if fv.out else storage.path(fv.workdir) / (fv.key.replace("/", "_") + ".png")
     try:
-        steps, values = read(a.workdir, a.key)
+        steps, values = read(fv.workdir, fv.key)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     with out.open("wb") as f:
         fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
-        plot(steps, values, title=f"{a.key} ({storage.path(a.workdir).name})", ylabel=a.key).save(f, format=fmt)
-    out = str(out)
+        plot(steps, values, title=f"{fv.key} ({storage.path(fv.workdir).name})", ylabel=fv.key).save(f, format=fmt)
     print(out)
-    return out
+    return str(out)
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    from maskfeat_jax import config as config_lib
+    # app.run exits with main's return value: the path is printed, the status is 0
+    app.run(lambda argv: main(argv) and None, flags_parser=config_lib.flags_parser(_define_flags(flags.FLAGS)))

@@ -11,7 +11,7 @@ the same explicit shardings and donation that the trainer uses. It prints:
 * the compiled program's memory analysis per device;
 * the compiler's FLOPs per device.
 
-    python -m maskfeat_jax.dry_run --config=configs/vit_l_in1k.py --devices=256 \\
+    python -m maskfeat_jax.dry_run --config=configs/vit_in1k.py:L/16 --devices=256 \\
         --config.mesh.data=1 --config.mesh.fsdp=256 --config.input.global_batch_size=4096
 
 Where the devices come from:
@@ -50,14 +50,13 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 # Importing jax starts no backend; --devices/--topology still take effect in main().
 from maskfeat_jax import config as config_lib, perf, sharding, train
 
-config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:ARG] (see configs/).", lock_config=True)
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: the real devices).")
 flags.DEFINE_string("topology", None, "Compile for a TPU slice that is not here, e.g. 'v5e:16x16' or "
                     "'v4:4x4x4' (compile-only devices; needs libtpu: pip install 'jax[tpu]').")
@@ -89,21 +88,6 @@ def tpu_devices(topology: str) -> list:
     except Exception as e:  # noqa: BLE001 - missing libtpu and unknown names raise several types
         raise RuntimeError(f"--topology={topology!r}: could not describe this TPU slice (is libtpu "
                            f"installed? pip install 'jax[tpu]'): {e}") from e
-
-
-def abstract_batch(config, mesh, grid) -> dict:
-    """ShapeDtypeStructs of one global training batch, sharded as ``sharding.global_batch``.
-
-    ``grid``: the mask's token grid (``encoder.grid`` for ViT, ``encoder.mask_grid`` for MViT)."""
-    b, s = config.input.global_batch_size, config.input.image_size
-    frames = (config.video.num_frames,) if config.model.name == "mvit" else ()
-    shapes = {"image": ((b, *frames, s, s, 3), np.uint8), "label": ((b,), np.int32), "valid": ((b,), np.bool_)}
-    if config.task == "pretrain":
-        shapes["mask"] = ((b, int(np.prod(grid))), np.bool_)
-    else:
-        shapes["erase_box"] = ((b, 4), np.int32)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-            for k, (shape, dtype) in shapes.items()}
 
 
 CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
@@ -138,7 +122,7 @@ def lower_step(config, mesh, platform: str, export: bool = False):
         config.platform = platform
     st = train.setup(config, mesh, steps_per_epoch=1, total_steps=max(config.total_steps, 1000))
     enc = st.model.encoder
-    batch = abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
+    batch = sharding.abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
     step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
                    out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
     name = platform_lib.EXPORT_NAMES[platform]
@@ -201,7 +185,7 @@ def run(config, devices=None) -> dict:
     total_steps = config.total_steps if config.total_steps > 0 else 1000   # only shapes the lr schedule
     st = train.setup(config, mesh, steps_per_epoch=max(total_steps // 100, 1), total_steps=total_steps)
     enc = st.model.encoder
-    batch = abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
+    batch = sharding.abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
     report = {
         "devices": n, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "program": train.describe_program(st.model, config, st.platform),

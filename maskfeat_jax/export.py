@@ -2,8 +2,8 @@
 
     python -m maskfeat_jax.export --workdir=DIR [--step=N] --out=FILE.npz|FILE.pyth [--encoder_only]
 """
-# The reverse of ``maskfeat_jax.convert``, with the same name tables (``convert.rules_for``) and
-# each transform's inverse (``convert.Transform.to_torch``). The model family and task come from
+# The reverse of ``maskfeat_jax.convert``, with the same name tables (``official_names.rules_for``)
+# and each transform's inverse (``official_names.Transform.to_torch``). The model family and task come from
 # the config saved with the checkpoint (the latest step in ``DIR/checkpoints``, or ``--step``).
 #
 # What is written, every tensor float32 in the official layout:
@@ -31,16 +31,15 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
-from maskfeat_jax import convert
+from maskfeat_jax import convert, official_names
 
 FORMATS = (".npz", ".pyth")
 
 
-class ExportError(convert.ConversionError):
+class ExportError(official_names.ConversionError):
     """A checkpoint or an ``--out`` that cannot be exported (the message names which)."""
 
 
@@ -63,12 +62,12 @@ def to_official(params: dict, family: str, task: str, *, encoder_only: bool = Fa
     """``{our flattened path: array}`` -> ``{official name: float32 array}`` (see the module
     docstring for what is included). Raises ``ExportError`` naming every parameter the tables
     do not name."""
-    rules = convert.rules_for(family, task)
+    rules = official_names.rules_for(family, task)
     out, unmapped, sources = {}, [], {}
     for ours, x in params.items():              # every parameter is named, the dropped ones too
         try:
-            name, tf = convert.torch_name(rules, ours)
-        except convert.ConversionError:
+            name, tf = official_names.torch_name(rules, ours)
+        except official_names.ConversionError:
             unmapped.append(f"{ours} {tuple(np.shape(x))}")
             continue
         if name in sources:
@@ -81,7 +80,7 @@ def to_official(params: dict, family: str, task: str, *, encoder_only: bool = Fa
         out[name] = t
     if unmapped:
         raise ExportError(f"no official name is known for these parameters of config.model.name={family!r}, "
-                          f"config.task={task!r} (convert.ENCODER_RULES / HEAD_RULES):\n  " + "\n  ".join(unmapped))
+                          f"config.task={task!r} (official_names.ENCODER_RULES / HEAD_RULES):\n  " + "\n  ".join(unmapped))
     if task == "pretrain" and not encoder_only:
         out.update(_hog_buffers())
     return {k: out[k] for k in sorted(out, key=_natural)}
@@ -130,7 +129,7 @@ def export(workdir: str, out: str, *, step: int | None = None, encoder_only: boo
     if ext == ".pyth":
         _torch(out)                               # before reading a large checkpoint
     try:
-        directory, step = checkpoint.find_step(workdir, step)
+        directory, step = checkpoint.resolve(workdir, step)
     except ValueError as e:
         raise ExportError(str(e)) from None
     step_dir = str(storage.path(directory) / str(step))
@@ -161,14 +160,7 @@ def _define_flags():
 
 def main(argv):
     del argv
-    from absl import logging
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every file at INFO
-    try:
-        export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, encoder_only=FLAGS.encoder_only)
-    except (convert.ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    convert.run_cli(lambda: export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, encoder_only=FLAGS.encoder_only))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,15 @@ import), so this must run before numpy or jax is imported: ``maskfeat_jax.main``
 
 ``MASKFEAT_KEEP_HOST_MEMORY``: ``auto`` (the default: on when JAX will run on the CPU only),
 ``on`` or ``off``.
+
+Why ``mallopt`` here rather than glibc's environment (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=...`` or ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:...``) in the launch
+scripts: glibc reads that environment once, when a process starts, so it would have to be set
+by whoever starts Python. The runs it helps are CPU runs started as plain
+``python -m maskfeat_jax.main`` (the demos, the tests, a laptop) with no launch script, while
+``launch/*.sh`` start GPU and TPU runs, where ``auto`` leaves malloc alone; ``auto`` itself
+depends on the JAX platform, which a fixed environment cannot follow. The call also changes
+this process only, where the environment would reach every child (grain workers, compilers).
 """
 from __future__ import annotations
 

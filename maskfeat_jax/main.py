@@ -1,6 +1,7 @@
-"""Entry point: ``python -m maskfeat_jax.main --config=configs/<file>.py --workdir=DIR``.
+"""Entry point: ``python -m maskfeat_jax.main --config=configs/<file>.py[:ARG] --workdir=DIR``.
 
-Overrides: ``--config.a.b=value``. Multi-host: ``jax.distributed.initialize`` runs
+``ARG`` picks a setting of a config file that takes one (``configs/vit_in1k.py:L/16,ft``; see
+the file's docstring). Overrides: ``--config.a.b=value``. Multi-host: ``jax.distributed.initialize`` runs
 automatically in SLURM srun steps and on GKE/multislice TPU (their environment variables);
 on plain TPU VM pods pass ``--distributed=True`` (``launch/tpu_pod.sh`` does), or use the
 explicit coordinator flags below.
@@ -24,7 +25,8 @@ if __name__ == "__main__":         # first thing, before numpy or jax start thre
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "configs/<name>.py (found from any folder).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:ARG] (found from any folder; ARG picks a "
+                                "setting, e.g. configs/vit_in1k.py:L/16,ft).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if possible) or eval the latest checkpoint.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host without auto-detection).")

@@ -6,6 +6,7 @@ Names are grouped: ``train/``, ``eval/<name>/``, ``perf/``, ``opt/``, ``data/``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -13,6 +14,7 @@ import sys
 import time
 
 import jax
+from absl import logging
 
 from maskfeat_jax import storage
 
@@ -29,8 +31,7 @@ class Writer:
             except ImportError:  # TensorBoard is optional
                 self._tb = None
             except Exception as e:  # noqa: BLE001 - gs://: google-cloud-storage without a project or credentials
-                print(f"TensorBoard events are not written ({type(e).__name__}: {e}); metrics.jsonl is",
-                      flush=True)
+                logging.warning("TensorBoard events are not written (%s: %s); metrics.jsonl is", type(e).__name__, e)
                 self._tb = None
 
     def write(self, step: int, scalars: dict) -> None:
@@ -42,10 +43,6 @@ class Writer:
             for k, v in clean.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
-
-    def write_text(self, tag: str, text: str) -> None:
-        if self.enabled and self._tb is not None:
-            self._tb.add_text(tag, text, 0)
 
     def close(self):
         if self.enabled:
@@ -79,6 +76,84 @@ class Throughput:
         """The next window starts now, at finished step ``step``: time spent since the last read
         outside training (evaluation, figures) is not counted as step time."""
         self.last, self.data_wait = (step, time.time()), 0.0
+
+
+class Logger:
+    """The training metrics of logged steps, written one step late: ``dispatched(step, m)`` keeps
+    step N's device metrics and writes those of the logged step before it, which the device has
+    finished (or is about to) once step N is queued, so the host never waits on the device to log.
+
+    ``flush`` writes the kept step now (last step, preemption, before an evaluation); ``paused``
+    keeps the time spent in its block (evaluations, figures) out of the step times. With
+    ``nonfinite='error'`` a logged step whose update was skipped (non-finite loss or gradient
+    norm) raises; skips already counted in the checkpoint the run resumed from
+    (``skipped_before``) do not count again, so a run stopped this way can be resumed."""
+
+    def __init__(self, writer: Writer, progress: Progress, meter: Throughput, *, every_steps: int,
+                 total_steps: int, steps_per_epoch: int, nonfinite: str = "error", skipped_before: int = 0):
+        self.writer, self.progress, self.meter = writer, progress, meter
+        self.every, self.total, self.spe = every_steps, total_steps, steps_per_epoch
+        self.nonfinite, self.skipped_before = nonfinite, skipped_before
+        self.last: dict = {}      # the scalars written last (a logged step's, plus evaluations)
+        self._pending = None      # (step, device metrics) of a logged step not yet written
+        self._step = None         # the last step dispatched
+
+    def dispatched(self, step: int, device_metrics: dict) -> None:
+        """Step ``step`` is queued: writes the previous logged step and keeps this one if logged."""
+        self.flush()
+        self._step = step
+        if step % self.every == 0 or step == self.total:
+            self._pending = (step, device_metrics)
+
+    def flush(self) -> dict:
+        """Fetches, writes and prints the kept step's metrics (waiting for the device)."""
+        if self._pending is None:
+            return self.last
+        step, device_metrics = self._pending
+        self._pending = None
+        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        m["train/epoch"] = step / self.spe
+        m.update(self.meter.mark(step))
+        self.writer.write(step, m)
+        self.progress.update(step, m)
+        self.last = m
+        new = int(m.get("train/nonfinite_steps", 0)) - self.skipped_before
+        if new > 0 and self.nonfinite == "error":
+            raise FloatingPointError(
+                f"non-finite loss or gradient norm in {new} step(s) by step {step} (config.nonfinite='error'); "
+                f"those updates were not applied and no non-finite state was saved, so the run can be resumed. "
+                f"Set config.nonfinite='skip' to skip such steps and go on.")
+        return m
+
+    def write(self, step: int, scalars: dict) -> None:
+        """Writes ``scalars`` (evaluations, compile time) as a row of their own for ``step``."""
+        self.writer.write(step, scalars)
+        self.last.update(scalars)
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        """Time in this block counts as waiting for input (``perf/data_wait_fraction``)."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.meter.data_wait += time.time() - t0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Writes the kept step first (its speed measured before the block), then leaves the
+        block's time out of the next step times."""
+        self.flush()
+        try:
+            yield
+        finally:
+            if self._step is not None:
+                self.meter.restart(self._step)
+
+    def close(self) -> None:
+        """Closes the writer. A step still kept is not written: the loop flushes its last step,
+        and a run that stops on an error leaves the rest unread."""
+        self.writer.close()
 
 
 class Progress:

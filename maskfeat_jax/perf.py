@@ -5,11 +5,16 @@ plus backward for activations and for weights). MFU = achieved / peak, per devic
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from maskfeat_jax import storage
 
 # Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from the vendors' sheets.
 PEAK_FLOPS = {
@@ -134,3 +139,40 @@ def numpy_matmul_flops(n: int = 4096, iters: int = 3) -> float:
     for _ in range(iters):
         a @ a
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+class ProfileWindow:
+    """The profiler over steps ``start`` to ``start + num_steps - 1``: ``before(step)`` starts the
+    trace as step ``start`` is dispatched, ``after(step, state)`` stops it once that many steps
+    are done, ``close()`` stops it if the run ends inside the window. On a URL workdir the
+    trace is written to a local folder and copied to ``WORKDIR/profile`` when it stops."""
+
+    def __init__(self, workdir: str, start: int, num_steps: int, say=print):
+        self.workdir, self.start, self.end, self.say = workdir, start, start + num_steps, say
+        self.trace_dir = None          # where the profiler writes while it traces
+        self.step = start              # the last step done
+
+    def before(self, step: int) -> None:
+        if step != self.start:
+            return
+        self.trace_dir = tempfile.mkdtemp(prefix="maskfeat_profile_") if storage.is_url(self.workdir) \
+            else os.path.join(str(storage.path(self.workdir)), "profile")
+        jax.profiler.start_trace(self.trace_dir)
+
+    def after(self, step: int, state) -> None:
+        self.step = step
+        if self.trace_dir is not None and step == self.end:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        """Stops the trace (steps ``start`` to the last step done traced), if one is running."""
+        if self.trace_dir is None:
+            return
+        step = self.step
+        jax.profiler.stop_trace()
+        if storage.is_url(self.workdir):
+            storage.upload_tree(self.trace_dir, f"{self.workdir}/profile")
+            shutil.rmtree(self.trace_dir, ignore_errors=True)
+        self.trace_dir = None
+        self.say(f"profiler trace of steps {self.start}..{step - 1} in {self.workdir}/profile")

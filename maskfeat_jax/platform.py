@@ -1,8 +1,8 @@
 """Which program to build, decided by the platform it is compiled for.
 
 Every trace-time choice that depends on the target lives here: the compute dtype, the
-attention implementation, the matmul precision, and the CPU-only kernels (the cotangent
-boundary and the 2-D attention projections of ``models/layers.py`` and ``models/vit.py``).
+attention implementation, the matmul precision, and whether the models use their CPU
+kernels (``models/cpu_kernels.py``).
 The platform comes from the devices the program will run on (the mesh's) or is named
 explicitly (``config.platform``, ``dry_run --platform`` / ``--topology``). It never comes
 from the host that traces: a CPU host builds, exports and compiles the GPU and TPU programs.
@@ -59,7 +59,7 @@ def with_precision(fn, precision: str):
 
 
 def cpu_kernels(platform: str) -> bool:
-    """Whether the CPU-only speed kernels are used (``models/layers.py``): only on CPU."""
+    """Whether the models run their CPU kernels (``models/cpu_kernels.py``): only on CPU."""
     return platform == "cpu"
 
 

@@ -91,10 +91,9 @@ def replicated(mesh) -> NamedSharding:
 
 
 def state_shardings(abstract_state, mesh):
-    """NamedShardings for a state of arrays whose specs were set under ``rules()``."""
-    specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, P) else P()), specs,
-                        is_leaf=lambda s: isinstance(s, P) or s is None)
+    """NamedShardings for a state of arrays whose specs were set under ``rules()`` (an array
+    without logical names is replicated)."""
+    return nnx.get_named_sharding(abstract_state, mesh)
 
 
 def global_batch(mesh, local: dict) -> dict:
@@ -110,3 +109,18 @@ def bytes_per_device(tree) -> int:
         shard_shape = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") and x.sharding else x.shape
         total += int(np.prod(shard_shape)) * np.dtype(x.dtype).itemsize
     return total
+
+
+def abstract_batch(config, mesh, grid) -> dict:
+    """ShapeDtypeStructs of one global training batch, sharded as ``global_batch``.
+
+    ``grid``: the mask's token grid (``encoder.grid`` for ViT, ``encoder.mask_grid`` for MViT)."""
+    b, s = config.input.global_batch_size, config.input.image_size
+    frames = (config.video.num_frames,) if config.model.name == "mvit" else ()
+    shapes = {"image": ((b, *frames, s, s, 3), np.uint8), "label": ((b,), np.int32), "valid": ((b,), np.bool_)}
+    if config.task == "pretrain":
+        shapes["mask"] = ((b, int(np.prod(grid))), np.bool_)
+    else:
+        shapes["erase_box"] = ((b, 4), np.int32)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+            for k, (shape, dtype) in shapes.items()}

@@ -14,7 +14,6 @@ valid examples), so the summed gradient is exactly the full batch's. The lr scal
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax
@@ -24,6 +23,7 @@ import optax
 from flax import nnx
 
 from maskfeat_jax import sharding
+from maskfeat_jax.augment import erase, mix
 from maskfeat_jax.targets import hog
 
 
@@ -132,58 +132,6 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
         return _apply(tx, state, loss, grads, metrics)
 
     return step
-
-
-def partners(x):
-    """Each example's mixing partner: the batch reversed within each device's slice of it (as
-    the official per-GPU mixup reverses its own batch), so that no example crosses devices.
-    Without a mesh, or on one device, the whole batch reversed."""
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
-    b = x.shape[0]
-    return x.reshape(shards, b // shards, *x.shape[1:])[:, ::-1].reshape(x.shape)
-
-
-def mix(rng, images, labels, num_classes, a, valid=None):
-    """Mixup / CutMix (timm batch mode, pairing each example with ``partners``) with label
-    smoothing folded into the targets. An example whose partner is not valid (an input that
-    failed to decode) is left unmixed. Returns (images, soft targets)."""
-    k_lam, k_switch, k_box = jax.random.split(rng, 3)
-    off = a.label_smoothing / num_classes
-    onehot = jax.nn.one_hot(labels, num_classes) * (1.0 - a.label_smoothing) + off
-    use_cutmix = (a.cutmix_alpha > 0) & ((a.mixup_alpha <= 0) | (jax.random.uniform(k_switch) < a.switch_prob))
-    alpha = jnp.where(use_cutmix, max(a.cutmix_alpha, 1e-6), max(a.mixup_alpha, 1e-6))
-    lam = jax.random.beta(k_lam, alpha, alpha)
-    hh, ww = images.shape[-3:-1]          # images (B, H, W, C) or clips (B, T, H, W, C)
-    cut = jnp.sqrt(1.0 - lam)
-    ch, cw = (hh * cut).astype(jnp.int32), (ww * cut).astype(jnp.int32)
-    cy, cx = jax.random.randint(k_box, (2,), 0, jnp.array([hh, ww]))
-    y0, y1 = jnp.clip(cy - ch // 2, 0, hh), jnp.clip(cy + ch // 2, 0, hh)
-    x0, x1 = jnp.clip(cx - cw // 2, 0, ww), jnp.clip(cx + cw // 2, 0, ww)
-    rows, cols = jnp.arange(hh)[:, None], jnp.arange(ww)[None, :]
-    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
-    lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (hh * ww)
-    enabled = (a.mixup_alpha > 0) | (a.cutmix_alpha > 0)
-    if not enabled:
-        return images, onehot
-    partner_ok = jnp.ones(images.shape[:1], bool) if valid is None else partners(valid)
-    lam = jnp.where(partner_ok, jnp.where(use_cutmix, lam_cut, lam), 1.0)        # (B,)
-    per_example = (-1,) + (1,) * (images.ndim - 1)
-    flipped, lam_x, ok_x = partners(images), lam.reshape(per_example), partner_ok.reshape(per_example)
-    mixed = jnp.where(use_cutmix, jnp.where(box[..., None] & ok_x, flipped, images),
-                      lam_x * images + (1 - lam_x) * flipped)
-    return mixed, lam[:, None] * onehot + (1 - lam[:, None]) * partners(onehot)
-
-
-def erase(rng, images, boxes_Bx4):
-    """Random erasing, pixel mode: the (top, left, h, w) box of each example gets N(0, 1) noise
-    (for clips, the same box on every frame)."""
-    hh, ww = images.shape[-3:-1]
-    rows, cols = jnp.arange(hh)[None, :, None], jnp.arange(ww)[None, None, :]
-    t, l, h, w = (boxes_Bx4[:, i, None, None] for i in range(4))
-    inside = (rows >= t) & (rows < t + h) & (cols >= l) & (cols < l + w)          # (B, H, W)
-    inside = inside.reshape(inside.shape[:1] + (1,) * (images.ndim - 4) + inside.shape[1:] + (1,))
-    return jnp.where(inside, jax.random.normal(rng, images.shape, images.dtype), images)
 
 
 def make_finetune_step(graphdef, tx, schedule, config):

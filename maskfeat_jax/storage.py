@@ -7,18 +7,23 @@ reaches GCS through ``gcsfs`` (``pip install maskfeat_jax[gcs]``; no TensorFlow 
 Files that are only ever local (exports, CSVs) are written with ``atomic_write``: a
 temporary file beside the target, flushed to disk, then renamed onto it.
 
-GCS objects cannot be appended to, so ``LineLog`` (``metrics.jsonl``) rewrites the whole object
-on each write there; on a filesystem it appends. A rewritten object is replaced whole or not at
-all, never left half-written. gcsfs's listing cache is off by default here: a listing must show
-what other hosts and processes wrote since (checkpoint steps above all).
+GCS objects cannot be appended to, so ``LineLog`` (``metrics.jsonl``) buffers its lines there and
+adds them in chunks (at most every ``LineLog.GCS_FLUSH_S`` seconds, and at close): each chunk is
+uploaded as an object of its own and composed onto the end of the log, so the bytes sent grow
+with the run, not with its square; an object is replaced whole or not at all, never left
+half-written. On a filesystem it appends line by line. gcsfs's listing cache is off by default
+here: a listing must show what other hosts and processes wrote since (checkpoint steps above all).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 
 import fsspec
 from etils import epath
@@ -87,6 +92,31 @@ def is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
+class _DropDiskFull(logging.Filter):
+    """Orbax's background save threads (and asyncio, for their abandoned writes) log a full disk
+    with the same traceback several times; ``checkpoint.Checkpointer`` reports it once, as one line."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and (is_disk_full(exc) or
+                                                         "No space left on device" in record.getMessage()))
+
+
+def quiet_disk_full_logs():
+    """Installs ``_DropDiskFull``, and drops the "Event loop is closed" errors that TensorStore's
+    remaining writes raise (and Python ignores) once a failed save has closed its event loop."""
+    if any(isinstance(f, _DropDiskFull) for f in logging.getLogger("absl").filters):
+        return
+    for name in ("absl", "asyncio"):     # Orbax logs through absl; asyncio reports the abandoned writes
+        logging.getLogger(name).addFilter(_DropDiskFull())
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+    sys.unraisablehook = hook
+
+
 def free_space(p) -> str:
     """The free space of the filesystem holding the local ``p`` (or its nearest existing parent),
     as text: ``"12.0 KiB"``; ``"unknown"`` for URLs."""
@@ -103,30 +133,54 @@ def free_space(p) -> str:
 
 
 class LineLog:
-    """A text file written one line at a time: appended on a filesystem; on object stores,
-    the lines already there are read once and the whole object is rewritten on each write."""
+    """A text file written one line at a time: appended on a filesystem; on an object store,
+    buffered and appended in chunks (``flush``, at most ``GCS_FLUSH_S`` seconds apart, and
+    ``close``) by composing each chunk onto the end of the object."""
+
+    GCS_FLUSH_S = 30.0
 
     def __init__(self, p):
         self.path = path(p)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._url = is_url(self.path)
         if self._url:
-            self._text = self.path.read_text() if self.path.exists() else ""
-            if self._text and not self._text.endswith("\n"):
-                self._text += "\n"
+            self._fs, self._key = fsspec.core.url_to_fs(str(self.path))
+            self._lines, self._flushed_at = [], time.monotonic()
         else:
             self._file = open(self.path, "a")
 
     def write(self, line: str) -> None:
-        if self._url:
-            self._text += line + "\n"
-            self.path.write_text(self._text)
-        else:
+        if not self._url:
             self._file.write(line + "\n")
             self._file.flush()
+            return
+        self._lines.append(line + "\n")
+        if time.monotonic() - self._flushed_at >= self.GCS_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Adds the buffered lines to the object (one upload of those lines, then a compose)."""
+        if not self._url or not self._lines:
+            return
+        chunk, self._lines = "".join(self._lines), []
+        self._flushed_at = time.monotonic()
+        size = self._fs.size(self._key) if self._fs.exists(self._key) else 0
+        if not size:
+            self._fs.pipe_file(self._key, chunk.encode())
+            return
+        if self._fs.cat_file(self._key, start=size - 1) != b"\n":     # a line cut short by a crash
+            chunk = "\n" + chunk
+        part = f"{self._key}.part-{os.getpid()}"
+        self._fs.pipe_file(part, chunk.encode())
+        try:
+            self._fs.merge(self._key, [self._key, part])
+        finally:
+            self._fs.rm_file(part)
 
     def close(self) -> None:
-        if not self._url:
+        if self._url:
+            self.flush()
+        else:
             self._file.close()
 
 

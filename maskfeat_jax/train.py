@@ -6,12 +6,10 @@ metrics of step N-1, so the host never waits on the device except to log.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import logging
-import shutil
 import signal
-import tempfile
 import time
 from typing import Any
 
@@ -22,14 +20,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from maskfeat_jax import checkpoint, config as config_lib, metrics as metrics_lib, models, optim, perf
-from maskfeat_jax import platform as platform_lib, sharding, steps, storage
+from maskfeat_jax import checkpoint, config as config_lib, evaluators, metrics as metrics_lib, models, optim, perf
+from maskfeat_jax import platform as platform_lib, sharding, steps
 from maskfeat_jax.data import pipeline, sources
-from maskfeat_jax.evaluators import classification, probe
 from maskfeat_jax.targets import hog
 
 PREEMPTED_EXIT_CODE = 75   # documented: the run saved a checkpoint after SIGTERM/SIGINT; rerun to resume
-RESTORE_RETRY_S = 2.0     # pause before reading a checkpoint that failed once a second time
 
 
 class Preempted(SystemExit):
@@ -118,296 +114,165 @@ def jit_step(s: Setup, mesh, batch):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming there if it can); returns the last logged
+    scalars (training, plus evaluations of that step)."""
     # ---- config check (before anything is read or compiled)
     config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
 
     # ---- mesh
     mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        return _train(config, workdir, mesh)
 
+
+def _train(config, workdir: str, mesh) -> dict:
     # ---- data
-    train_source = sources.make(config, config.input.train_split)
-    sources.check_labels(train_source, config, config.input.train_split)
-    gb = config.input.global_batch_size
-    num_sample, steps_per_epoch = 1, max(len(train_source) // gb, 1)
-    if config.model.name == "mvit":    # an epoch is one pass over the videos (repeated augmentation)
-        from maskfeat_jax.data import video
-        num_sample, steps_per_epoch = video.num_sample(config), video.steps_per_epoch(config, len(train_source))
+    source, num_sample, steps_per_epoch = _train_input(config)
     total_steps = config.total_steps if config.total_steps > 0 else int(round(config.epochs * steps_per_epoch))
+    topology = {"process_count": jax.process_count(), "worker_count": pipeline.worker_count(config),
+                "global_batch_size": config.input.global_batch_size, "num_sample": num_sample}
 
     # ---- model and optimizer, sharded state, step functions
     st = setup(config, mesh, steps_per_epoch, total_steps)
-    model = st.model
-    if config.model.name == "mvit":
-        from maskfeat_jax.data import video
-        make_iter = lambda start: iter(video.train_dataset(  # noqa: E731
-            config, train_source, model.encoder.mask_grid, start_batch=start))
-    else:
-        make_iter = lambda start: iter(pipeline.train_dataset(  # noqa: E731
-            config, train_source, model.encoder.grid, start_batch=start))
-    topology = {"process_count": jax.process_count(), "worker_count": pipeline.worker_count(config),
-                "global_batch_size": gb, "num_sample": num_sample}
-    # the evaluation's data is opened (and its errors raised) before any checkpoint is read
-    evaluator = classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params) if config.task == "finetune" else None
+    make_iter = _train_iterator(config, source, st.model)
+    with contextlib.ExitStack() as cleanup:        # closed in reverse: saves, input, profile, metrics
+        writer = cleanup.enter_context(contextlib.closing(metrics_lib.Writer(workdir)))
+        # ---- evaluators: their data is opened (and its errors raised) before any checkpoint is read
+        evals = evaluators.from_config(config, mesh, st, writer)
 
-    # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
-    latest = ckpt.latest_step()
-    # Recorded with each checkpoint beside the topology: the examples (videos) read so far, and
-    # the batch the iterator was built to start at (grain's saved position counts from there).
-    per_batch = gb // num_sample      # examples (videos) the iterator passes per batch
-    read_at_start, iter_start = 0, 0  # at `start_step`
-    with jax.set_mesh(mesh):
-        if latest is not None:
-            state, saved, train_iter = _restore_latest_good(ckpt, st.abstract_state, make_iter, config, topology)
-            read_at_start = _examples_read(saved, int(jax.device_get(state.step)), per_batch)
-            iter_start = (saved or {}).get("start_batch", 0)
-            if train_iter is None:    # written by another input topology: restart the input where it was
-                iter_start = read_at_start // per_batch
-                read_at_start = iter_start * per_batch
-                print(f"input topology changed ({_input_topology(saved)} -> {topology}): the data iterator "
-                      f"starts at batch {iter_start} instead of restoring its saved state", flush=True)
-                train_iter = make_iter(iter_start)
-        else:
-            train_iter = make_iter(0)
-            state = st.init()
-            if config.get("init_from"):
-                state = state.replace(params=checkpoint.init_from(config.init_from, state.params, mesh))
-    start_step = int(jax.device_get(state.step))
-    if start_step >= total_steps:            # a finished run rerun: nothing to compile or train
-        ckpt.close()
-        if hasattr(train_iter, "close"):
-            train_iter.close()
-        if jax.process_index() == 0:
-            print(f"already done: {workdir} holds the checkpoint of step {start_step} of {total_steps}; "
-                  f"--mode=eval evaluates it, a larger config.total_steps (or epochs) trains on", flush=True)
-        return {}
-    skipped_before = int(jax.device_get(state.nonfinite))   # skips already in a resumed checkpoint
+        # ---- restore: latest checkpoint in the workdir, then init_from (weights), then scratch
+        ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
+        state, train_iter, position = checkpoint.restore_or_init(ckpt, st, make_iter, config, topology, mesh)
+        profile = perf.ProfileWindow(workdir, config.profile_start_step, config.profile_num_steps)
+        cleanup.callback(profile.close)            # the run ended inside the profiling window
+        cleanup.callback(getattr(train_iter, "close", lambda: None))
+        cleanup.callback(ckpt.close)               # first: waits for the saves in flight
+        if position.step >= total_steps:           # a finished run rerun: nothing to compile or train
+            if jax.process_index() == 0:
+                print(f"already done: {workdir} holds the checkpoint of step {position.step} of {total_steps}; "
+                      f"--mode=eval evaluates it, a larger config.total_steps (or epochs) trains on", flush=True)
+            return {}
+        logger = _start_logging(config, mesh, st, state, writer, position.step, total_steps, steps_per_epoch)
+        profile.say = logger.progress.print
 
-    writer = metrics_lib.Writer(workdir)
-    flops_per_image = perf.model_flops_per_image(model, config)
-    peak, peak_src = perf.peak_flops_per_device(config.get("peak_flops", 0.0))
-    _log_summary(config, mesh, model, st.abstract_state.params, state, total_steps, steps_per_epoch, flops_per_image,
-                 peak_src)
+        # ---- the step, compiled once from the batch's shapes and shardings
+        t_compile, batch = time.time(), sharding.abstract_batch(config, mesh, _mask_grid(config, st.model))
+        train_step = jit_step(st, mesh, batch).lower(state, batch).compile()
+        writer.write(position.step, {"perf/compile_seconds": time.time() - t_compile})
+        logger.progress.restart(position.step)     # the ETA counts steps, not the compile
 
-    # ---- loop
-    # Preemption. One process: SIGTERM/SIGINT set a flag; the step in flight finishes, is saved,
-    # and the run exits with PREEMPTED_EXIT_CODE. Several processes: a signal reaches one host
-    # at some step, but the save is collective, so JAX's preemption service (started by
-    # jax.distributed.initialize, it owns SIGTERM) tells every host the same step to stop at.
-    stop = {"signal": None}
-    multihost = jax.process_count() > 1
-    handlers = {} if multihost else {
-        s: signal.signal(s, lambda signum, _: stop.__setitem__("signal", signal.Signals(signum).name))
-        for s in (signal.SIGTERM, signal.SIGINT)}
-    progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step,
-                                    mfu_estimate=peak_src.startswith("measured"))
-    train_step = None
-    pending, last = None, {}
-    trace_dir = None          # where the profiler writes while it traces
-    meter = metrics_lib.Throughput(gb, flops_per_image, jax.device_count(), peak)
-    step = start_step
-    try:
+        # ---- loop: dispatch step N, then read step N-1's metrics
+        preemption = cleanup.enter_context(_Preemption())
+        step = position.step
         while step < total_steps:
-            t0 = time.time()
-            local = next(train_iter)
-            meter.data_wait += time.time() - t0
-            batch = sharding.global_batch(mesh, local)
-            if train_step is None:   # jit once, with explicit shardings, donating the old state
-                train_step = jit_step(st, mesh, batch)
-                t_compile = time.time()
-                with jax.set_mesh(mesh):
-                    train_step = train_step.lower(state, batch).compile()
-                writer.write(step, {"perf/compile_seconds": time.time() - t_compile})
-                progress.restart(step)   # the ETA counts steps, not the compile
-            if step == config.profile_start_step:
-                trace_dir = tempfile.mkdtemp(prefix="maskfeat_profile_") if storage.is_url(workdir) \
-                    else str(storage.path(workdir) / "profile")
-                jax.profiler.start_trace(trace_dir)
-            with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, step_metrics = train_step(state, batch)
+            with logger.waiting_for_data():
+                local = next(train_iter)
+            profile.before(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = train_step(state, sharding.global_batch(mesh, local))
             step += 1
-            if multihost and multihost_utils.reached_preemption_sync_point(step):
-                stop["signal"] = "SIGTERM (preemption notice, agreed by all hosts)"
-            if trace_dir is not None and step == config.profile_start_step + config.profile_num_steps:
-                jax.block_until_ready(state)
-                _stop_profile(trace_dir, workdir, config.profile_start_step, step, progress.print)
-                trace_dir = None
-            if pending is not None:   # read step N-1's metrics after dispatching step N
-                last = _flush(pending, config, writer, progress, meter, skipped_before)
-                pending = None
-            is_last = step == total_steps
-            if step % config.log_every_steps == 0 or is_last:
-                perf_m = {"train/epoch": step / steps_per_epoch}
-                pending = (step, step_metrics, perf_m)
-                if is_last or stop["signal"] is not None:
-                    last = _flush(pending, config, writer, progress, meter, skipped_before)
-                    pending = None
-            figs_every = config.evals.figures_every_steps
-            evaluate_now = (step % config.evals.every_steps == 0 or is_last) and (
-                evaluator is not None or (config.evals.probe and jax.process_count() == 1))
-            figures_now = figs_every > 0 and config.task == "pretrain" and config.model.name == "vit" and (
-                step % figs_every == 0 or is_last) and jax.process_count() == 1
-            if (evaluate_now or figures_now) and pending is not None:
-                last = _flush(pending, config, writer, progress, meter, skipped_before)   # speed before
-                pending = None                                          # the evaluation's time counts
+            stop = preemption.requested(step)
+            profile.after(step, state)
+            logger.dispatched(step, step_metrics)
+            due = [ev for ev in evals if evaluators.due(ev, step, total_steps)]
+            if step == total_steps or stop or due:
+                logger.flush()       # the last step, the one saved at exit, the speed before evaluating
             # saved before any evaluation, which may fail (memory, data) without losing the steps
-            ckpt.save(step, state, train_iter, config,
-                      dict(topology, examples_read=read_at_start + (step - start_step) * per_batch,
-                           start_batch=iter_start),
-                      force=is_last or stop["signal"] is not None)
-            if stop["signal"] is not None:
+            ckpt.save(step, state, train_iter, config, dict(topology, **position.at(step)),
+                      force=step == total_steps or stop is not None)
+            if stop:
                 ckpt.wait()
-                progress.print(f"{stop['signal']}: saved step {step}, exiting with code {PREEMPTED_EXIT_CODE}; "
-                               f"rerun the same command to resume")
+                logger.progress.print(f"{stop}: saved step {step}, exiting with code {PREEMPTED_EXIT_CODE}; "
+                                      f"rerun the same command to resume")
                 raise Preempted()
-            if evaluate_now:
-                res = evaluator.run(state.params) if evaluator is not None else {}
-                if config.evals.probe and jax.process_count() == 1:
-                    res.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
-                if res:
-                    writer.write(step, res)
-                    last.update(res)
-                    if jax.process_index() == 0:
-                        progress.print(" | ".join(f"{k} {v:.4f}" for k, v in res.items()))
-            if figures_now:
-                from maskfeat_jax import visualize
-                visualize.write_to_tensorboard(writer, step, visualize.make_figures(config, jax.device_get(state.params)))
-            if evaluate_now or figures_now:
-                meter.restart(step)      # both waited for this step; their time is not training time
-        if pending is not None:
-            last = _flush(pending, config, writer, progress, meter, skipped_before)
-    finally:
-        for s, h in handlers.items():
+            if due:
+                with logger.paused():      # evaluation time is not training time
+                    _run_evaluators(due, state, step, logger)
+        return logger.last
+
+
+def _start_logging(config, mesh, st, state, writer, start_step, total_steps, steps_per_epoch):
+    """Prints the start-up summary; the metrics logger (console progress, throughput and MFU)."""
+    gb = config.input.global_batch_size
+    flops_per_image = perf.model_flops_per_image(st.model, config)
+    peak, peak_src = perf.peak_flops_per_device(config.get("peak_flops", 0.0))
+    _log_summary(config, mesh, st.model, st.abstract_state.params, state, total_steps, steps_per_epoch,
+                 flops_per_image, peak_src)
+    progress = metrics_lib.Progress(total_steps, steps_per_epoch, start_step, mfu_estimate=peak_src.startswith("measured"))
+    meter = metrics_lib.Throughput(gb, flops_per_image, jax.device_count(), peak)
+    return metrics_lib.Logger(writer, progress, meter, every_steps=config.log_every_steps, total_steps=total_steps,
+                              steps_per_epoch=steps_per_epoch, nonfinite=config.nonfinite,
+                              skipped_before=int(jax.device_get(state.nonfinite)))   # skips already saved
+
+
+def _train_input(config):
+    """The training source (its labels checked), the clips per video (1 for images) and the
+    steps per epoch: an epoch is one pass over the images, or over the videos."""
+    source = sources.make(config, config.input.train_split)
+    sources.check_labels(source, config, config.input.train_split)
+    if config.model.name == "mvit":    # repeated augmentation: several clips per video
+        from maskfeat_jax.data import video
+        return source, video.num_sample(config), video.steps_per_epoch(config, len(source))
+    return source, 1, max(len(source) // config.input.global_batch_size, 1)
+
+
+def _train_iterator(config, source, model):
+    """``make_iter(start_batch)``: the training stream from that global batch on (images or clips)."""
+    return lambda start: iter(pipeline.train_dataset(config, source, _mask_grid(config, model), start_batch=start))
+
+
+def _mask_grid(config, model):
+    """The token grid masks are drawn on: ViT's patches, MViTv2's mask cubes."""
+    return model.encoder.mask_grid if config.model.name == "mvit" else model.encoder.grid
+
+
+class _Preemption:
+    """Whether to stop after a step, asked once per step (``requested``).
+
+    One process: SIGTERM/SIGINT set a flag; the step in flight finishes, is saved, and the run
+    exits with PREEMPTED_EXIT_CODE. Several processes: a signal reaches one host at some step,
+    but the save is collective, so JAX's preemption service (started by
+    jax.distributed.initialize, it owns SIGTERM) tells every host the same step to stop at."""
+
+    def __init__(self):
+        self.reason = None
+        self.multihost = jax.process_count() > 1
+        self._handlers = {}
+
+    def __enter__(self):
+        if not self.multihost:
+            self._handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._handlers.items():
             signal.signal(s, h)
-        if trace_dir is not None:      # the run ended inside the profiling window
-            _stop_profile(trace_dir, workdir, config.profile_start_step, step, progress.print)
-        ckpt.close()
-        writer.close()
-        if hasattr(train_iter, "close"):
-            train_iter.close()
-    return last
+
+    def _on_signal(self, signum, _frame):
+        self.reason = signal.Signals(signum).name
+
+    def requested(self, step: int) -> str | None:
+        """The reason to stop after ``step`` (a collective on several processes), or None."""
+        if self.multihost and multihost_utils.reached_preemption_sync_point(step):
+            self.reason = "SIGTERM (preemption notice, agreed by all hosts)"
+        return self.reason
 
 
-def _stop_profile(trace_dir: str, workdir: str, first: int, step: int, say=print) -> None:
-    """Stops the profiler (steps ``first`` to ``step - 1`` traced); for a URL workdir, copies
-    its local trace folder there."""
-    jax.profiler.stop_trace()
-    if storage.is_url(workdir):
-        storage.upload_tree(trace_dir, f"{workdir}/profile")
-        shutil.rmtree(trace_dir, ignore_errors=True)
-    say(f"profiler trace of steps {first}..{step - 1} in {workdir}/profile")
-
-
-def _flush(pending, config, writer, progress, meter, skipped_before: int = 0) -> dict:
-    """Fetches a logged step's metrics (already computed), writes and prints them.
-
-    In ``config.nonfinite='error'`` mode it raises on a skipped (non-finite) update made by this
-    run; skips already counted in the checkpoint it resumed from (``skipped_before``) do not
-    count again, so a run stopped this way can be resumed."""
-    step, device_metrics, extra = pending
-    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    m.update(extra)
-    m.update(meter.mark(step))
-    writer.write(step, m)
-    progress.update(step, m)
-    new = int(m.get("train/nonfinite_steps", 0)) - skipped_before
-    if new > 0 and config.nonfinite == "error":
-        raise FloatingPointError(
-            f"non-finite loss or gradient norm in {new} step(s) by step {step} (config.nonfinite='error'); "
-            f"those updates were not applied and no non-finite state was saved, so the run can be resumed. "
-            f"Set config.nonfinite='skip' to skip such steps and go on.")
-    return m
-
-
-def _restore_latest_good(ckpt, abstract_state, make_iter, config, topology):
-    """Restores the newest checkpoint that reads back; a damaged one is reported and skipped.
-
-    Every read is tried twice (a storage error may pass; TensorStore reports those as
-    ``ValueError``), and all processes agree on each try: a step counts as restored only where
-    every process read it, so they all resume from the same step and set aside the same ones.
-
-    Returns (state, the saved input topology or None, the restored data iterator). The iterator
-    (``make_iter(start batch)``) is restored only when the topologies agree, else it is None."""
-    steps_desc = sorted(ckpt.mngr.all_steps(), reverse=True)
-    for i, step in enumerate(steps_desc):
-        for attempt in range(2):
-            state, train_iter, err = None, None, None
-            try:
-                _check_resume_config(ckpt, step, config)
-                saved = ckpt.saved_topology(step)
-                changed = saved is not None and _input_topology(saved) != topology
-                train_iter = None if changed else make_iter((saved or {}).get("start_batch", 0))
-                state = ckpt.restore(step, abstract_state, train_iter)
-            except ValueError as e:
-                if "shape-changing" in str(e):
-                    raise
-                err = e
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-                err = e
-            if _all_processes_agree(err is None):
-                break
-            if hasattr(train_iter, "close"):
-                train_iter.close()
-            if err is None:
-                err = RuntimeError("another process could not read it")
-            if attempt == 0:     # perhaps the storage, not the checkpoint: read it once more
-                logging.warning("reading checkpoint %d failed (%s: %s); retrying once", step, type(err).__name__, err)
-                time.sleep(RESTORE_RETRY_S)
-        else:
-            nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
-            logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step, type(err).__name__,
-                            err, nxt)
-            print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}); {nxt}",
-                  flush=True)
-            continue
-        for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
-            moved = ckpt.set_aside(bad)
-            print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
-                  "could not be set aside: this run saves again only after that step"), flush=True)
-        print(f"resuming from step {step}", flush=True)
-        return state, saved, train_iter
-    raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored (the last error is above). If "
-                       f"the config changed since they were written in a way that changes the train state "
-                       f"(model, optimizer), resume with the saved config (JSON in "
-                       f"{ckpt.directory}/<step>/config/metadata); if the checkpoints are damaged, move the "
-                       f"folder away to start from scratch")
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
-
-
-def _input_topology(saved: dict) -> dict:
-    """A checkpoint's saved topology without its position (``examples_read``, ``start_batch``)."""
-    return {k: v for k, v in saved.items() if k not in ("examples_read", "start_batch")}
-
-
-def _examples_read(saved: dict | None, step: int, per_batch: int) -> int:
-    """Examples (videos) the input had passed at a checkpoint of ``step``. Checkpoints written
-    before the count was recorded give ``step`` batches of their own size."""
-    if saved is None:
-        return step * per_batch
-    if "examples_read" in saved:
-        return int(saved["examples_read"])
-    return step * saved["global_batch_size"] // saved.get("num_sample", 1)
-
-
-def _check_resume_config(ckpt, step, config, evaluating: bool = False):
-    diffs = config_lib.shape_differences(ckpt.saved_config(step), config)
-    if diffs and (evaluating or not config.checkpoint.allow_config_change):
-        hint = (f"Evaluate with the config it was trained with (saved in {ckpt.directory}/{step}/config/metadata)."
-                if evaluating else "Use another --workdir, or set --config.checkpoint.allow_config_change=True "
-                "to override.")
-        raise ValueError("config: the workdir holds a checkpoint whose config differs in shape-changing keys:\n  "
-                         + "\n  ".join(diffs) + "\n" + hint)
+def _run_evaluators(due, state, step: int, logger) -> None:
+    """Runs the ``due`` evaluators on ``state``; their numbers go out as one row for ``step``."""
+    results = {}
+    for ev in due:
+        results.update(ev.run(state))
+    if results:
+        logger.write(step, results)
+        if jax.process_index() == 0:
+            logger.progress.print(" | ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
 
 def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_epoch, flops_per_image,
                  peak_src):
+    """The start-up summary on stdout (process 0): devices, mesh, program, batch, lr, steps, sizes."""
     if jax.process_index() != 0:
         return
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
@@ -429,40 +294,35 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
         f"per-device bytes: params {sharding.bytes_per_device(state.params):,}, "
         f"optimizer {sharding.bytes_per_device(state.opt_state):,}",
     ]
-    for line in lines:
-        logging.info(line)
-        print(line, flush=True)
+    print("\n".join(lines), flush=True)
 
 
 def evaluate(config, workdir: str) -> dict:
-    """Evaluates the latest checkpoint in ``workdir`` without training: top-1/top-5 for a
-    classifier, k-NN and linear probe on frozen features for any image model. The results go to
-    ``metrics.jsonl`` unless that step's row already holds them (a second run adds nothing)."""
+    """Evaluates the latest checkpoint in ``workdir`` without training: the evaluators that give
+    numbers (top-1/top-5 for a classifier, k-NN and linear probe on frozen features for an image
+    model). The results go to ``metrics.jsonl`` unless that step's row already holds them (a
+    second run adds nothing)."""
     config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    steps = checkpoint.finished_steps(workdir)            # reads only: an empty workdir stays empty
-    if not steps:
+    finished = checkpoint.finished_steps(workdir)            # reads only: an empty workdir stays empty
+    if not finished:
         raise ValueError(f"--mode=eval: --workdir={workdir} holds no finished checkpoint (train first: the "
                          f"same command without --mode=eval)")
-    step = steps[-1]
+    step = finished[-1]
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     try:
-        _check_resume_config(ckpt, step, config, evaluating=True)
+        checkpoint.check_config(ckpt, step, config, evaluating=True)
         if config.task == "pretrain" and not config.evals.probe:
             _say_nothing_to_evaluate(config, workdir, step)
             return {}
         mesh = sharding.make_mesh(config.mesh)
         st = setup(config, mesh, steps_per_epoch=1, total_steps=1)
-        with jax.set_mesh(mesh):
-            state = ckpt.restore(step, st.abstract_state)
         results = {}
-        if config.task == "finetune":
-            results.update(classification.Evaluator(config, mesh, st.graphdef, st.state_sharding.params).run(state.params))
-        if config.evals.probe and jax.process_count() == 1:      # as in training: the probe runs on one host
-            results.update(probe.evaluate(config, st.graphdef, jax.device_get(state.params)))
-        elif config.evals.probe:
-            logging.warning("config.evals.probe: skipped on %d processes; run the probe CLI on one host "
-                            "(python -m maskfeat_jax.evaluators.probe --workdir=...)", jax.process_count())
+        with jax.set_mesh(mesh):
+            evals = evaluators.from_config(config, mesh, st)
+            state = ckpt.restore(step, st.abstract_state)
+            for ev in evals:
+                results.update(ev.run(state))
     finally:
         ckpt.close()
     if results and not metrics_lib.logged(workdir, step, results):

@@ -11,7 +11,7 @@
 * :func:`make_figures` / :func:`write_to_tensorboard`: figures for a params tree (the
   trainer can call these), and the command below for a saved checkpoint::
 
-      python -m maskfeat_jax.visualize --workdir=DIR [--step N] [--num_images 4] [--out DIR/figures]
+      python -m maskfeat_jax.visualize --workdir=DIR [--step=N] [--num_images=4] [--out=DIR/figures]
 
 Orientation convention (spec section 1): ``bin = floor(atan2(gx, gy) / pi * nbins) mod nbins``
 with ``gx = -Dx``, ``gy = -Dy`` (ordinary Sobel derivatives, y pointing down). Bin k is
@@ -25,22 +25,20 @@ horizontal ones, ``I = x + y`` (bin 2, 50°) rising lines "/" and ``I = x - y`` 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import warnings
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["glyph_angles", "glyph_stencils", "render_hog", "tokens_to_cells", "figure", "titled",
            "auto_cell_px", "load_saved_config", "load_model", "make_figures", "write_to_tensorboard", "main"]
 
 
-# ----------------------------------------------------------------------------
-# drawing
-# ----------------------------------------------------------------------------
+# ---- drawing
 
 def glyph_angles(nbins: int = 9) -> np.ndarray:
     """Edge angle of each bin's glyph in radians, counter-clockwise from +x with y up."""
@@ -96,9 +94,7 @@ def render_hog(cells_HxWxB, cell_px: int = 16, *, vmax: float | None = None, lin
     return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------
-# token layout
-# ----------------------------------------------------------------------------
+# ---- token layout
 
 def tokens_to_cells(hog_BxNxK, grid: Sequence[int], nbins: int = 9, cell_per_patch: int = 2,
                     channels: int = 3, reduce: str = "mean") -> np.ndarray:
@@ -132,9 +128,7 @@ def tokens_to_cells(hog_BxNxK, grid: Sequence[int], nbins: int = 9, cell_per_pat
     return x[0] if squeeze else x
 
 
-# ----------------------------------------------------------------------------
-# figure
-# ----------------------------------------------------------------------------
+# ---- figure
 
 def _rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
@@ -190,13 +184,10 @@ def figure(image_uint8, mask_N, target_NxK, pred_NxK, grid: Sequence[int], *, nb
     tgt_pic = _rgb(render_hog(tgt_cells, cell_px, **kw))
     pred_pic = _rgb(render_hog(mix_cells, cell_px, **kw))
     if outline is not None:
-        for t in np.flatnonzero(mask):
-            r, c = divmod(int(t), gw)
-            y0, x0 = r * tp, c * tp
-            pred_pic[y0, x0:x0 + tp] = outline
-            pred_pic[y0 + tp - 1, x0:x0 + tp] = outline
-            pred_pic[y0:y0 + tp, x0] = outline
-            pred_pic[y0:y0 + tp, x0 + tp - 1] = outline
+        for t in np.flatnonzero(mask):                # a 1-px frame inside each masked token
+            y0, x0 = (tp * v for v in divmod(int(t), gw))
+            pred_pic[[y0, y0 + tp - 1], x0:x0 + tp] = outline
+            pred_pic[y0:y0 + tp, [x0, x0 + tp - 1]] = outline
 
     sep = np.full((ph, gap, 3), 255, np.uint8)
     parts = [big, sep, masked_img, sep, tgt_pic, sep, pred_pic]
@@ -231,27 +222,13 @@ def auto_cell_px(cells_across: int) -> int:
     return int(np.clip(256 // max(cells_across, 1), 16, 32))
 
 
-# ----------------------------------------------------------------------------
-# model side
-# ----------------------------------------------------------------------------
+# ---- model side
 
 def load_saved_config(directory: str, step: int):
-    """The config saved with checkpoint ``step`` in ``directory`` (the ``checkpoints``
-    folder), as an ``ml_collections.ConfigDict``; read only, touches nothing."""
-    import ml_collections
-    import orbax.checkpoint as ocp
-    mngr = ocp.CheckpointManager(directory, item_names=("state", "data_iter", "config"),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    finally:
-        mngr.close()
-
-    def tuples(d):  # JSON stored the config's tuples (mean, std, ...) as lists
-        if isinstance(d, dict):
-            return {k: tuples(v) for k, v in d.items()}
-        return tuple(tuples(v) for v in d) if isinstance(d, list) else d
-    return ml_collections.ConfigDict(tuples(saved))
+    """The config saved with checkpoint ``step`` in ``directory`` (the ``checkpoints`` folder),
+    as an ``ml_collections.ConfigDict``; read only, touches nothing."""
+    from maskfeat_jax import checkpoint
+    return checkpoint.saved_config(f"{directory}/{step}")
 
 
 def load_model(config, params):
@@ -298,7 +275,8 @@ def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: s
     import jax
     from flax import nnx
 
-    from maskfeat_jax import masking, steps
+    from maskfeat_jax import steps
+    from maskfeat_jax.data import masking
     from maskfeat_jax.data import pipeline, sources
     from maskfeat_jax.targets import hog
 
@@ -361,48 +339,50 @@ def write_to_tensorboard(writer, step: int, figures: Sequence[np.ndarray], tag: 
         writer.add_image(f"{tag}/{i}", np.asarray(fig, np.uint8), int(step), dataformats="HWC")
 
 
-# ----------------------------------------------------------------------------
-# command
-# ----------------------------------------------------------------------------
+# ---- command
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m maskfeat_jax.visualize",
-                                     description="HOG figures (input | masked | target | prediction) "
-                                                 "of a MaskFeat pre-training checkpoint.")
-    parser.add_argument("--workdir", required=True, help="training workdir (or its checkpoints folder)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--num_images", type=int, default=4, help="held-out examples, one figure each")
-    parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/figures)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the block masks")
-    parser.add_argument("--split", default=None, help="dataset split (default: config.input.eval_split)")
-    parser.add_argument("--start", type=int, default=0, help="index of the first example")
-    parser.add_argument("--cell_px", type=int, default=None,
-                        help="output pixels per HOG cell side (default: 16 to 32, panels about 256 px)")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also write the figures to WORKDIR/tensorboard at the checkpoint's step")
-    args = parser.parse_args(argv)
+def _define_flags(flag_values):
+    flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoints folder).", flag_values=flag_values)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=flag_values)
+    flags.DEFINE_integer("num_images", 4, "Held-out examples, one figure each.", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/figures).", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Seed of the block masks.", flag_values=flag_values)
+    flags.DEFINE_string("split", None, "Dataset split (default: config.input.eval_split).", flag_values=flag_values)
+    flags.DEFINE_integer("start", 0, "Index of the first example.", flag_values=flag_values)
+    flags.DEFINE_integer("cell_px", None, "Output pixels per HOG cell side (default: 16 to 32, panels about "
+                         "256 px).", flag_values=flag_values)
+    flags.DEFINE_bool("tensorboard", False, "Also write the figures to WORKDIR/tensorboard at the checkpoint's "
+                      "step.", flag_values=flag_values)
+    flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
+    return flag_values
 
-    from absl import flags
-    if not flags.FLAGS.is_parsed():  # grain/orbax read absl flags; we parse our own with argparse
-        flags.FLAGS.mark_as_parsed()
 
+def main(argv: Sequence[str]) -> list[str]:
+    """``python -m maskfeat_jax.visualize``: HOG figures (input | masked | target | prediction) of a
+    pre-training checkpoint as PNGs, their paths printed and returned. Under ``app.run`` ``argv``
+    is the program name; a list of flags (``main(["--workdir=DIR"])``) is parsed into flags of
+    its own, leaving absl's global flags alone."""
+    fv = flags.FLAGS
+    if argv and argv[0].startswith("--"):
+        fv = _define_flags(flags.FlagValues())
+        fv(["visualize", *argv])
     from maskfeat_jax import checkpoint, storage
 
     try:
-        directory, step = checkpoint.find_step(args.workdir, args.step)
+        directory, step = checkpoint.resolve(fv.workdir, fv.step)
         config = load_saved_config(directory, step)
         with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
             warnings.simplefilter("ignore", UserWarning)
             params = checkpoint.read_params(f"{directory}/{step}")
-        figs = make_figures(config, params, num_images=args.num_images, seed=args.seed, split=args.split,
-                            start=args.start, cell_px=args.cell_px)
+        figs = make_figures(config, params, num_images=fv.num_images, seed=fv.seed, split=fv.split,
+                            start=fv.start, cell_px=fv.cell_px)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    workdir = storage.path(args.workdir)
+    workdir = storage.path(fv.workdir)
     if workdir.name == "checkpoints" or workdir.name.isdigit():
         workdir = storage.path(directory).parent
-    out = storage.path(args.out) if args.out else workdir / "figures"
+    out = storage.path(fv.out) if fv.out else workdir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, fig in enumerate(figs):
@@ -411,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
             Image.fromarray(fig).save(f, format="PNG")
         paths.append(str(p))
         print(p, flush=True)
-    if args.tensorboard:
+    if fv.tensorboard:
         from tensorboardX import SummaryWriter
         with SummaryWriter(str(workdir / "tensorboard")) as w:
             write_to_tensorboard(w, step, figs)
@@ -419,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only notices
-    main()
+    from absl import app, logging
+
+    from maskfeat_jax import config as config_lib
+    logging.set_verbosity(logging.ERROR)  # orbax's read-only notices
+    # app.run exits with main's return value: the paths are printed, the status is 0
+    app.run(lambda argv: main(argv) and None, flags_parser=config_lib.flags_parser(_define_flags(flags.FLAGS)))

@@ -94,6 +94,7 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
 
 
+@pytest.mark.e2e
 def test_launch_scripts_put_the_flags_before_the_users_own(tmp_path):
     """The GPU scripts export the GPU set then the caller's XLA_FLAGS; tpu_pod.sh sends the TPU set
     then the caller's LIBTPU_INIT_ARGS to the workers. python, srun and gcloud are stubs that
@@ -155,6 +156,7 @@ def test_step_is_the_trainers(tmp_path):
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6, err_msg=k)
 
 
+@pytest.mark.e2e
 def test_smoke_run_without_grain_ml_collections_or_tfds(tmp_path):
     """The whole check, CPU-sized, in a Python where grain, ml_collections and tensorflow_datasets
     cannot be imported: every table is there, complete, and the CPU is compared with itself."""
@@ -182,6 +184,7 @@ def test_smoke_run_without_grain_ml_collections_or_tfds(tmp_path):
     assert [w[-1] for w in words if w[0] in ("loss", "grad_norm")] == ["ok", "ok"]
 
 
+@pytest.mark.e2e
 def test_a_failing_part_is_reported_and_fails_the_run(tmp_path):
     stub = tmp_path / "python"
     stub.write_text("#!/bin/sh\necho 'part output'\necho 'RuntimeError: boom' >&2\nexit 3\n")

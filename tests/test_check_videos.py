@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from maskfeat_jax.data import check_videos, make_video_demo, video
+from maskfeat_jax.data import check_videos, make_video_demo, video_decode, video_source
 
 av = pytest.importorskip("av")
 
@@ -96,7 +96,7 @@ def test_loader_agrees_on_good_and_unreadable_videos(videos):
     for name, ok in [("ok_a", True), ("short", True), ("missing", False), ("random", False),
                      ("truncated", False), ("text", False), ("audio", False), ("zeroed", False),
                      ("tail", True)]:     # training recovers the damaged last frame; --decode=all does not
-        _, decoded = video.decode_clip(str(d / f"{name}.mp4"), None, num_frames=4, sampling_rate=1,
+        _, decoded = video_decode.decode_clip(str(d / f"{name}.mp4"), None, num_frames=4, sampling_rate=1,
                                        mode="test", num_clips=1)
         assert decoded is ok, name
 
@@ -107,8 +107,8 @@ def test_out_is_the_good_rows_and_exit_0_on_a_clean_csv(videos, capsys):
     code, _, err = _run(capsys, f"--csv={d / 'all.csv'}", f"--out={out}")
     assert code == 1 and "wrote 4 ok lines" in err
     assert out.read_text().splitlines() == ["ok_a.mp4 0", "short.mp4,1", "tail.mp4 7", f"{d / 'ok_b.mp4'} 9"]
-    every = video.parse_csv(d / "all.csv")
-    assert video.parse_csv(out) == [every[i] for i in (0, 1, 7, 9)]
+    every = video_source.parse_csv(d / "all.csv")
+    assert video_source.parse_csv(out) == [every[i] for i in (0, 1, 7, 9)]
     assert sorted(p.name for p in d.iterdir() if "clean" in p.name) == ["clean.csv"]   # no temp file left
     code, report, _ = _run(capsys, f"--csv={out}", "--decode=all")    # tail.mp4 is not clean under all
     assert code == 1 and list(report) == [3]
@@ -152,7 +152,7 @@ def test_workers_give_the_same_report(videos, capsys):
 def test_a_video_the_training_loader_cannot_read_is_corrupt(videos, monkeypatch):
     d, _ = videos
     assert check_videos.check_video(str(d / "ok_a.mp4")).category == "ok"
-    monkeypatch.setattr(video, "decode_clip", lambda *a, **k: (None, False))
+    monkeypatch.setattr(video_decode, "decode_clip", lambda *a, **k: (None, False))
     r = check_videos.check_video(str(d / "ok_a.mp4"))
     assert r.category == "corrupt" and "decode_clip" in r.reason
 

@@ -1,5 +1,6 @@
 """Config validation: every bad value stops before compile with a message naming the key."""
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -106,46 +107,110 @@ def test_zero_intervals_are_rejected_naming_the_key():
             config_lib.validate(_cfg(**{key: 0}), 1)
 
 
-@pytest.mark.parametrize("name", ["demo", "vit_b_in1k", "vit_l_in1k"])
-def test_shipped_configs_load_and_hold_their_launch_command(name):
+def _load(name, arg=None):
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod, (mod.get_config(arg) if arg is not None else mod.get_config())
+
+
+@pytest.mark.parametrize("name", ["demo", "vit_b_in1k", "vit_l_in1k"])
+def test_shipped_configs_load_and_hold_their_launch_command(name):
+    mod, c = _load(name)
     assert f"--config=configs/{name}.py" in mod.__doc__
-    c = mod.get_config()
     assert c.task == "pretrain" and c.mask.ratio == 0.4 and c.hog.gaussian_window == 0
+
+
+# every setting of the configs that take an argument, and the file names that name one of them
+SETTINGS = [("vit_in1k", arg) for v in ("B/16", "L/16") for arg in (v, f"{v},ft")] + \
+    [("mvit_k400", arg) for v in ("S", "L") for arg in (v, f"{v},ft")]
+RUNLOCAL = [("vit_in1k", "B/16,runlocal"), ("vit_in1k", "L/16,ft,runlocal"), ("mvit_k400", "S,runlocal"),
+            ("mvit_k400", "L,ft,runlocal")]
+NAMED = {"vit_b_in1k": "B/16", "vit_l_in1k": "L/16", "vit_b_in1k_ft": "B/16,ft", "vit_l_in1k_ft": "L/16,ft",
+         "mvit_s_k400": "S", "mvit_l_k400": "L", "mvit_s_k400_ft": "S,ft", "mvit_l_k400_ft": "L,ft"}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_paper_configs_keep_every_value(name):
+    """Each paper setting, by its own file name and as ``vit_in1k.py:ARG`` / ``mvit_k400.py:ARG``,
+    gives exactly the values the per-setting config files gave (stored in tests/data)."""
+    before = json.loads((ROOT / "tests" / "data" / "configs_before_args.json").read_text())[name]
+    as_json = lambda c: json.dumps(c.to_dict(), sort_keys=True)     # noqa: E731 - tuples as lists, as stored
+    assert as_json(_load(name)[1]) == json.dumps(before, sort_keys=True)
+    family = "mvit_k400" if name.startswith("mvit") else "vit_in1k"
+    assert as_json(_load(family, NAMED[name])[1]) == json.dumps(before, sort_keys=True)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
 def test_every_shipped_config_holds_its_launch_command_and_validates(path, tmp_path):
     """Each config file names its own command and passes validation on a GPU host (8 devices)
     and, for the paper configs, on 64- and 256-chip pods."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod, c = _load(path.stem)
     assert f"--config=configs/{path.name}" in mod.__doc__
-    c = mod.get_config()
-    if c.model.name == "mvit":                     # validation reads the CSV folder
+    _validate(c, tmp_path, (8,) if path.stem.startswith("demo") else (8, 64, 256))
+
+
+def _validate(c, tmp_path, device_counts):
+    if c.input.dataset == "video_csv":             # validation reads the CSV folder
         (tmp_path / f"{c.input.train_split}.csv").write_text("a.mp4 0\n")
         c.video.csv_dir = str(tmp_path)
-    for devices in (8,) if path.stem.startswith("demo") else (8, 64, 256):
+    for devices in device_counts:
         config_lib.validate(c, devices)
 
 
+@pytest.mark.parametrize("name,arg", SETTINGS + RUNLOCAL, ids=lambda x: x)
+def test_every_setting_of_a_config_with_an_argument_validates_and_is_documented(name, arg, tmp_path):
+    mod, c = _load(name, arg)
+    assert f"--config=configs/{name}.py:{arg.split(',')[0]}" in mod.__doc__
+    assert c.task == ("finetune" if "ft" in arg.split(",") else "pretrain")
+    _validate(c, tmp_path, (8,) if "runlocal" in arg else (8, 64, 256))
+
+
+def test_runlocal_is_a_tiny_run_on_embedded_or_random_data():
+    for name, arg in RUNLOCAL:
+        c = _load(name, arg)[1]
+        assert c.model.variant.split("/")[0] == "mu" and c.total_steps == 3 and c.input.global_batch_size == 8
+        assert c.input.dataset in ("synthetic", "video_demo") and c.input.worker_count == 0
+        # the rest of the recipe stays: e.g. the fine-tuning optimizer of that variant
+        full = _load(name, arg.replace(",runlocal", ""))[1]
+        assert (c.optim.base_lr, c.optim.layer_decay, c.task) == (full.optim.base_lr, full.optim.layer_decay, full.task)
+
+
+@pytest.mark.parametrize("arg", ["Q/16", "B/16,finetune", "B/16,ft,,", "ft"])
+def test_a_bad_config_argument_names_what_the_file_takes(arg):
+    with pytest.raises(ValueError, match=r"config argument .*expected VARIANT\[,SWITCH...\] with VARIANT one of "
+                                         r"B/16, L/16 and SWITCH one of ft, runlocal"):
+        _load("vit_in1k", arg)
+
+
+def test_the_default_argument_is_the_first_variants_pretraining():
+    assert _load("vit_in1k")[1].to_dict() == _load("vit_in1k", "B/16")[1].to_dict()
+    assert _load("mvit_k400")[1].to_dict() == _load("mvit_k400", "S")[1].to_dict()
+
+
 def test_paper_config_values():
-    spec = importlib.util.spec_from_file_location("b", ROOT / "configs" / "vit_b_in1k.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = _load("vit_b_in1k")[1]
     assert (c.optim.base_lr, c.optim.reference_batch, c.optim.warmup_epochs) == (2e-4, 256, 30)
     assert (c.optim.weight_decay, c.optim.grad_clip, c.optim.b2, c.optim.eps) == (0.05, 0.02, 0.999, 1e-8)
     assert (c.optim.warmup_start_lr, c.optim.end_lr) == (1e-6, 1e-6)
     for name in ("mvit_s_k400", "mvit_l_k400", "mvit_s_k400_ft", "mvit_l_k400_ft"):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        v = mod.get_config().video
+        v = _load(name)[1].video
         assert (v.num_frames, v.sampling_rate, v.target_fps) == (16, 4, 30.0), name   # 16x4 at 30 fps
+
+
+def test_unknown_override_message_uses_ml_collections_suggestion():
+    """The one-line message from ml_collections' own error for an unknown override key (no second
+    load of the config file): the whole key, with the closest name put in its place."""
+    from ml_collections.config_flags import config_path
+    c = config_lib.base_config()
+    for key, want in (("optim.base_rl", "unknown config key config.optim.base_rl; did you mean optim.base_lr?"),
+                      ("optm.base_lr", "unknown config key config.optm.base_lr; did you mean optim.base_lr?"),
+                      ("sed", "unknown config key config.sed; did you mean seed?"),
+                      ("xyzzy", "unknown config key config.xyzzy")):
+        with pytest.raises((AttributeError, KeyError)) as e:
+            config_path.get_type(key, c)
+        assert config_lib.unknown_override_message(e.value, ["--config=x.py", f"--config.{key}=3"]) == want
+    assert config_lib.unknown_override_message(ValueError("config.x"), ["--config.x=1"]) is None
 
 
 DISTRIBUTED_CASES = [

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, convert, models
+from maskfeat_jax import checkpoint, convert, models, official_names
 from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,10 +141,10 @@ def test_kind_is_read_from_the_tensors():
             mvit_shapes(96, 1, (1, 2, 5, 2), "finetune", 400, size=224),
     }
     for want, shapes in kinds.items():
-        assert str(convert.kind_of(shapes)) == want
+        assert str(official_names.kind_of(shapes)) == want
     backbone = {k: v for k, v in vit_shapes(**VIT_MU, task="finetune").items() if not k.startswith(("head", "norm"))}
-    assert str(convert.kind_of(backbone)) == "a ViT-mu/16 backbone-only"
-    assert convert.kind_of({"cls_token": (1, 1, 8)}) is None
+    assert str(official_names.kind_of(backbone)) == "a ViT-mu/16 backbone-only"
+    assert official_names.kind_of({"cls_token": (1, 1, 8)}) is None
 
 
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])

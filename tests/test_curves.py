@@ -1,5 +1,9 @@
 """The metrics-curve PNG command."""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,3 +36,20 @@ def test_missing_key_is_an_error(tmp_path):
     assert exit_.value.code == 2
     with pytest.raises(ValueError, match="no metrics.jsonl there"):
         curves.read(str(tmp_path / "elsewhere"), "train/loss")
+
+
+@pytest.mark.e2e
+def test_command_writes_the_png_and_prints_its_path(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n"
+                                                    for s in range(1, 6)))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "maskfeat_jax.curves", *a], cwd=root, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    p = run(f"--workdir={tmp_path}")
+    assert p.returncode == 0 and p.stdout.strip() == str(tmp_path / "train_loss.png"), p.stderr[-2000:]
+    assert Image.open(tmp_path / "train_loss.png").size == (640, 360)
+    p = run(f"--workdir={tmp_path}", "--key=train/lost")
+    assert p.returncode == 2 and p.stderr.startswith("error: --key=train/lost: not in"), p.stderr[-2000:]
+    p = run("--key=train/loss")                                  # --workdir is required: one line, code 2
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "workdir" in p.stderr, p.stderr[-2000:]

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from maskfeat_jax import config as config_lib
-from maskfeat_jax import masking
+from maskfeat_jax.data import masking
 from maskfeat_jax.data import pipeline, sources
+from maskfeat_jax.data import rand_augment as RA
 from maskfeat_jax.data import transforms as T
 
 
@@ -427,8 +428,8 @@ def test_finetune_train_map_matches_reference():
         ref = Image.fromarray(crop).resize((32, 32), Image.BICUBIC)
         if float(rng.random()) < 0.5:
             ref = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        ref = T.rand_augment(ref, rng, num_ops=3, magnitude=4, magnitude_std=0.5, increasing=True,
-                             fill=(124, 116, 104))
+        ref = RA.rand_augment(ref, rng, num_ops=3, magnitude=4, magnitude_std=0.5, increasing=True,
+                              fill=(124, 116, 104))
         box = pipeline.erase_box(rng, 32, 0.5)
         boxes += int(box[2] > 0)
         assert out["valid"] and out["label"] == 5 and "mask" not in out

@@ -59,14 +59,14 @@ def test_fsdp_over_8_holds_an_eighth_of_the_parameters(reports):
 def test_finetune_batch_has_erase_boxes_instead_of_masks():
     c = _config((8, 1, 1), task="finetune")
     mesh = sharding.make_mesh(c.mesh)
-    b = dry_run.abstract_batch(c, mesh, (2, 2))
+    b = sharding.abstract_batch(c, mesh, (2, 2))
     assert set(b) == {"image", "label", "valid", "erase_box"}
     assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == "uint8"
     assert b["erase_box"].shape == (16, 4) and b["image"].sharding.shard_shape(b["image"].shape)[0] == 2
-    assert "mask" in dry_run.abstract_batch(_config((8, 1, 1)), mesh, (2, 2))
+    assert "mask" in sharding.abstract_batch(_config((8, 1, 1)), mesh, (2, 2))
     video = _config((8, 1, 1))
     video.model.name, video.video.num_frames = "mvit", 4
-    vb = dry_run.abstract_batch(video, mesh, (2, 2, 2))   # MViT: clips, and masks on its (t, h, w) grid
+    vb = sharding.abstract_batch(video, mesh, (2, 2, 2))   # MViT: clips, and masks on its (t, h, w) grid
     assert vb["image"].shape == (16, 4, 32, 32, 3) and vb["mask"].shape == (16, 8)
 
 
@@ -78,6 +78,7 @@ def test_config_errors_name_the_key():
         dry_run.run(c)
 
 
+@pytest.mark.e2e
 def test_command_line_simulates_the_requested_device_count(tmp_path):
     """``--devices=N`` must take effect before JAX starts, whatever XLA_FLAGS says."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskfeat_jax import checkpoint, config as config_lib, convert, export, models
+from maskfeat_jax import checkpoint, config as config_lib, convert, export, models, official_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("vit", "pretrain"), ("vit", "finetune"), ("mvit", "pretrain"), ("mvit", "finetune")]
@@ -58,9 +58,9 @@ TRANSFORM_SHAPES = {                      # ours; every transform needs an entry
 
 
 def test_every_transform_has_an_exact_inverse():
-    assert set(TRANSFORM_SHAPES) == set(convert.TRANSFORMS)
+    assert set(TRANSFORM_SHAPES) == set(official_names.TRANSFORMS)
     rng = np.random.default_rng(0)
-    for name, tf in convert.TRANSFORMS.items():
+    for name, tf in official_names.TRANSFORMS.items():
         for shape in TRANSFORM_SHAPES[name]:
             x = rng.normal(size=shape).astype(np.float32)
             t = tf.to_torch(x)
@@ -71,7 +71,7 @@ def test_every_transform_has_an_exact_inverse():
 def test_inverse_layouts_are_the_official_ones():
     """Indices written out as the official modules read them, independent of ``apply``."""
     rng = np.random.default_rng(1)
-    tf = convert.TRANSFORMS
+    tf = official_names.TRANSFORMS
     d, heads, hd = 8, 2, 4
     qkv = rng.normal(size=(d, 3, heads, hd))              # Linear rows in (q|k|v, head, channel) order
     w = tf["qkv_kernel"].to_torch(qkv)
@@ -94,10 +94,10 @@ def test_every_parameter_round_trips_exactly(family, task):
     shapes = _shapes(family, task)
     params = _random(shapes)
     sd = export.to_official(params, family, task)
-    rules = convert.rules_for(family, task)
+    rules = official_names.rules_for(family, task)
     names = set()
     for k, x in params.items():
-        name, tf = convert.torch_name(rules, k)
+        name, tf = official_names.torch_name(rules, k)
         assert sd[name].shape == tuple(tf.torch_shape(x.shape)) and sd[name].dtype == np.float32, k
         names.add(name)
     assert len(names) == len(params)                     # one tensor per parameter
@@ -205,11 +205,11 @@ def official_and_workdir(tmp_path_factory):
     """A synthetic official pre-training state dict (with the HOG buffers), and a workdir
     holding it as a checkpoint, written by the import command's ``convert.convert``."""
     tmp = tmp_path_factory.mktemp("export")
-    rules = convert.rules_for("vit", "pretrain")
+    rules = official_names.rules_for("vit", "pretrain")
     rng = np.random.default_rng(5)
     sd = {}
     for k, s in _shapes("vit", "pretrain").items():
-        name, tf = convert.torch_name(rules, k)
+        name, tf = official_names.torch_name(rules, k)
         sd[name] = rng.normal(size=tf.torch_shape(s)).astype(np.float32)
     sd["hogs.0.weight_x"] = np.tile(SOBEL_X, (3, 1, 1, 1))
     sd["hogs.0.weight_y"] = np.tile(SOBEL_X.T, (3, 1, 1, 1))

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, steps
+from maskfeat_jax import augment, checkpoint
 from maskfeat_jax.evaluators import probe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_mixed_targets_sum_to_one_and_match_the_mixed_images(mixup, cutmix):
     images = jnp.stack([jnp.full((8, 8, 3), float(i)) for i in range(4)])
     labels = jnp.arange(4)
     for seed in range(6):
-        mixed, targets = steps.mix(jax.random.key(seed), images, labels, 10, _aug(mixup, cutmix))
+        mixed, targets = augment.mix(jax.random.key(seed), images, labels, 10, _aug(mixup, cutmix))
         np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
         # example 1 is paired with example 2 (the reversed batch): the share of its own pixels
         # in the mixed image must equal the weight of its own label in the target
@@ -39,14 +39,14 @@ def test_mixed_targets_sum_to_one_and_match_the_mixed_images(mixup, cutmix):
 
 
 def test_label_smoothing_without_mixing():
-    _, t = steps.mix(jax.random.key(0), jnp.zeros((2, 4, 4, 3)), jnp.array([1, 3]), 5, _aug(0.0, 0.0, 0.5, 0.1))
+    _, t = augment.mix(jax.random.key(0), jnp.zeros((2, 4, 4, 3)), jnp.array([1, 3]), 5, _aug(0.0, 0.0, 0.5, 0.1))
     np.testing.assert_allclose(t[0], [0.02, 0.92, 0.02, 0.02, 0.02], rtol=1e-6)
 
 
 def test_random_erasing_fills_only_the_box():
     x = jnp.zeros((2, 8, 8, 3))
     boxes = jnp.array([[1, 2, 3, 4], [0, 0, 0, 0]], jnp.int32)
-    y = steps.erase(jax.random.key(0), x, boxes)
+    y = augment.erase(jax.random.key(0), x, boxes)
     inside = np.zeros((8, 8), bool)
     inside[1:4, 2:6] = True
     assert np.all(np.asarray(y[0])[inside] != 0) and np.all(np.asarray(y[0])[~inside] == 0)
@@ -202,7 +202,7 @@ def test_an_example_whose_partner_failed_to_decode_is_left_unmixed(mixup, cutmix
     images = jnp.stack([jnp.full((8, 8, 3), float(i)) for i in range(4)])
     labels, valid = jnp.arange(4), jnp.array([True, True, True, False])    # example 3: a blank row
     for seed in range(4):
-        mixed, targets = steps.mix(jax.random.key(seed), images, labels, 4, _aug(mixup, cutmix, 0.5, 0.0), valid)
+        mixed, targets = augment.mix(jax.random.key(seed), images, labels, 4, _aug(mixup, cutmix, 0.5, 0.0), valid)
         # example 0's partner (3) is invalid: example 0 keeps its pixels and its own label
         np.testing.assert_array_equal(mixed[0], images[0])
         np.testing.assert_array_equal(targets[0], jax.nn.one_hot(0, 4))

@@ -63,6 +63,7 @@ def trained(tmp_path_factory):
 # ---- config file, --print_config, --help
 
 
+@pytest.mark.e2e
 def test_config_is_found_from_another_folder_and_print_config_lists_every_key(tmp_path):
     p = _run("-m", "maskfeat_jax.main", "--config=configs/demo.py", "--print_config", "--config.seed=7",
              cwd=tmp_path)
@@ -75,11 +76,20 @@ def test_config_is_found_from_another_folder_and_print_config_lists_every_key(tm
     assert len(lines) == len(config_lib.flat_keys(config_lib.base_config()))
 
 
+@pytest.mark.e2e
 def test_a_missing_config_file_is_one_line_naming_the_closest(tmp_path):
     p = _run("-m", "maskfeat_jax.main", "--config=configs/dmeo.py", f"--workdir={tmp_path}", cwd=tmp_path)
     _one_line_error(p, "--config=configs/dmeo.py: no such file", "did you mean configs/demo.py")
 
 
+@pytest.mark.e2e
+def test_a_bad_config_argument_is_one_line_naming_what_the_file_takes(tmp_path):
+    p = _run("-m", "maskfeat_jax.main", "--config=configs/vit_in1k.py:B/32", f"--workdir={tmp_path}", cwd=tmp_path)
+    _one_line_error(p, "vit_in1k.py:B/32", "config argument 'B/32'", "VARIANT one of B/16, L/16",
+                    "SWITCH one of ft, runlocal")
+
+
+@pytest.mark.e2e
 def test_help_exits_0_and_starts_with_the_flags():
     p = _run("-m", "maskfeat_jax.main", "--help")
     assert p.returncode == 0 and "print_config: Print every config key" in p.stdout and "--workdir" in p.stdout, p.stderr[-2000:]
@@ -87,6 +97,8 @@ def test_help_exits_0_and_starts_with_the_flags():
     assert p.returncode == 0, p.stderr[-2000:]
     assert "--encoder_only" in "\n".join(p.stdout.splitlines()[:10]), p.stdout[:2000]
     for module, text in (("maskfeat_jax.curves", "the metric to plot"),
+                         ("maskfeat_jax.visualize", "one figure each"),
+                         ("maskfeat_jax.dry_run", "Simulate this many CPU devices"),
                          ("maskfeat_jax.evaluators.probe", "the checkpoint step")):
         p = _run("-m", module, "--help")
         assert p.returncode == 0 and text in p.stdout, (module, p.stdout, p.stderr[-2000:])
@@ -95,6 +107,7 @@ def test_help_exits_0_and_starts_with_the_flags():
 # ---- the workdir
 
 
+@pytest.mark.e2e
 def test_a_workdir_that_is_a_file_fails_before_start_up(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
@@ -129,6 +142,7 @@ def _digits_config():
     return c
 
 
+@pytest.mark.e2e
 def test_mean_and_std_need_three_values(tmp_path):
     for key, value in (("mean", (0.5,)), ("mean", (0.5, 0.5)), ("std", (0.5,) * 4), ("std", (0.5, 0.5, 0.0))):
         c = _digits_config()
@@ -162,6 +176,7 @@ def test_a_folder_dataset_without_its_eval_split_fails_at_start_up(tmp_path):
 # ---- --mode=eval and a finished run
 
 
+@pytest.mark.e2e
 def test_eval_without_a_checkpoint_or_with_another_config_is_one_line(trained, tmp_path):
     _one_line_error(_main(tmp_path, "--mode=eval"), "holds no finished checkpoint")
     _one_line_error(_main(trained, "--mode=eval", "--config.model.variant=demo/16"),
@@ -169,6 +184,7 @@ def test_eval_without_a_checkpoint_or_with_another_config_is_one_line(trained, t
                     "Evaluate with the config it was trained with")
 
 
+@pytest.mark.e2e
 def test_eval_of_a_pretraining_checkpoint_says_what_to_do_and_writes_rows_once(trained):
     before = _rows(trained)
     p = _main(trained, "--mode=eval")
@@ -183,6 +199,7 @@ def test_eval_of_a_pretraining_checkpoint_says_what_to_do_and_writes_rows_once(t
     assert len([r for r in _rows(trained) if "eval/knn_top1" in r]) == 1
 
 
+@pytest.mark.e2e
 def test_a_finished_run_rerun_says_so_and_exits_0(trained):
     p = _main(trained, "--config.total_steps=2")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -192,6 +209,7 @@ def test_a_finished_run_rerun_says_so_and_exits_0(trained):
 # ---- the console
 
 
+@pytest.mark.e2e
 def test_sigint_is_named_and_says_how_to_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={tmp_path}", *SMALL,
                              "--config.total_steps=100000", "--config.checkpoint.every_steps=2"],
@@ -255,6 +273,7 @@ runpy.run_module("maskfeat_jax.main", run_name="__main__")
 """
 
 
+@pytest.mark.e2e
 def test_a_full_disk_stops_with_one_line_leaves_no_temporary_checkpoint_and_resumes(tmp_path):
     args = [f"--workdir={tmp_path}", *SMALL, "--config.total_steps=6", "--config.checkpoint.every_steps=2"]
     p = _run("-c", FULL_DISK, *args)

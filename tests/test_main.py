@@ -9,9 +9,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from maskfeat_jax import checkpoint
 from conftest import xla_flags
+
+pytestmark = pytest.mark.e2e      # every test here runs python -m maskfeat_jax.main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
@@ -144,3 +147,15 @@ def test_vit_b16_runs_on_cpu_with_synthetic_data(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "85,882,476" in p.stdout
     assert [r["step"] for r in _metrics(tmp_path) if "train/loss" in r] == [1, 2]
+
+
+def test_runlocal_is_a_smoke_run_of_a_paper_config(tmp_path):
+    """``configs/vit_in1k.py:B/16,runlocal``: the pre-training recipe shrunk to 3 steps of a tiny
+    model on random images, with no other flag."""
+    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={tmp_path}",
+                        "--config=configs/vit_in1k.py:B/16,runlocal"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "config: " in p.stdout and "vit_in1k.py:B/16,runlocal" in p.stdout
+    assert [r["step"] for r in _metrics(tmp_path) if "train/loss" in r] == [1, 2, 3]
+    assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit()) == [3]

@@ -1,9 +1,9 @@
-"""Tests for maskfeat_jax.masking (host-side numpy mask generators)."""
+"""Tests for maskfeat_jax.data.masking (host-side numpy mask generators)."""
 
 import numpy as np
 import pytest
 
-from maskfeat_jax.masking import block_mask, cube_mask, upsample_mask
+from maskfeat_jax.data.masking import block_mask, cube_mask, upsample_mask
 
 
 def _rng(seed):
@@ -269,3 +269,33 @@ def test_block_area_follows_budget_but_cube_area_does_not():
              for s in range(30)]
     assert max(blocks) == 10
     assert set(cubes) == {9}
+
+
+# Masks of the generators as first written (one loop per generator), packed with
+# np.packbits over the flattened mask: the shared box sampler must reproduce them bit for bit.
+_PINNED = [
+    ("block", 0, (14, 14), 0.4, {}, 78,
+     [0, 0, 0, 15, 252, 63, 240, 255, 195, 255, 239, 255, 191, 254, 0, 56, 0, 224, 3, 128, 0, 0, 0, 0, 0]),
+    ("block", 1, (14, 14), 0.4, {}, 78,
+     [120, 1, 224, 7, 128, 30, 64, 121, 1, 224, 7, 128, 30, 224, 123, 129, 255, 7, 252, 31, 240, 31, 192, 0, 0]),
+    ("block", 7, (14, 14), 0.4, {}, 78,
+     [0, 0, 7, 192, 31, 0, 126, 63, 248, 255, 227, 255, 0, 124, 1, 240, 7, 192, 31, 0, 124, 1, 240, 0, 0]),
+    ("block", 3, (6, 9), 0.5, {"min_aspect": 0.5, "tries": 3}, 26, [7, 31, 143, 135, 224, 240, 96]),
+    ("cube", 0, (8, 7, 7), 0.4, {}, 155,
+     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 30, 60, 120, 240, 0, 7, 143, 30, 60, 120, 0, 207, 223, 191,
+      126, 252, 0, 231, 239, 223, 191, 126, 48, 115, 247, 239, 223, 191, 0, 1, 195, 135, 14, 28, 0]),
+    ("cube", 5, (8, 7, 7), 0.4, {}, 156,
+     [253, 251, 247, 231, 0, 0, 126, 253, 251, 243, 128, 0, 48, 120, 241, 225, 192, 0, 24, 60, 120, 240, 224, 0,
+      12, 30, 60, 120, 112, 0, 6, 15, 30, 60, 56, 0, 3, 7, 143, 30, 28, 0, 1, 131, 199, 143, 14, 0, 0]),
+    ("cube", 11, (4, 2, 2), 0.4, {}, 6, [34, 226]),
+    ("cube", 2, (4, 6, 5), 0.3, {"min_t": 2, "max_t": 3, "tries": 5}, 24,
+     [0, 0, 0, 0, 0, 0, 0, 0, 123, 222, 0, 1, 239, 120, 0]),
+]
+
+
+@pytest.mark.parametrize("kind,seed,grid,ratio,kwargs,count,packed", _PINNED)
+def test_masks_pinned_under_seed(kind, seed, grid, ratio, kwargs, count, packed):
+    fn = block_mask if kind == "block" else cube_mask
+    m = fn(_rng(seed), grid, ratio, **kwargs)
+    assert m.shape == grid and int(m.sum()) == count
+    np.testing.assert_array_equal(np.packbits(m.reshape(-1)), np.array(packed, np.uint8))

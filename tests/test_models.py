@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from maskfeat_jax import config as config_lib, models, platform
-from maskfeat_jax.models import heads, vit
+from maskfeat_jax.models import cpu_kernels, heads, vit
 
 
 def _config(task="pretrain", variant="mu/16", size=32, classes=10):
@@ -143,13 +143,14 @@ def test_flat_attention_projections_match_the_einsum_projections(monkeypatch, dt
     """The CPU layout of the qkv / output projections (2-D matmuls on reshaped kernels) against
     the 4-D einsums used elsewhere: same values and gradients, parameters unchanged."""
     with nnx.use_eager_sharding(False):
-        attn = vit.Attention(16, 2, rngs=nnx.Rngs(0), dtype=dtype, choice=_choice("einsum", 5), platform="cpu")
+        attn = vit.Attention(16, 2, rngs=nnx.Rngs(0), dtype=dtype, choice=_choice("einsum", 5),
+                             kernels=cpu_kernels.CPU)
     gd, st = nnx.split(attn)
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     g = jax.random.normal(jax.random.key(2), (2, 5, 16))
     results = []
     for flat in (True, False):
-        monkeypatch.setattr(vit, "flat_projections", lambda platform, flat=flat: flat)
+        monkeypatch.setattr(cpu_kernels, "flat_projections", lambda flat=flat: flat)
         out, vjp = jax.vjp(lambda s, x: nnx.merge(gd, s)(x).astype(jnp.float32), st, x)
         results.append((out, jax.tree.leaves(vjp(g))))
     (out_flat, g_flat), (out_ein, g_ein) = results
@@ -161,12 +162,13 @@ def test_flat_attention_projections_match_the_einsum_projections(monkeypatch, dt
 def test_flat_projections_only_where_the_heads_are_not_split():
     """2-D projections on CPU, but the 4-D einsums under a mesh that splits the heads ('tensor')."""
     from maskfeat_jax import config as config_lib, sharding
-    assert vit.flat_projections("cpu") and not vit.flat_projections("gpu") and not vit.flat_projections("tpu")
+    assert cpu_kernels.for_platform("cpu") is cpu_kernels.CPU and cpu_kernels.flat_projections()
+    assert cpu_kernels.for_platform("gpu") is cpu_kernels.for_platform("tpu") is cpu_kernels.PLAIN
     c = config_lib.base_config()
     for mesh_cfg, flat in [((8, 1, 1), True), ((1, 4, 2), False)]:
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
         with jax.set_mesh(sharding.make_mesh(c.mesh)):
-            assert vit.flat_projections("cpu") is flat, mesh_cfg
+            assert cpu_kernels.flat_projections() is flat, mesh_cfg
 
 
 @pytest.mark.parametrize("drop_path,with_rng", [(0.0, False), (0.5, True)], ids=["no_rng", "drop_path_rng"])

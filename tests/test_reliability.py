@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from maskfeat_jax import steps, train
+from maskfeat_jax import checkpoint, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
@@ -109,33 +109,35 @@ def test_a_skipped_update_advances_the_lr_schedule_but_not_adams_count():
     np.testing.assert_allclose(good.params["w"], 0.5, rtol=1e-5)
 
 
+def _logger(workdir, nonfinite="error", skipped_before=0):
+    from maskfeat_jax import metrics
+    return metrics.Logger(metrics.Writer(str(workdir)), metrics.Progress(10, 5, 0), metrics.Throughput(8, 1.0, 1, 1.0),
+                          every_steps=1, total_steps=10, steps_per_epoch=5, nonfinite=nonfinite,
+                          skipped_before=skipped_before)
+
+
 def test_nonfinite_stops_the_run_in_error_mode_naming_the_step(tmp_path):
-    from maskfeat_jax import config as config_lib, metrics
-    c = config_lib.base_config()
-    w = metrics.Writer(str(tmp_path))
-    prog = metrics.Progress(10, 5, 0)
-    meter = metrics.Throughput(8, 1.0, 1, 1.0)
-    pending = (7, {"train/loss": jnp.float32(np.nan), "train/nonfinite_steps": jnp.int32(1)}, {})
+    bad = {"train/loss": jnp.float32(np.nan), "train/nonfinite_steps": jnp.int32(1)}
+    log = _logger(tmp_path)
+    log.dispatched(7, bad)
     with pytest.raises(FloatingPointError, match="step 7"):
-        train._flush(pending, c, w, prog, meter)
-    c.nonfinite = "skip"
-    out = train._flush(pending, c, w, prog, meter)
-    assert out["train/nonfinite_steps"] == 1
-    w.close()
+        log.flush()
+    log.close()
+    log = _logger(tmp_path, nonfinite="skip")
+    log.dispatched(7, bad)
+    assert log.flush()["train/nonfinite_steps"] == 1
+    log.close()
 
 
 def test_error_mode_counts_only_this_runs_skips_so_a_stopped_run_resumes(tmp_path):
     """A checkpoint saved with one skipped update resumes; a new skip after the resume still stops it."""
-    from maskfeat_jax import config as config_lib, metrics
-    c = config_lib.base_config()
-    w = metrics.Writer(str(tmp_path))
-    prog, meter = metrics.Progress(10, 5, 0), metrics.Throughput(8, 1.0, 1, 1.0)
-    resumed = (8, {"train/loss": jnp.float32(1.0), "train/nonfinite_steps": jnp.int32(1)}, {})
-    assert train._flush(resumed, c, w, prog, meter, skipped_before=1)["train/nonfinite_steps"] == 1
-    again = (9, {"train/loss": jnp.float32(np.nan), "train/nonfinite_steps": jnp.int32(2)}, {})
+    log = _logger(tmp_path, skipped_before=1)
+    log.dispatched(8, {"train/loss": jnp.float32(1.0), "train/nonfinite_steps": jnp.int32(1)})
+    assert log.flush()["train/nonfinite_steps"] == 1
+    log.dispatched(9, {"train/loss": jnp.float32(np.nan), "train/nonfinite_steps": jnp.int32(2)})
     with pytest.raises(FloatingPointError, match="1 step.*by step 9"):
-        train._flush(again, c, w, prog, meter, skipped_before=1)
-    w.close()
+        log.flush()
+    log.close()
 
 
 def test_throughput_restart_leaves_evaluation_time_out_of_the_step_time(monkeypatch):
@@ -152,8 +154,6 @@ def test_throughput_restart_leaves_evaluation_time_out_of_the_step_time(monkeypa
 
 
 def _final_params(workdir, step):
-    from maskfeat_jax import checkpoint
-    import jax
     return jax.tree.leaves(checkpoint.read_params(str(pathlib.Path(workdir) / "checkpoints" / str(step))))
 
 
@@ -187,7 +187,6 @@ def test_the_input_position_survives_global_batch_changes_and_plain_resumes(tmp_
     assert "resuming from step 6" in out and "input topology changed" not in out
     for a, b in zip(ref, _final_params(run, 9)):
         np.testing.assert_array_equal(a, b)
-    from maskfeat_jax import checkpoint
     ckpt = checkpoint.Checkpointer(str(run), 3, 5)
     saved = [ckpt.saved_topology(s) for s in (3, 6, 9)]
     assert [t["examples_read"] for t in saved] == [48, 72, 96] and [t["start_batch"] for t in saved] == [0, 6, 6]
@@ -261,29 +260,29 @@ class _FakeCheckpoints:
 
 def test_a_read_error_is_retried_whatever_its_type(monkeypatch):
     from maskfeat_jax import config as config_lib
-    monkeypatch.setattr(train, "RESTORE_RETRY_S", 0.0)
+    monkeypatch.setattr(checkpoint, "RESTORE_RETRY_S", 0.0)
     c = config_lib.base_config()
     ck = _FakeCheckpoints(c, {6: 1})                     # one transient failure of the newest step
-    state, _, _ = train._restore_latest_good(ck, None, lambda start: None, c, {})
+    state, _, _ = checkpoint._restore_latest_good(ck, None, lambda start: None, c, {})
     assert state == "state at 6" and ck.reads == [6, 6] and ck.set_aside_steps == []
     ck = _FakeCheckpoints(c, {6: 2})                     # fails twice: damaged, fall back and set it aside
-    state, _, _ = train._restore_latest_good(ck, None, lambda start: None, c, {})
+    state, _, _ = checkpoint._restore_latest_good(ck, None, lambda start: None, c, {})
     assert state == "state at 3" and ck.reads == [6, 6, 3] and ck.set_aside_steps == [6]
 
 
 def test_processes_fall_back_together_when_one_cannot_read_a_step(monkeypatch):
     """This process reads step 6, another does not: all resume from step 3 and set 6 aside."""
     from maskfeat_jax import config as config_lib
-    monkeypatch.setattr(train, "RESTORE_RETRY_S", 0.0)
+    monkeypatch.setattr(checkpoint, "RESTORE_RETRY_S", 0.0)
     votes = []
 
     def agree(ok):                  # the other process fails both reads of step 6, then reads step 3
         votes.append(ok)
         return ok and len(votes) > 2
 
-    monkeypatch.setattr(train, "_all_processes_agree", agree)
+    monkeypatch.setattr(checkpoint, "_all_processes_agree", agree)
     c = config_lib.base_config()
     ck = _FakeCheckpoints(c, {})
-    state, _, _ = train._restore_latest_good(ck, None, lambda start: None, c, {})
+    state, _, _ = checkpoint._restore_latest_good(ck, None, lambda start: None, c, {})
     assert votes == [True, True, True] and ck.reads == [6, 6, 3]
     assert state == "state at 3" and ck.set_aside_steps == [6]

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from maskfeat_jax import config as config_lib, sharding, train
+from maskfeat_jax import augment, config as config_lib, sharding, train
 
 
 def _config(task="pretrain"):
@@ -119,7 +119,7 @@ def test_mixup_pairs_stay_on_their_device():
     x = jax.device_put(images, sharding.batch_sharding(mesh, 4))
     y = jax.device_put(np.arange(n, dtype=np.int32), sharding.batch_sharding(mesh, 1))
     with jax.set_mesh(mesh):
-        f = jax.jit(lambda k, x, y: train.steps.mix(k, x, y, n, a))
+        f = jax.jit(lambda k, x, y: augment.mix(k, x, y, n, a))
         hlo = f.lower(jax.random.key(0), x, y).compile().as_text()
         mixed, targets = f(jax.random.key(0), x, y)
     for op in ("collective-permute", "all-to-all", "all-gather", "all-reduce"):

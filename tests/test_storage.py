@@ -34,7 +34,7 @@ def _names(url):
     return sorted(p.name for p in storage.path(url).iterdir())
 
 
-def test_line_log_appends_on_a_filesystem_and_rewrites_on_gcs(tmp_path, bucket):
+def test_line_log_appends_on_a_filesystem_and_on_gcs(tmp_path, bucket):
     for where in (str(tmp_path / "run" / "m.jsonl"), f"{bucket}/run/m.jsonl"):
         log = storage.LineLog(where)
         log.write("a")
@@ -44,6 +44,38 @@ def test_line_log_appends_on_a_filesystem_and_rewrites_on_gcs(tmp_path, bucket):
         log.write("c")
         log.close()
         assert storage.path(where).read_text() == "a\nb\nc\n", where
+
+
+def test_line_log_on_gcs_sends_each_line_once(bucket, monkeypatch):
+    """On a bucket the lines are buffered and composed onto the object in chunks: the bytes
+    uploaded are those of the lines, not of the whole log again at every write."""
+    import gcsfs
+    sent = []
+    upload = gcsfs.GCSFileSystem._pipe_file
+
+    async def counting(self, path, data, *args, **kwargs):
+        sent.append(len(data))
+        return await upload(self, path, data, *args, **kwargs)
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_pipe_file", counting)
+    where = f"{bucket}/run/metrics.jsonl"
+    log = storage.LineLog(where)
+    lines = [f"{i:09d}" for i in range(40)]             # 10 bytes each with the newline
+    for i, line in enumerate(lines):
+        log.write(line)
+        assert len(sent) == i // 10, "written before the chunk is due"
+        if i % 10 == 9:
+            log.flush()                                  # 4 chunks of 10 lines
+    log.write("last")
+    log.close()                                          # the rest goes at close
+    assert sent == [100, 100, 100, 100, 5]
+    assert storage.path(where).read_text() == "".join(x + "\n" for x in lines + ["last"])
+    assert _names(f"{bucket}/run") == ["metrics.jsonl"]    # no chunk left behind
+    monkeypatch.setattr(storage.LineLog, "GCS_FLUSH_S", 0.0)   # due at every write: one line per upload
+    log = storage.LineLog(where)
+    log.write("x")
+    log.close()
+    assert sent[-1] == 2 and storage.path(where).read_text().endswith("last\nx\n")
 
 
 def test_unsupported_urls_are_refused_naming_the_key(monkeypatch):
@@ -81,7 +113,7 @@ def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
     commit = [f for f in gcs.find(f"{run}/checkpoints/8") if f.endswith("commit_success.txt")]
     assert commit
     gcs.rm(commit)
-    assert checkpoint.locate(run)[2] == [4, 6]
+    assert checkpoint.finished_steps(run) == [4, 6]
     with pytest.raises(ValueError, match="checkpoints/8 is not a finished checkpoint"):
         checkpoint.read_params(f"{run}/checkpoints/8")
     gcs.rm(f"{run}/checkpoints/8", recursive=True)

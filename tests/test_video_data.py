@@ -6,13 +6,13 @@ import math
 import os
 import pickle
 
-import ml_collections
 import numpy as np
 import pytest
 
 from maskfeat_jax import config as config_lib
-from maskfeat_jax import masking
-from maskfeat_jax.data import make_video_demo, transforms, video
+from maskfeat_jax.data import masking
+from maskfeat_jax.data import make_video_demo, pipeline, rand_augment, sources, transforms, video
+from maskfeat_jax.data import video_decode, video_maps
 from maskfeat_jax.data import video_transforms as VT
 
 av = pytest.importorskip("av")
@@ -194,7 +194,7 @@ def test_temporal_indices_semantics():
 def test_decode_samples_the_right_frames(index_videos, kind, monkeypatch):
     path, n, t, sr = index_videos[kind], 40, 4, 3          # span 12, delta 28
     # the header count (mp4) or duration (webm) and the seek are trusted: no counting pass
-    monkeypatch.setattr(video, "_count_frames", lambda src: pytest.fail("fell back to counting frames"))
+    monkeypatch.setattr(video_decode, "_count_frames", lambda src: pytest.fail("fell back to counting frames"))
     frames, ok = video.decode_clip(path, None, num_frames=t, sampling_rate=sr, mode="test",
                                    clip_index=0, num_clips=1)
     assert ok and frames.dtype == np.uint8 and frames.shape == (t, 48, 64, 3)
@@ -221,7 +221,7 @@ def test_decode_wrong_header_count(index_videos, monkeypatch, header):
     """A header that over-counts (or no count) falls back to counting the decodable frames."""
     n = 40
     fake = {"over": n + 15, "unknown": 0, "under": n - 10}[header]
-    monkeypatch.setattr(video, "_header_frame_count", lambda container, stream, fps: fake)
+    monkeypatch.setattr(video_decode, "header_frame_count", lambda container, stream, fps: fake)
     frames, ok = video.decode_clip(index_videos["h264.mp4"], None, num_frames=4, sampling_rate=3, mode="test",
                                    clip_index=3, num_clips=4)
     used = n if header != "under" else n - 10
@@ -268,8 +268,8 @@ def test_the_config_target_fps_and_flip_reach_the_clip_maps(index_videos):
 def test_the_fine_tuning_crop_scale_reaches_the_clip_map(index_videos, monkeypatch):
     c = _config(image_size=32, short_side=48, num_frames=2, sampling_rate=2)
     element = {"video": index_videos["h264.mp4"], "label": 0}
-    scales, crop = [], video.VT.random_resized_crop
-    monkeypatch.setattr(video.VT, "random_resized_crop", lambda *a, scale, **k: scales.append(scale) or crop(
+    scales, crop = [], video_maps.VT.random_resized_crop
+    monkeypatch.setattr(video_maps.VT, "random_resized_crop", lambda *a, scale, **k: scales.append(scale) or crop(
         *a, scale=scale, **k))
     c.task, c.augment.crop_min_scale = "finetune", 0.9
     assert video.VideoTrainMap(c).random_map(element, np.random.default_rng(0))["image"].shape == (2, 32, 32, 3)
@@ -359,7 +359,7 @@ def test_rand_augment_same_ops_every_frame():
         np.testing.assert_array_equal(out[0], out[2])
         np.testing.assert_array_equal(out[0], out[3])
         seed_draw = int(np.random.default_rng(seed).integers(0, 2 ** 63 - 1))
-        ref_b = transforms.rand_augment(b, np.random.default_rng(seed_draw), num_ops=2, magnitude=9,
+        ref_b = rand_augment.rand_augment(b, np.random.default_rng(seed_draw), num_ops=2, magnitude=9,
                                         magnitude_std=0.5, fill=(128, 128, 128), interpolation="bicubic")
         np.testing.assert_array_equal(out[1], ref_b)
         changed += int(not np.array_equal(out[0], a))
@@ -443,6 +443,34 @@ def test_train_dataset_batches(demo_dir, task):
     # two hosts: disjoint halves of the global batch
     hosts = [_take(video.train_dataset(c, src, grid, process_index=i, process_count=2), 2) for i in range(2)]
     assert all(b["image"].shape[0] == 2 for h in hosts for b in h)
+
+
+def test_one_pipeline_for_images_and_clips(demo_dir):
+    """``pipeline.train_dataset`` / ``eval_batches`` serve clips when ``config.input.dataset`` is a
+    video dataset: the same batches as ``video.train_dataset`` / ``eval_batches``."""
+    c = _config(demo_dir, task="finetune", image_size=32, short_side=40, batch=4, num_frames=4)
+    c.video.num_sample, c.augment.erase_prob = 2, 1.0
+    src = video.make_source(c, "train")
+    assert not sources.is_video(c) and isinstance(pipeline.train_map(c, (2, 2)), pipeline.TrainMap)
+    c.input.dataset = "video_csv"
+    assert sources.is_video(c) and isinstance(pipeline.train_map(c), video.VideoTrainMap)
+    for start in (0, 3):
+        a = _take(pipeline.train_dataset(c, src, (2, 2, 2), start_batch=start), 2)
+        b = _take(video.train_dataset(c, src, (2, 2, 2), start_batch=start), 2)
+        assert a[0]["image"].shape == (4, 4, 32, 32, 3)
+        for x, y in zip(a, b):
+            assert sorted(x) == sorted(y)
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    val = video.make_source(c, "validation")
+    a = list(pipeline.eval_batches(c, val, 2, process_index=1, process_count=2))
+    b = list(video.eval_batches(c, val, 2, process_index=1, process_count=2))
+    assert len(a) == len(b) == math.ceil(math.ceil(5 / 2) * 2 / 2)      # the last one all padding
+    for x, y in zip(a, b):
+        assert sorted(x) == sorted(y) == ["image", "label", "valid", "video_index", "view"]
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    assert not a[-1]["valid"].any() and (a[-1]["video_index"] == -1).all() and a[-1]["image"].shape[0] == 2
 
 
 def test_bad_videos_in_the_pipelines(tmp_path, index_videos):
@@ -678,7 +706,7 @@ def test_repeated_views_share_one_decode(tmp_path, monkeypatch):
     c.video.num_sample = 3
     calls = []
     decode = video.decode_clip
-    monkeypatch.setattr(video, "decode_clip", lambda *a, **k: calls.append(a[0]) or decode(*a, **k))
+    monkeypatch.setattr(video_decode, "decode_clip", lambda *a, **k: calls.append(a[0]) or decode(*a, **k))
     tm = video.VideoTrainMap(c)
     starts = set()
     for seed in range(8):

@@ -324,6 +324,7 @@ def _run(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_command_end_to_end(tmp_path):
     from maskfeat_jax import config as config_lib
     work = tmp_path / "run"

@@ -6,7 +6,7 @@
 The training input skips a video it cannot decode (a blank clip with ``valid=False``,
 counted in ``data/invalid_examples``), so a damaged dataset trains on fewer videos
 without stopping. This command finds those videos up front. The CSV is read with
-:func:`maskfeat_jax.data.video.parse_csv` (a malformed line fails with the same
+:func:`maskfeat_jax.data.video_source.parse_csv` (a malformed line fails with the same
 ``file:line`` message) and each video is opened with the loader's own PyAV helpers,
 then classified:
 
@@ -23,7 +23,7 @@ then classified:
   last frame of a video shorter than its clip span); ``--min_frames`` is for leaving them out.
 
 A video that passes these checks is also read once the way training reads it
-(``video.decode_clip``: seek to a clip start, decoding threads, 16 frames at rate 4); if that
+(``video_decode.decode_clip``: seek to a clip start, decoding threads, 16 frames at rate 4); if that
 fails it is ``corrupt`` too. ``--decode=all`` decodes on one thread and is stricter than
 training, which may recover a damaged frame that this check reports.
 
@@ -48,7 +48,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 from maskfeat_jax import storage
-from maskfeat_jax.data import video
+from maskfeat_jax.data import video_decode, video_source
 
 __all__ = ["CATEGORIES", "Check", "check_video", "check_csv", "main"]
 
@@ -69,13 +69,13 @@ def check_video(path: str, decode: str = "first", min_frames: int = 0) -> Check:
         return Check("missing", "no such file")
     category = "unreadable"
     try:
-        with video.open_container(path) as container:
-            stream = video._video_stream(container)
+        with video_decode.open_container(path) as container:
+            stream = video_decode.video_stream(container)
             # One decoding thread: with frame threading FFmpeg can drop a damaged frame
             # without reporting it. The parallelism here is --workers.
             stream.thread_count = 1
-            fps = video._fps(stream)
-            header = video._header_frame_count(container, stream, fps)
+            fps = video_decode.frame_rate(stream)
+            header = video_decode.header_frame_count(container, stream, fps)
             category = "corrupt"
             frames = container.decode(stream)
             first = next(frames, None)
@@ -89,8 +89,8 @@ def check_video(path: str, decode: str = "first", min_frames: int = 0) -> Check:
     except Exception as e:  # noqa: BLE001 - any failure is a finding about this file
         return Check(category, " ".join(f"{type(e).__name__}: {e}".split()))
     seconds = n / fps if fps > 0 else 0.0
-    if not video.decode_clip(path, None, mode="test", num_clips=1)[1]:   # as training reads it
-        return Check("corrupt", "video.decode_clip (the training loader) could not read a clip")
+    if not video_decode.decode_clip(path, None, mode="test", num_clips=1)[1]:   # as training reads it
+        return Check("corrupt", "video_decode.decode_clip (the training loader) could not read a clip")
     if min_frames and n < min_frames:
         return Check("too_short", f"{n} frames < --min_frames={min_frames} (the loader repeats the last frame)",
                      n, seconds)
@@ -102,8 +102,8 @@ def check_csv(csv_path: str, root: str | None = None, *, decode: str = "first", 
     """Yields ``((line number, line text), video path, Check)`` for every video of ``csv_path``,
     in line order. Raises ValueError (naming file and line) on a malformed CSV, before any
     video is opened."""
-    items = video.parse_csv(csv_path, root)
-    lines = video.csv_lines(csv_path)         # the lines parse_csv read, one per item
+    items = video_source.parse_csv(csv_path, root)
+    lines = video_source.csv_lines(csv_path)         # the lines parse_csv read, one per item
     paths = [path for path, _ in items]
     check = functools.partial(check_video, decode=decode, min_frames=min_frames)
     if workers <= 1 or len(paths) < 2:

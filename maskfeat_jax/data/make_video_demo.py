@@ -5,7 +5,7 @@
 
 writes ``DIR/train/00000.mp4 ...``, ``DIR/val/00000.mp4 ...`` and ``DIR/train.csv`` /
 ``DIR/val.csv`` (``path label`` lines, paths relative to ``DIR``), the layout
-:class:`maskfeat_jax.data.video.VideoCsvSource` reads. Each video shows one digit
+:class:`maskfeat_jax.data.video_source.VideoCsvSource` reads. Each video shows one digit
 (upscaled to half the frame side, tinted with a random colour) moving in a straight
 line and bouncing off the borders on a black ``size x size`` background; its label is
 the digit (10 classes, balanced: video ``i`` shows digit ``i % 10``). Train videos use

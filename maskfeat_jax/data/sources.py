@@ -104,6 +104,7 @@ class TfdsSource:
         return {"image": ex["image"], "label": int(ex["label"])}
 
 
+VIDEO_DATASETS = ("video_csv", "video_demo")
 DEFAULT_VIDEO_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "video_demo")
 
 
@@ -113,6 +114,11 @@ def video_csv_dir(config) -> str:
         from maskfeat_jax.data import make_video_demo
         return make_video_demo.ensure_video_demo(config.video.csv_dir or DEFAULT_VIDEO_DEMO_DIR)
     return config.video.csv_dir
+
+
+def is_video(config) -> bool:
+    """Whether ``config.input.dataset`` is a video dataset (clips ``(T, H, W, 3)``, read by MViTv2)."""
+    return config.input.dataset in VIDEO_DATASETS
 
 
 def check_labels(source, config, split: str) -> None:
@@ -128,13 +134,13 @@ def check_labels(source, config, split: str) -> None:
 def make(config, split: str):
     """The source for ``split`` of ``config.input.dataset``."""
     inp = config.input
-    if inp.dataset in ("video_csv", "video_demo"):
+    if is_video(config):
         import ml_collections
 
-        from maskfeat_jax.data import video
+        from maskfeat_jax.data import video_source
         resolved = ml_collections.ConfigDict(config.to_dict())
         resolved.video.csv_dir = video_csv_dir(config)
-        return video.make_source(resolved, split)
+        return video_source.make_source(resolved, split)
     if inp.dataset == "digits":
         return DigitsSource(split)
     if inp.dataset == "synthetic":

@@ -11,8 +11,9 @@ and decoded on first use, which lets :func:`resized_crop` decode a JPEG at a
 reduced DCT scale (``draft=True``). Every random function takes an explicit
 :class:`numpy.random.Generator`, so a pipeline is reproducible from a seed.
 The sampling rules follow torchvision (random resized crop, resize, centre
-crop) and timm (RandAugment ``rand-m9-mstd0.5-inc1``, random erasing); the
-random streams differ from those libraries, the distributions do not.
+crop); the random streams differ from torchvision's, the distributions do not. RandAugment is in
+:mod:`maskfeat_jax.data.rand_augment`; the training maps that chain these
+functions are ``pipeline.TrainMap`` and ``pipeline.EvalMap``.
 
 Two backends (``backend=``, ``config.input.image_backend``) decode and resize:
 ``"pil"`` (the default here) is Pillow throughout (antialiased bicubic, the path
@@ -20,17 +21,10 @@ of the official numbers); ``"cv2"`` decodes JPEGs with simplejpeg (libjpeg-turbo
 the pixels Pillow decodes, see :class:`CvImage`) and crops and resizes with
 OpenCV: an area average when both sides shrink, else ``INTER_CUBIC``; on photos
 within 2 grey levels (mean absolute difference) of Pillow's resize, in about a
-third of its time. Both draw the same crops and flips from a seed. RandAugment
-runs on Pillow in both (an array converts to Pillow and back in under 0.1 ms,
-2-3% of a fine-tuning example).
+third of its time. Both draw the same crops and flips from a seed.
 
-Pipelines:
-
-* :func:`pretrain_transform` -- RRC scale (0.5, 1), bicubic, h-flip.
-* :func:`finetune_transform` -- RRC scale (0.08, 1), bicubic, h-flip,
-  RandAugment; random erasing comes later, on device after normalisation
-  (``pipeline.erase_box`` draws the box, ``steps.erase`` fills it).
-* :func:`eval_transform` -- short side to ``int(size / 0.875)``, centre crop.
+Evaluation geometry: :func:`eval_transform`, short side to ``int(size / 0.875)``,
+then the centre crop.
 """
 
 from __future__ import annotations
@@ -43,28 +37,13 @@ from typing import Sequence
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 cv2.setNumThreads(1)   # one image per worker process: OpenCV's own threads would only contend
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: ImageNet mean as uint8, ``round(255 * m)``: the fill timm uses for RandAugment
-#: inside ``transforms_imagenet_train`` (its ``img_mean`` hparam).
-IMAGENET_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # (124, 116, 104)
-
-RAND_INCREASING_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-    "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-    "TranslateXRel", "TranslateYRel",
-)
-_SIGNED_OPS = {"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-               "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 _INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
            "nearest": Image.Resampling.NEAREST}
 _CV2_INTERP = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
-_MAX_LEVEL = 10.0
 BACKENDS = ("cv2", "pil")
 
 
@@ -74,14 +53,14 @@ BACKENDS = ("cv2", "pil")
 
 def _check_img(img: np.ndarray | Image.Image) -> np.ndarray:
     if isinstance(img, Image.Image):
-        return np.array(_pil(img))
+        return np.array(as_pil(img))
     img = np.asarray(img)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
         raise ValueError(f"img must be a non-empty (H, W, 3) uint8 array, got {img.dtype} {img.shape}")
     return img
 
 
-def _pil(img: np.ndarray | Image.Image) -> Image.Image:
+def as_pil(img: np.ndarray | Image.Image) -> Image.Image:
     """An RGB Pillow image: a Pillow image as it is (converted if not RGB), an array wrapped."""
     if isinstance(img, Image.Image):
         if min(img.size) < 1:
@@ -95,7 +74,7 @@ def _like(out: Image.Image, img) -> np.ndarray | Image.Image:
     return out if isinstance(img, Image.Image) else np.array(out)
 
 
-def _resample(interpolation: str) -> int:
+def pil_filter(interpolation: str) -> int:
     try:
         return _INTERP[interpolation]
     except KeyError:
@@ -133,7 +112,8 @@ def _hw(size: int | Sequence[int], name: str = "size") -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _uniform(rng: np.random.Generator, a: float, b: float) -> float:
+def uniform(rng: np.random.Generator, a: float, b: float) -> float:
+    """``a + (b - a) * U[0, 1)``, Python's ``random.uniform`` on a Generator (works for b < a)."""
     return a + (b - a) * float(rng.random())
 
 
@@ -156,8 +136,8 @@ def rrc_params(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target_area = area * _uniform(rng, *scale)
-        aspect = math.exp(_uniform(rng, *log_ratio))
+        target_area = area * uniform(rng, *scale)
+        aspect = math.exp(uniform(rng, *log_ratio))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -263,7 +243,7 @@ def decode_for_crop(img: np.ndarray | Image.Image | CvImage, box: tuple[int, int
                 reduced = width / res[1][2]
     if isinstance(img, Image.Image):
         img.load()
-    return _pil(img), reduced
+    return as_pil(img), reduced
 
 
 def resized_crop(img: np.ndarray | Image.Image | CvImage, box: tuple[int, int, int, int], size: int | Sequence[int],
@@ -294,7 +274,7 @@ def resized_crop(img: np.ndarray | Image.Image | CvImage, box: tuple[int, int, i
     ``box`` refers to (from :func:`decode_for_crop`).
     """
     out_h, out_w = _hw(size)
-    resample = _resample(interpolation)
+    resample = pil_filter(interpolation)
     _check_backend(backend)
     top, left, h, w = box
     if draft or isinstance(img, CvImage):
@@ -304,7 +284,7 @@ def resized_crop(img: np.ndarray | Image.Image | CvImage, box: tuple[int, int, i
         y0, x0 = round(top / reduced), round(left / reduced)
         y1, x1 = max(y0 + 1, round((top + h) / reduced)), max(x0 + 1, round((left + w) / reduced))
         return _cv2_resize(arr[y0:y1, x0:x1], out_h, out_w, interpolation)
-    pil = _pil(img)
+    pil = as_pil(img)
     if reduced == 1.0:
         out = pil.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
     else:   # the crop in drafted pixels has fractional edges: resize that box of the image
@@ -321,7 +301,7 @@ def random_resized_crop(img: np.ndarray | Image.Image | CvImage, rng: np.random.
     :func:`resized_crop`. The crop is drawn from the image size alone, so an
     opened JPEG is not decoded before it (see ``draft`` there)."""
     out_h, out_w = _hw(size)
-    _resample(interpolation)
+    pil_filter(interpolation)
     if isinstance(img, (Image.Image, CvImage)):
         height, width = img.height, img.width
     else:
@@ -336,7 +316,7 @@ def random_flip(img: np.ndarray | Image.Image, rng: np.random.Generator,
     of the kind given (array or Pillow image)."""
     flip = float(rng.random()) < p
     if isinstance(img, Image.Image):
-        pil = _pil(img)
+        pil = as_pil(img)
         return pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else pil.copy()
     img = _check_img(img)
     return cv2.flip(img, 1) if flip else img.copy()   # 40x faster than numpy's strided copy
@@ -345,9 +325,9 @@ def random_flip(img: np.ndarray | Image.Image, rng: np.random.Generator,
 def resize_short(img: np.ndarray | Image.Image, size: int, interpolation: str = "bicubic",
                  backend: str = "pil") -> np.ndarray:
     """torchvision ``Resize(int)``: short side to ``size``, long side ``int(size * long / short)``."""
-    resample = _resample(interpolation)
+    resample = pil_filter(interpolation)
     _check_backend(backend)
-    img = _pil(img) if backend == "pil" else _check_img(img)
+    img = as_pil(img) if backend == "pil" else _check_img(img)
     h, w = (img.height, img.width) if backend == "pil" else img.shape[:2]
     short, long_ = min(w, h), max(w, h)
     new_long = int(size * long_ / short)
@@ -378,161 +358,8 @@ def resize_short_and_center_crop(img: np.ndarray | Image.Image, resize: int = 25
 
 
 # ----------------------------------------------------------------------------
-# RandAugment (timm "rand-m9-mstd0.5-inc1")
+# evaluation
 # ----------------------------------------------------------------------------
-
-def _op_arg(name: str, level: float, negate: bool, translate_pct: float):
-    """timm's level -> argument mapping of the "increasing" op set (level in [0, 10])."""
-    frac = level / _MAX_LEVEL
-    sign = -1.0 if negate else 1.0
-    if name == "Rotate":
-        return sign * frac * 30.0
-    if name == "PosterizeIncreasing":
-        return 4 - int(frac * 4)
-    if name == "SolarizeIncreasing":
-        return 256 - int(frac * 256)
-    if name == "SolarizeAdd":
-        return int(frac * 110)
-    if name.endswith("Increasing"):  # Color / Contrast / Brightness / Sharpness
-        return max(0.1, 1.0 + sign * frac * 0.9)
-    if name in ("ShearX", "ShearY"):
-        return sign * frac * 0.3
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return sign * frac * translate_pct
-    return None
-
-
-def apply_op(img: np.ndarray | Image.Image, name: str, magnitude: float,
-             rng: np.random.Generator | None = None, *, negate: bool | None = None,
-             fill: Sequence[int] = (128, 128, 128), interpolation: str = "bicubic",
-             translate_pct: float = 0.45) -> np.ndarray:
-    """Apply one RandAugment op (always, no probability gate) at ``magnitude`` in [0, 10].
-
-    Signed ops negate their argument with probability 1/2 drawn from ``rng``
-    unless ``negate`` is given. ``interpolation="random"`` picks bilinear or
-    bicubic per call, as timm does when no interpolation is configured.
-    """
-    return np.array(_apply_op(_pil(img), name, magnitude, rng, negate=negate, fill=fill,
-                              interpolation=interpolation, translate_pct=translate_pct))
-
-
-def _apply_op(pil: Image.Image, name: str, magnitude: float, rng: np.random.Generator | None, *,
-              negate: bool | None, fill: Sequence[int], interpolation: str,
-              translate_pct: float) -> Image.Image:
-    """:func:`apply_op` on an RGB Pillow image, returning a Pillow image."""
-    if name not in RAND_INCREASING_OPS:
-        raise ValueError(f"name must be one of {RAND_INCREASING_OPS}, got {name!r}")
-    if negate is None:
-        if name in _SIGNED_OPS and rng is None:
-            raise ValueError(f"rng is required for {name} unless negate is given")
-        negate = name in _SIGNED_OPS and float(rng.random()) > 0.5
-    if interpolation == "random":
-        resample = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[int(rng.integers(2))]
-    else:
-        resample = _resample(interpolation)
-    fill = tuple(int(c) for c in fill)
-    arg = _op_arg(name, float(np.clip(magnitude, 0.0, _MAX_LEVEL)), negate, translate_pct)
-    if name == "AutoContrast":
-        out = ImageOps.autocontrast(pil)
-    elif name == "Equalize":
-        out = ImageOps.equalize(pil)
-    elif name == "Invert":
-        out = ImageOps.invert(pil)
-    elif name == "Rotate":
-        out = pil.rotate(arg, resample=resample, fillcolor=fill)
-    elif name == "PosterizeIncreasing":  # LUT: recent ImageOps.posterize rejects bits=0
-        keep = 0xFF & ~(2 ** (8 - arg) - 1)
-        out = pil.point([i & keep for i in range(256)] * 3)
-    elif name == "SolarizeIncreasing":
-        out = ImageOps.solarize(pil, arg)
-    elif name == "SolarizeAdd":
-        out = pil.point([min(255, i + arg) if i < 128 else i for i in range(256)] * 3)
-    elif name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
-        matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
-                  "TranslateXRel": (1, 0, arg * pil.width, 0, 1, 0),
-                  "TranslateYRel": (1, 0, 0, 0, 1, arg * pil.height)}[name]
-        out = pil.transform(pil.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
-    else:
-        enhancer = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
-                    "BrightnessIncreasing": ImageEnhance.Brightness,
-                    "SharpnessIncreasing": ImageEnhance.Sharpness}[name]
-        out = enhancer(pil).enhance(arg)
-    return out
-
-
-def rand_augment(img: np.ndarray | Image.Image, rng: np.random.Generator, num_ops: int = 2, magnitude: float = 9,
-                 magnitude_std: float = 0.5, increasing: bool = True, *, prob: float = 0.5,
-                 fill: Sequence[int] = (128, 128, 128), interpolation: str = "bicubic") -> np.ndarray:
-    """timm RandAugment: ``num_ops`` ops drawn uniformly *with replacement*
-    from :data:`RAND_INCREASING_OPS`; each is applied with probability
-    ``prob``, with magnitude ``~N(magnitude, magnitude_std)`` clipped to
-    [0, 10] (``magnitude_std=inf`` means ``U(0, magnitude)``).
-
-    Only the "increasing" op set (``inc1``) is implemented. The ops run on a
-    Pillow image throughout; the result is a new ``uint8`` array.
-    """
-    if not increasing:
-        raise NotImplementedError("only the 'increasing' (inc1) op set is implemented")
-    pil = _pil(img)
-    for idx in rng.integers(0, len(RAND_INCREASING_OPS), size=int(num_ops)):
-        if prob < 1.0 and float(rng.random()) > prob:
-            continue
-        mag = float(magnitude)
-        if magnitude_std == float("inf"):
-            mag = _uniform(rng, 0.0, mag)
-        elif magnitude_std > 0:
-            mag = float(rng.normal(mag, magnitude_std))
-        mag = min(_MAX_LEVEL, max(0.0, mag))
-        pil = _apply_op(pil, RAND_INCREASING_OPS[int(idx)], mag, rng, negate=None, fill=fill,
-                        interpolation=interpolation, translate_pct=0.45)
-    return np.array(pil)
-
-
-# ----------------------------------------------------------------------------
-# normalisation (float images)
-# ----------------------------------------------------------------------------
-
-def normalize(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """``(img / 255 - mean) / std`` as float32, channels last."""
-    img = _check_img(img)
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    return ((img.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
-# pipelines
-# ----------------------------------------------------------------------------
-
-def pretrain_transform(img: np.ndarray | Image.Image, rng: np.random.Generator, size: int = 224, *,
-                       draft: bool = False, backend: str = "pil") -> np.ndarray:
-    """MaskFeat pre-training: RRC scale (0.5, 1), ratio (3/4, 4/3), bicubic; h-flip 0.5. uint8.
-
-    Random draws, in order: the crop (:func:`rrc_params`), then the flip. With
-    ``backend="pil"`` the image stays in Pillow from the (optionally drafted, see
-    :func:`resized_crop`) decode to the flip and becomes an array once.
-    """
-    img = random_resized_crop(_as_input(img), rng, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-                              interpolation="bicubic", draft=draft, backend=backend)
-    return _array(random_flip(img, rng, 0.5))
-
-
-def finetune_transform(img: np.ndarray | Image.Image, rng: np.random.Generator, size: int = 224, *,
-                       fill: Sequence[int] = IMAGENET_FILL, draft: bool = False, backend: str = "pil") -> np.ndarray:
-    """Fine-tuning: RRC (0.08, 1) bicubic, h-flip 0.5, RandAugment m9-mstd0.5-inc1. uint8.
-
-    The RandAugment fill defaults to :data:`IMAGENET_FILL`, as timm's
-    ``transforms_imagenet_train`` passes ``img_mean``; random erasing is
-    applied separately after normalisation. Random draws, in order: crop,
-    flip, RandAugment.
-    """
-    img = random_resized_crop(_as_input(img), rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                              interpolation="bicubic", draft=draft, backend=backend)
-    img = random_flip(img, rng, 0.5)
-    return rand_augment(img, rng, num_ops=2, magnitude=9, magnitude_std=0.5, increasing=True,
-                        fill=fill, interpolation="bicubic")
-
 
 def eval_transform(img: np.ndarray | Image.Image, size: int = 224, resize: int | None = None,
                    backend: str = "pil") -> np.ndarray:
@@ -541,12 +368,3 @@ def eval_transform(img: np.ndarray | Image.Image, size: int = 224, resize: int |
     if resize is None:
         resize = int(size / 0.875)
     return resize_short_and_center_crop(img, resize, size, "bicubic", backend)
-
-
-def _array(img) -> np.ndarray:
-    return img if isinstance(img, np.ndarray) else np.array(img)
-
-
-def _as_input(img):
-    """An array is checked, a Pillow image (possibly not yet loaded) passed on as it is."""
-    return img if isinstance(img, Image.Image) else _check_img(img)

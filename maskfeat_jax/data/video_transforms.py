@@ -34,13 +34,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from maskfeat_jax.data import rand_augment as RA
 from maskfeat_jax.data import transforms as T
 
 __all__ = ["check_clip", "short_side_shape", "resize_short_side", "random_resized_crop",
            "random_flip", "uniform_crop", "center_crop", "rand_augment_clip"]
-
-_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-           "nearest": Image.Resampling.NEAREST}
 
 
 def check_clip(clip: np.ndarray) -> np.ndarray:
@@ -51,17 +49,10 @@ def check_clip(clip: np.ndarray) -> np.ndarray:
     return clip
 
 
-def _resample(interpolation: str):
-    try:
-        return _INTERP[interpolation]
-    except KeyError:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {interpolation!r}") from None
-
-
 def _resize_frames(clip: np.ndarray, out_h: int, out_w: int, interpolation: str,
                    box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Every frame (optionally its ``box = (top, left, h, w)`` crop) resized to ``out_h x out_w``."""
-    resample = _resample(interpolation)
+    resample = T.pil_filter(interpolation)
     if box is not None:
         top, left, h, w = box
         clip = clip[:, top:top + h, left:left + w]
@@ -151,7 +142,7 @@ def rand_augment_clip(clip: np.ndarray, rng: np.random.Generator, num_ops: int =
     """RandAugment (increasing op set) with **identical** ops for every frame.
 
     One 63-bit seed is drawn from ``rng``; each frame runs
-    :func:`maskfeat_jax.data.transforms.rand_augment` with a fresh generator from that
+    :func:`maskfeat_jax.data.rand_augment.rand_augment` with a fresh generator from that
     seed. Its draws (op indices, apply/skip, magnitude, sign, and the bilinear/bicubic
     pick for ``interpolation="random"``) never depend on pixel values, so every frame
     consumes the same random stream and gets the same ops, magnitudes and signs.
@@ -165,7 +156,7 @@ def rand_augment_clip(clip: np.ndarray, rng: np.random.Generator, num_ops: int =
     seed = int(rng.integers(0, 2 ** 63 - 1))
     out = np.empty_like(clip)
     for t, frame in enumerate(clip):
-        out[t] = T.rand_augment(frame, np.random.default_rng(seed), num_ops=num_ops, magnitude=magnitude,
-                                magnitude_std=magnitude_std, increasing=True, prob=prob, fill=fill,
-                                interpolation=interpolation)
+        out[t] = RA.rand_augment(frame, np.random.default_rng(seed), num_ops=num_ops, magnitude=magnitude,
+                                 magnitude_std=magnitude_std, increasing=True, prob=prob, fill=fill,
+                                 interpolation=interpolation)
     return out

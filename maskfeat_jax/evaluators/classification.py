@@ -29,10 +29,7 @@ class Evaluator:
 
     def _batches(self):
         workers = pipeline.worker_count(self.config)          # config.input.worker_count, as in training
-        if self.video:
-            from maskfeat_jax.data import video
-            return video.eval_batches(self.config, self.source, self.batch, worker_count=workers)
-        return pipeline.eval_batches(self.config, self.source, self.batch, worker_count=workers)
+        return pipeline.eval_batches(self.config, self.source, self.batch, worker_count=workers, video=self.video)
 
     def run(self, params) -> dict:
         totals = np.zeros(3, np.int64)   # top1, top5, examples (videos)

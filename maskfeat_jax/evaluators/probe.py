@@ -9,7 +9,6 @@ BatchNorm would). Both splits are read with the evaluation transform.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -104,29 +103,38 @@ def evaluate(config, graphdef, params, split: str | None = None) -> dict:
             "eval/linear_probe_top1": linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes)}
 
 
-def main():
+def _define_flags(flag_values):
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "A training workdir (or its checkpoints folder, or one step folder); the "
+                        "model and data come from the config saved there.", flag_values=flag_values)
+    flags.DEFINE_integer("step", None, "Evaluates the checkpoint step given here (default: the latest).", flag_values=flag_values)
+    flags.DEFINE_string("split", None, "The held-out split (default: config.input.eval_split).",
+                        flag_values=flag_values)
+    flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
+    return flag_values
+
+
+def main(argv) -> dict:
+    """``python -m maskfeat_jax.evaluators.probe``: prints the probe's accuracies as JSON."""
     from absl import flags
 
     from maskfeat_jax import checkpoint
-    flags.FLAGS.mark_as_parsed()
-    ap = argparse.ArgumentParser(prog="python -m maskfeat_jax.evaluators.probe", description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True,
-                    help="a training workdir (or its checkpoints folder, or one step folder); the model and "
-                         "data come from the config saved there")
-    ap.add_argument("--step", type=int, default=None, help="the checkpoint step (default: the latest)")
-    ap.add_argument("--split", default=None, help="the held-out split (default: config.input.eval_split)")
-    args = ap.parse_args()
+    fv = flags.FLAGS
     try:
-        path = "{}/{}".format(*checkpoint.find_step(args.workdir, args.step))
+        path = "{}/{}".format(*checkpoint.resolve(fv.workdir, fv.step))
         config = checkpoint.saved_config(path)
         graphdef, abs_state = nnx.split(models.build_abstract(config))
         params = checkpoint.params_like(path, nnx.to_pure_dict(abs_state))
-        result = evaluate(config, graphdef, params, args.split)
+        result = evaluate(config, graphdef, params, fv.split)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    from maskfeat_jax import config as config_lib
+    app.run(lambda argv: main(argv) and None, flags_parser=config_lib.flags_parser(_define_flags(flags.FLAGS)))

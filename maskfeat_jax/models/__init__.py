@@ -1,4 +1,5 @@
-"""Model construction from a config: ``build(config, rngs)``, ``build_abstract(config)``."""
+"""Model construction from a config: ``build(config, rngs)``, ``build_abstract(config)``;
+checkpoint arrays fitted to a model's parameters: ``load(key, value, shape)``."""
 from __future__ import annotations
 
 import jax
@@ -37,3 +38,12 @@ def build_abstract(config, platform: str | None = None) -> nnx.Module:
     """The model of ``config`` as shapes and dtypes only (no parameters in memory, no sharding)."""
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: build(config, nnx.Rngs(0), platform))
+
+
+def load(key: str, value, shape: tuple):
+    """A checkpoint's array for the encoder parameter ``key`` (a ``/``-joined path) fitted to
+    the shape the model expects: ``vit.load`` (position table) and ``mvit.load`` (relative-
+    position tables); other arrays as they are."""
+    for family in (vit, mvit):
+        value = family.load(key, value, tuple(shape))
+    return value

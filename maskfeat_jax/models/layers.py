@@ -5,12 +5,8 @@ Initialisation follows the official backbone (spec 7.4): weights N(0, 0.02) (PyT
 linear biases 0.02, LayerNorm weight 1 and bias 0.02. Heads override these.
 Parameters are float32 and carry logical axis names; compute runs in ``dtype``.
 
-Speed notes (measured on a 2-core x86 CPU, see benchmarks/README.md): in bfloat16, matmuls
-take bf16 operands and accumulate in float32 in both passes (``einsum``), the form XLA CPU
-runs on bfloat16 matrix units where the CPU has them; GELU uses ``erf`` rather than ``erfc``;
-``cotangent_boundary`` stops XLA CPU from recomputing the residual-stream gradient in every
-consumer; ``softmax_attention`` normalises attention's output instead of its probabilities
-and has a hand-written backward with one elementwise pass over each ``(N, N)`` tensor.
+In bfloat16, every dot takes bf16 operands and accumulates in float32 in both passes
+(``einsum``). The forms that differ by platform (the CPU kernels) are in ``cpu_kernels``.
 """
 from __future__ import annotations
 
@@ -79,45 +75,9 @@ _lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
 
 
 def gelu(x):
-    """Exact GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` (PyTorch's formula).
-
-    Same function as ``jax.nn.gelu(x, approximate=False)`` (which uses ``erfc``) to float32
-    rounding, but XLA's ``erf`` is a short polynomial while ``erfc`` needs ``exp`` and two
-    branches: the MLP's elementwise work on CPU drops by about half.
-    """
+    """Exact GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` (PyTorch's formula;
+    ``jax.nn.gelu(x, approximate=False)`` to float32 rounding)."""
     return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
-
-
-@jax.custom_vjp
-def cotangent_boundary(x):
-    """Identity; in the backward pass its cotangent is computed once and stored.
-
-    XLA CPU fuses the residual stream's backward additions (cheap elementwise ops) into every
-    consumer of the gradient, and each consumer then recomputes the whole chain down from the
-    loss: quadratic in depth (a ViT-B/16 step spent about a quarter of its time there). A
-    conditional is never fused into, so the cotangent passes through one whose branches both
-    return it unchanged (taken on a runtime predicate, so it is not folded away): the producer
-    writes the cotangent once and every consumer reads it. The models place it only in CPU
-    programs (``platform.cpu_kernels``), where the problem is. (An exact sum with zeros over a
-    new axis does the same, but costs a padded copy and a library reduction: 3% of a ViT-B/16
-    step.)
-    """
-    return x
-
-
-def _boundary_fwd(x):
-    return x, None
-
-
-def _boundary_bwd(_, ct):
-    if ct.size == 0:
-        return (ct,)
-    first = ct.reshape(-1)[:1].reshape(())
-    # Both branches are the identity (+ 0.0 keeps the second from being merged with the first).
-    return (jax.lax.cond(first == first, lambda c: c, lambda c: c + jnp.zeros((), c.dtype), ct),)
-
-
-cotangent_boundary.defvjp(_boundary_fwd, _boundary_bwd)
 
 
 class Dense(nnx.Module):
@@ -239,8 +199,43 @@ def _attention_bwd(res, d_out):
 softmax_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def pooled_size(size: int, kernel: int, stride: int) -> int:
+    """Output length of a conv / pool with padding ``kernel // 2``."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def pooled_grid(thw, kernel, stride) -> tuple[int, ...]:
+    return tuple(pooled_size(s, k, st) for s, k, st in zip(thw, kernel, stride))
+
+
+def conv(x_BxTxHxWxC, kernel_TxHxWxCxD, stride):
+    """3-D convolution (cross-correlation, padding ``k // 2``, no bias), channels last."""
+    pad = [(k // 2, k // 2) for k in kernel_TxHxWxCxD.shape[:3]]
+    return jax.lax.conv_general_dilated(x_BxTxHxWxC, kernel_TxHxWxCxD, tuple(stride), pad,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def depthwise_conv(x_BxTxHxWxC, kernel_TxHxWxC, stride):
+    """Depthwise 3-D convolution (one ``(T, H, W)`` filter per channel, padding ``k // 2``, no bias)."""
+    pad = [(k // 2, k // 2) for k in kernel_TxHxWxC.shape[:3]]
+    return jax.lax.conv_general_dilated(
+        x_BxTxHxWxC, kernel_TxHxWxC[:, :, :, None, :], tuple(stride), pad,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x_BxTxHxWxC.shape[-1])
+
+
 REMAT_POLICIES = {
     "none": None,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+
+
+def block_runner(remat: str):
+    """``run(block, x, rng) -> block(x, rng)``, rematerialised under ``REMAT_POLICIES[remat]``."""
+    call = lambda blk, x, r: blk(x, r)  # noqa: E731
+    return call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
+
+
+def block_rng(rng, i: int):
+    """Block ``i``'s key (drop path), or None."""
+    return None if rng is None else jax.random.fold_in(rng, i)

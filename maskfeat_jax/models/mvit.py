@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maskfeat_jax import platform as platform_lib, sharding
-from maskfeat_jax.models import layers
-from maskfeat_jax.models.layers import Dense, LayerNorm, Mlp, param
-from maskfeat_jax.models.pooling_attention import (  # noqa: F401  (interpolate_rel_pos is API)
-    PoolingAttention, interpolate_rel_pos, max_pool, pooled_grid, pooled_size)
+from maskfeat_jax import sharding
+from maskfeat_jax.models import cpu_kernels, layers
+from maskfeat_jax.models.layers import Dense, LayerNorm, Mlp, param, pooled_grid
+from maskfeat_jax.models.pooling_attention import PoolingAttention, interpolate_rel_pos, max_pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,33 +91,26 @@ def upsample_mask(mask_BxN, src_thw, dst_thw):
     return m.reshape(b, -1)
 
 
-def patch_conv(x_BxTxHxWxC, kernel_TxHxWxCxD, stride):
-    """Conv3d (padding ``k // 2``, no bias) as a sum over the temporal taps of 2-D convs of
-    the strided frames: XLA CPU runs the 3-D convolution about 5x slower, forward and
-    backward, on the video demo's clips (benchmarks/README.md, video_demo.py)."""
-    kt, st = kernel_TxHxWxCxD.shape[0], stride[0]
-    x = jnp.pad(x_BxTxHxWxC, ((0, 0), (kt // 2, kt // 2), (0, 0), (0, 0), (0, 0)))
-    b, t = x.shape[0], pooled_size(x_BxTxHxWxC.shape[1], kt, st)
-    pad = [(k // 2, k // 2) for k in kernel_TxHxWxCxD.shape[1:3]]
-    acc = None
-    for a in range(kt):
-        frames = x[:, a:a + (t - 1) * st + 1:st]
-        y = jax.lax.conv_general_dilated(frames.reshape(-1, *frames.shape[2:]), kernel_TxHxWxCxD[a],
-                                         stride[1:], pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        y = y.reshape(b, t, *y.shape[1:])
-        acc = y if acc is None else acc + y
-    return acc
+def load(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+    """A checkpoint's array for the encoder parameter ``key`` fitted to the model's ``shape``:
+    a relative-position table of another length resized linearly (``interpolate_rel_pos``;
+    pre-training and fine-tuning tables differ in the last stage, spec 7.3); anything else as
+    it is (a shape mismatch left is the caller's error to report)."""
+    if (key.split("/")[-1].startswith("rel_pos_") and value.shape[1:] == shape[1:]
+            and value.shape[0] != shape[0]):
+        return np.asarray(interpolate_rel_pos(jnp.asarray(value), shape[0]))
+    return value
 
 
 class MultiScaleBlock(nnx.Module):
     """Pre-norm block: pooled skip + DropPath(Attn(LN1 x)), then MLP with the width change."""
 
     def __init__(self, dim, dim_out, heads, thw, q_stride, kv_stride, kernel, drop_path, *,
-                 rel_pos_temporal, rngs, dtype, impl, cpu_kernels=True):
+                 rel_pos_temporal, rngs, dtype, impl, kernels=cpu_kernels.PLAIN):
         self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.attn = PoolingAttention(dim, heads, thw, q_stride, kv_stride, kernel,
                                      rel_pos_temporal=rel_pos_temporal, rngs=rngs, dtype=dtype, impl=impl,
-                                     cpu_kernels=cpu_kernels)
+                                     kernels=kernels)
         self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, 4 * dim, dim_out, rngs=rngs, dtype=dtype)
         self.proj = Dense(dim, dim_out, ("embed", None), rngs=rngs, dtype=dtype) if dim != dim_out else None
@@ -145,15 +137,14 @@ class MViT(nnx.Module):
     """The encoder. ``__call__`` returns ``tokens_BxNxD`` (cls first, on ``grid``) and each
     stage's output ``stage{1..4}_BxNxD`` (the output of its last block).
 
-    ``platform`` ('cpu', 'gpu', 'tpu') is the one the program is built for: CPU programs run the
-    patch embedding and the pooling convolutions as sums over their taps (``patch_conv``,
-    ``depthwise_pool``), the others as XLA convolutions; same values."""
+    ``platform`` ('cpu', 'gpu', 'tpu') is the one the program is built for: it picks the kernel
+    set (``cpu_kernels``) of the patch embedding and the pooling convolutions."""
 
     def __init__(self, *, variant="S", num_frames: int | None = 16, image_size=224, in_chans=3,
                  pretrain=True, drop_path=0.0, mask_token=False, dtype=jnp.float32, attention="auto",
                  remat="none", platform="cpu", rngs: nnx.Rngs):
         size = parse_variant(variant)
-        self.cpu_kernels = platform_lib.cpu_kernels(platform)
+        self.kernels = cpu_kernels.for_platform(platform)
         rngs = _KeyStream(rngs.params())
         video = num_frames is not None
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -170,7 +161,7 @@ class MViT(nnx.Module):
         fan_in = kt * 7 * 7 * in_chans            # PyTorch's default conv-bias init: U(+-1/sqrt(fan_in))
         self.patch_kernel = param(rngs, layers.normal_02, (*self.patch_kernel_size, in_chans, d0),
                                   ("conv_in",) * 4 + ("embed",))
-        self.patch_bias = param(rngs, _symmetric_uniform(fan_in ** -0.5), (d0,), ("embed",))
+        self.patch_bias = param(rngs, layers.symmetric_uniform(fan_in ** -0.5), (d0,), ("embed",))
         self.cls_token = param(rngs, layers.normal_02, (1, 1, d0), (None, None, "embed"))
         self.mask_token = (param(rngs, layers.normal_02, (1, 1, d0), (None, None, "embed"))
                            if mask_token else None)
@@ -180,7 +171,7 @@ class MViT(nnx.Module):
         for i, (dim, dim_out, heads, q_stride, kv_stride) in enumerate(block_configs(size, pretrain)):
             blocks.append(MultiScaleBlock(dim, dim_out, heads, thw, q_stride, kv_stride, (kt, 3, 3),
                                           float(rates[i]), rel_pos_temporal=video, rngs=rngs, dtype=dtype,
-                                          impl=attention, cpu_kernels=self.cpu_kernels))
+                                          impl=attention, kernels=self.kernels))
             thw = blocks[-1].out_thw
         stage_ends = [s - 1 for s in size.stage_starts] + [size.depth - 1]
         self.blocks = nnx.List(blocks)
@@ -192,12 +183,7 @@ class MViT(nnx.Module):
         """Patch embedding, mask-token replacement, cls token: ``(B, 1 + N, C0)``."""
         dt = self.dtype
         x = inputs.astype(dt) if inputs.ndim == 5 else inputs.astype(dt)[:, None]
-        if self.cpu_kernels:
-            x = patch_conv(x, self.patch_kernel[...].astype(dt), self.patch_stride)
-        else:
-            pad = [(k // 2, k // 2) for k in self.patch_kernel_size]
-            x = jax.lax.conv_general_dilated(x, self.patch_kernel[...].astype(dt), self.patch_stride, pad,
-                                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        x = self.kernels.patch_conv(x, self.patch_kernel[...].astype(dt), self.patch_stride)
         if x.shape[1:4] != self.patch_grid:
             raise ValueError(f"input of shape {inputs.shape} gives a {x.shape[1:4]} token grid; the model "
                              f"was built for {self.patch_grid} (config.input sizes)")
@@ -213,12 +199,9 @@ class MViT(nnx.Module):
 
     def __call__(self, inputs, mask_BxN=None, *, rng=None):
         x = self.embed(inputs, mask_BxN)
-        policy = layers.REMAT_POLICIES[self.remat]
-        run = (lambda blk, x, r: blk(x, r)) if self.remat == "none" else nnx.remat(
-            lambda blk, x, r: blk(x, r), policy=policy)
-        out = {}
+        run, out = layers.block_runner(self.remat), {}
         for i, blk in enumerate(self.blocks):
-            x = run(blk, x, None if rng is None else jax.random.fold_in(rng, i))
+            x = run(blk, x, layers.block_rng(rng, i))
             if i in self.stage_ends:
                 out[f"stage{self.stage_ends.index(i) + 1}_BxNxD"] = x
         out["tokens_BxNxD"] = x
@@ -229,7 +212,7 @@ class _KeyStream:
     """Stands in for ``nnx.Rngs`` in ``layers.param``: one key from the caller's ``Rngs``,
     then ``params()`` folds in a Python counter. ``nnx.Rngs`` updates a traced counter per
     draw, and under tracing (eval_shape, jit of init) each update costs time proportional
-    to the trace so far (flax 0.12.8): MViTv2-L's ~1200 parameters took ~30 s to trace."""
+    to the trace so far, which MViTv2-L's ~1200 parameters make long."""
 
     def __init__(self, key):
         self.key, self.count = key, 0
@@ -237,9 +220,3 @@ class _KeyStream:
     def params(self):
         self.count += 1
         return jax.random.fold_in(self.key, self.count)
-
-
-def _symmetric_uniform(bound):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init

@@ -9,9 +9,7 @@ Images run as ``T = 1`` with a temporal kernel of 1 and no temporal relative pos
 """
 from __future__ import annotations
 
-import itertools
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,84 +17,13 @@ import numpy as np
 from flax import nnx
 
 from maskfeat_jax import sharding
-from maskfeat_jax.models import layers
-from maskfeat_jax.models.layers import LayerNorm, param
-
-
-def pooled_size(size: int, kernel: int, stride: int) -> int:
-    """Output length of a conv / pool with padding ``kernel // 2``."""
-    return (size + 2 * (kernel // 2) - kernel) // stride + 1
-
-
-def pooled_grid(thw, kernel, stride) -> tuple[int, ...]:
-    return tuple(pooled_size(s, k, st) for s, k, st in zip(thw, kernel, stride))
+from maskfeat_jax.models import cpu_kernels, layers
+from maskfeat_jax.models.layers import LayerNorm, param, pooled_grid
 
 
 def skip_kernel(stride) -> tuple[int, ...]:
     """Kernel of the skip-path max pool: ``s + 1`` where ``s > 1``, else ``s``."""
     return tuple(s + 1 if s > 1 else s for s in stride)
-
-
-def _taps(kernel) -> list[tuple[int, ...]]:
-    return list(itertools.product(*map(range, kernel)))
-
-
-def _pad(x_BxTxHxWxC, kernel):
-    return jnp.pad(x_BxTxHxWxC, [(0, 0)] + [(k // 2, k // 2) for k in kernel] + [(0, 0)])
-
-
-def _tap_sum(x_BxTxHxWxC, kernel_TxHxWxC, stride):
-    kernel = kernel_TxHxWxC.shape[:3]
-    x = _pad(x_BxTxHxWxC, kernel)
-    b, *_, c = x.shape
-    out = pooled_grid(x_BxTxHxWxC.shape[1:4], kernel, stride)
-    f32, acc = jnp.float32, 0.0
-    for tap in _taps(kernel):
-        end = [o + (n - 1) * s + 1 for o, n, s in zip(tap, out, stride)]
-        window = jax.lax.slice(x, (0, *tap, 0), (b, *end, c), (1, *stride, 1))
-        acc = acc + window.astype(f32) * kernel_TxHxWxC[tap].astype(f32)
-    return acc.astype(x.dtype)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise_pool(x_BxTxHxWxC, kernel_TxHxWxC, stride):
-    """Depthwise conv (cross-correlation, padding ``k // 2``, no bias), written as a sum over
-    the kernel's taps of strided slices times per-channel weights (float32 accumulation): one
-    elementwise fusion, and one for the input's gradient. XLA CPU runs the grouped 3-D
-    convolution 20-40x slower, forward+backward (benchmarks/README.md, video_demo.py). The
-    kernel's gradient is one reduction looped over the taps: autodiff emits one reduction
-    kernel per tap, which made the video demo's step compile 1.3-1.6x longer."""
-    return _tap_sum(x_BxTxHxWxC, kernel_TxHxWxC, stride)
-
-
-def _depthwise_pool_fwd(x, kernel, stride):
-    return _tap_sum(x, kernel, stride), (x, kernel)
-
-
-def _depthwise_pool_bwd(stride, res, ct):
-    x, kernel = res
-    dx = jax.vjp(lambda x: _tap_sum(x, kernel, stride), x)[1](ct)[0]
-    xp = _pad(x, kernel.shape[:3])
-    span = [(n - 1) * s + 1 for n, s in zip(ct.shape[1:4], stride)]
-
-    def tap_grad(tap):
-        window = jax.lax.dynamic_slice(xp, (0, *tap, 0), (xp.shape[0], *span, xp.shape[-1]))
-        window = window[:, ::stride[0], ::stride[1], ::stride[2]].astype(jnp.float32)
-        return jnp.sum(window * ct.astype(jnp.float32), (0, 1, 2, 3))
-
-    dk = jax.lax.map(tap_grad, jnp.asarray(_taps(kernel.shape[:3]), jnp.int32))
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-depthwise_pool.defvjp(_depthwise_pool_fwd, _depthwise_pool_bwd)
-
-
-def conv_pool(x_BxTxHxWxC, kernel_TxHxWxC, stride):
-    """``depthwise_pool`` as XLA's grouped convolution: the form of GPU and TPU programs."""
-    pad = [(k // 2, k // 2) for k in kernel_TxHxWxC.shape[:3]]
-    return jax.lax.conv_general_dilated(
-        x_BxTxHxWxC, kernel_TxHxWxC[:, :, :, None, :], tuple(stride), pad,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x_BxTxHxWxC.shape[-1])
 
 
 def max_pool(x_BxTxHxWxC, stride):
@@ -185,7 +112,7 @@ class PoolingAttention(nnx.Module):
     """
 
     def __init__(self, dim, heads, thw, q_stride, kv_stride, kernel, *, rel_pos_temporal=True,
-                 rngs, dtype=jnp.float32, impl="auto", cpu_kernels=True):
+                 rngs, dtype=jnp.float32, impl="auto", kernels=cpu_kernels.PLAIN):
         if impl not in ("auto", "einsum"):
             raise ValueError(f"config.model.attention={impl!r}: MViTv2 adds per-example relative-position "
                              "biases to its logits and has one attention form: use 'auto'")
@@ -211,15 +138,14 @@ class PoolingAttention(nnx.Module):
         self.thw, self.q_stride, self.kv_stride = tuple(thw), tuple(q_stride), tuple(kv_stride)
         self.q_thw = pooled_grid(thw, kernel, q_stride)
         self.kv_thw = pooled_grid(thw, kernel, kv_stride)
-        self.dtype, self.cpu_kernels = dtype, cpu_kernels     # platform.cpu_kernels
+        self.dtype, self.kernels = dtype, kernels
 
     def _pool(self, x_BxNxHxD, kernel, norm, stride):
         cls, x = x_BxNxHxD[:, :1], x_BxNxHxD[:, 1:]
         b, _, nh, d = x.shape
         # heads stay folded into channels; the per-head kernel is shared, so tile it
         k = jnp.tile(kernel[...].astype(x.dtype), (1, 1, 1, nh))
-        pool = depthwise_pool if self.cpu_kernels else conv_pool
-        x = pool(x.reshape(b, *self.thw, nh * d), k, stride)
+        x = self.kernels.depthwise_conv(x.reshape(b, *self.thw, nh * d), k, stride)
         x = x.reshape(b, -1, nh, d)
         return norm(jnp.concatenate([cls, x], axis=1))
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from maskfeat_jax import platform as platform_lib, sharding
-from maskfeat_jax.models import layers
+from maskfeat_jax.models import cpu_kernels, layers
 from maskfeat_jax.models.layers import LayerNorm, Mlp, param
 
 
@@ -48,20 +48,6 @@ def parse_variant(variant: str) -> tuple[ViTSize, int]:
     except (ValueError, KeyError):
         raise ValueError(f"config.model.variant={variant!r}: expected '<size>/<patch>' with size in "
                          f"{sorted(SIZES)}, e.g. 'B/16'") from None
-
-
-def flat_projections(platform: str) -> bool:
-    """Whether the attention projections run as plain 2-D matmuls on reshaped kernels.
-
-    In CPU programs they do: the backward dots then read the kernels in place, where through
-    the 4-D einsums XLA CPU re-lays both kernels out in every step (2-3% of a ViT-B/16 step).
-    Not when the heads are split over the mesh's 'tensor' axis, nor for other platforms: there
-    the einsums keep a head-sharded kernel's layout (a reshape would merge the sharded heads
-    axis). Same values either way.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    heads_split = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
-    return platform_lib.cpu_kernels(platform) and not heads_split
 
 
 def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
@@ -97,46 +83,43 @@ def resize_pos_embed(pos_1xNxD, n_tokens: int) -> np.ndarray:
     return np.concatenate([pos[:, :1], resized.astype(np.float32)], axis=1)
 
 
+def load(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+    """A checkpoint's array for the encoder parameter ``key`` fitted to the model's ``shape``:
+    the position table of another image size resized (``resize_pos_embed``); anything else as
+    it is (a shape mismatch left is the caller's error to report)."""
+    if key.split("/")[-1] == "pos_embed" and value.shape[::2] == shape[::2] and value.shape != shape:
+        return resize_pos_embed(value, shape[1])
+    return value
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention; ``choice`` is the ``platform.Attention`` for its length."""
 
-    def __init__(self, dim, heads, *, rngs, dtype, choice, platform):
+    def __init__(self, dim, heads, *, rngs, dtype, choice, kernels=cpu_kernels.PLAIN):
         hd = dim // heads
         self.qkv_kernel = param(rngs, layers.normal_02, (dim, 3, heads, hd), ("embed", None, "heads", "kv"))
         self.qkv_bias = param(rngs, layers.const_02, (3, heads, hd), (None, "heads", "kv"))
         self.proj_kernel = param(rngs, layers.normal_02, (heads, hd, dim), ("heads", "kv", "embed"))
         self.proj_bias = param(rngs, layers.const_02, (dim,), ("embed",))
-        self.dtype, self.choice, self.platform = dtype, choice, platform
+        self.dtype, self.choice, self.kernels = dtype, choice, kernels
 
     def __call__(self, x_BxNxD):
         dt = self.dtype
-        b, n, d = x_BxNxD.shape
-        _, t, h, k = self.qkv_kernel.shape
-        flat = flat_projections(self.platform)
-        if flat:
-            qkv = layers.einsum("nd,de->ne", x_BxNxD.reshape(b * n, d), self.qkv_kernel[...].reshape(d, -1), dt)
-            qkv = qkv.reshape(b, n, t, h, k)
-        else:
-            # (t, h, k) stay the minor axes in the kernel's order, so the projection is one plain
-            # (B*N, D) x (D, 3*H*K) matmul with no transpose of its output (3 = q, k, v)
-            qkv = layers.einsum("bnd,dthk->bnthk", x_BxNxD, self.qkv_kernel[...], dt)
+        # (3, H, K) stay the kernel's minor axes: one (B*N, D) x (D, 3*H*K) matmul (3 = q, k, v)
+        qkv = self.kernels.project_in(x_BxNxD, self.qkv_kernel[...], dt)
         qkv = (qkv + self.qkv_bias[...]).astype(dt)
         out_BxNxHxK = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.choice)
         out_BxNxHxK = sharding.constrain(out_BxNxHxK, ("batch", "length", "act_heads", "kv"))
-        if flat:
-            y = layers.einsum("nd,de->ne", out_BxNxHxK.reshape(b * n, h * k),
-                              self.proj_kernel[...].reshape(h * k, d), dt).reshape(b, n, d)
-        else:
-            y = layers.einsum("bnhk,hkd->bnd", out_BxNxHxK, self.proj_kernel[...], dt)
+        y = self.kernels.project_out(out_BxNxHxK, self.proj_kernel[...], dt)
         return (y + self.proj_bias[...]).astype(dt)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then the same for the MLP."""
 
-    def __init__(self, dim, heads, mlp, drop_path, *, rngs, dtype, choice, platform):
+    def __init__(self, dim, heads, mlp, drop_path, *, rngs, dtype, choice, kernels):
         self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, choice=choice, platform=platform)
+        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, choice=choice, kernels=kernels)
         self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, mlp, dim, rngs=rngs, dtype=dtype)
         self.drop_path = drop_path
@@ -152,7 +135,7 @@ class ViT(nnx.Module):
     """The encoder. ``__call__`` returns a dict with ``tokens_BxNxD`` (cls first).
 
     ``platform`` ('cpu', 'gpu', 'tpu') is the one the program is built for: it picks the
-    attention implementation (``self.attention``) and whether the CPU kernels are used."""
+    attention implementation (``self.attention``) and the kernel set (``cpu_kernels``)."""
 
     def __init__(self, *, variant="B/16", image_size=224, in_chans=3, drop_path=0.0,
                  mask_token=False, dtype=jnp.float32, attention="auto", remat="none",
@@ -171,10 +154,11 @@ class ViT(nnx.Module):
         self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
         self.mask_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed")) if mask_token else None
         self.attention = platform_lib.select_attention(attention, platform, dtype, n + 1, d // size.heads)
+        self.kernels = cpu_kernels.for_platform(platform)
         rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]
         self.blocks = nnx.List([Block(d, size.heads, size.mlp, r, rngs=rngs, dtype=dtype,
-                                      choice=self.attention, platform=platform) for r in rates])
-        self.dtype, self.remat, self.platform = dtype, remat, platform
+                                      choice=self.attention, kernels=self.kernels) for r in rates])
+        self.dtype, self.remat = dtype, remat
 
     def embed(self, images_BxHxWxC, mask_BxN=None):
         dt = self.dtype
@@ -191,10 +175,7 @@ class ViT(nnx.Module):
 
     def __call__(self, images_BxHxWxC, mask_BxN=None, *, rng=None):
         x = self.embed(images_BxHxWxC, mask_BxN)
-        policy = layers.REMAT_POLICIES[self.remat]
-        run = (lambda blk, x, r: blk(x, r)) if self.remat == "none" else nnx.remat(
-            lambda blk, x, r: blk(x, r), policy=policy)
-        boundary = layers.cotangent_boundary if platform_lib.cpu_kernels(self.platform) else (lambda x: x)
+        run = layers.block_runner(self.remat)
         for i, blk in enumerate(self.blocks):
-            x = run(blk, boundary(x), None if rng is None else jax.random.fold_in(rng, i))
-        return {"tokens_BxNxD": boundary(x)}
+            x = run(blk, self.kernels.boundary(x), layers.block_rng(rng, i))
+        return {"tokens_BxNxD": self.kernels.boundary(x)}

@@ -50,7 +50,7 @@ def _gradients(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(N, C, H, W) -> (gx, gy): depthwise Kx / Ky cross-correlation on the reflect-padded image."""
     p = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
     # Materialise the padded image once; otherwise XLA re-derives the pad inside
-    # every consumer fusion (measured ~30% slower on CPU).
+    # every consumer fusion.
     p = lax.optimization_barrier(p)
     dx = p[..., :-2] - p[..., 2:]  # left - right, (N, C, H+2, W)
     gx = dx[..., :-2, :] + 2.0 * dx[..., 1:-1, :] + dx[..., 2:, :]
@@ -81,7 +81,7 @@ def _orientation_bin(gx: jax.Array, gy: jax.Array, nbins: int) -> jax.Array:
 def histogram_impl(platform: str) -> str:
     """The histogram form for a platform: 'scatter' on 'cpu', 'onehot' on 'gpu' and 'tpu'.
 
-    On XLA CPU the scatter-add is 5-7x faster (``benchmarks/hog.py``). TPUs run
+    On XLA CPU the scatter-add is the faster form (benchmarks/README.md). TPUs run
     scatters slowly, so they get the scatter-free form; so do GPUs, whose float
     scatter-add is atomic and so not deterministic in its summation order.
     """

@@ -20,9 +20,11 @@ All masks are boolean arrays with ``True`` meaning *masked*.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+
+from maskfeat_jax.data.transforms import uniform
 
 __all__ = ["block_mask", "cube_mask", "upsample_mask"]
 
@@ -64,16 +66,43 @@ def _check_tries(tries: int) -> int:
     return int(tries)
 
 
-def _uniform(rng: np.random.Generator, a: float, b: float) -> float:
-    """``a + (b - a) * U[0, 1)``, i.e. Python's ``random.uniform`` (works for b < a)."""
-    return a + (b - a) * float(rng.random())
-
-
 def _block_shape(rng: np.random.Generator, area: float, log_aspect: tuple[float, float]) -> tuple[int, int]:
-    aspect = math.exp(_uniform(rng, *log_aspect))
+    aspect = math.exp(uniform(rng, *log_aspect))
     h = int(round(math.sqrt(area * aspect)))
     w = int(round(math.sqrt(area / aspect)))
     return h, w
+
+
+def _sample_boxes(rng: np.random.Generator, shape: tuple[int, ...], target: int,
+                  draw_size: Callable[[int], tuple[int, ...]], tries: int,
+                  max_new: int | None = None) -> np.ndarray:
+    """The box-filling loop shared by :func:`block_mask` and :func:`cube_mask`.
+
+    Boxes are added until ``target`` cells are masked or ``tries`` attempts in a row
+    place none. Each attempt draws a box size with ``draw_size(budget)``, where
+    ``budget = min(target - count, max_new)``; the two spatial (last) sides must be
+    strictly smaller than the grid's. The box's corner is then drawn axis by axis,
+    ``U{0..dim - side}``, and the box is kept if it masks ``0 < new <= budget`` cells.
+    """
+    mask = np.zeros(shape, dtype=bool)
+    count = 0
+    while count < target:
+        budget = target - count if max_new is None else min(target - count, max_new)
+        added = 0
+        for _ in range(tries):
+            size = draw_size(budget)
+            if size[-2] < shape[-2] and size[-1] < shape[-1]:
+                corner = [int(rng.integers(0, dim - side, endpoint=True)) for dim, side in zip(shape, size)]
+                window = mask[tuple(slice(c, c + side) for c, side in zip(corner, size))]
+                new = math.prod(size) - int(window.sum())
+                if 0 < new <= budget:
+                    window[...] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
 
 
 # ----------------------------------------------------------------------------
@@ -132,28 +161,10 @@ def block_mask(
             f"max_patches must be >= max(1, min_patches), got max_patches={max_patches!r}, "
             f"min_patches={min_patches!r}")
 
-    mask = np.zeros((height, width), dtype=bool)
-    count = 0
-    while count < target:
-        budget = min(target - count, max_patches)
-        added = 0
-        for _ in range(tries):
-            area = _uniform(rng, min_patches, budget)
-            h, w = _block_shape(rng, area, log_aspect)
-            if w < width and h < height:
-                top = int(rng.integers(0, height - h, endpoint=True))
-                left = int(rng.integers(0, width - w, endpoint=True))
-                window = mask[top:top + h, left:left + w]
-                new = h * w - int(window.sum())
-                if 0 < new <= budget:
-                    window[...] = True
-                    added = new
-            if added > 0:
-                break
-        if added == 0:
-            break
-        count += added
-    return mask
+    def draw_size(budget: int) -> tuple[int, int]:
+        return _block_shape(rng, uniform(rng, min_patches, budget), log_aspect)
+
+    return _sample_boxes(rng, (height, width), target, draw_size, tries, max_new=max_patches)
 
 
 # ----------------------------------------------------------------------------
@@ -211,30 +222,11 @@ def cube_mask(
     if int(max_t) != max_t or not min_t <= max_t <= temporal:
         raise ValueError(f"max_t must be an int in [min_t={min_t}, {temporal}], got {max_t!r}")
 
-    mask = np.zeros((temporal, height, width), dtype=bool)
-    count = 0
-    while count < target:
-        budget = target - count
-        added = 0
-        for _ in range(tries):
-            area = _uniform(rng, min_area, max_area)
-            h, w = _block_shape(rng, area, log_aspect)
-            t = int(rng.integers(min_t, max_t, endpoint=True))
-            if w < width and h < height:
-                front = int(rng.integers(0, temporal - t, endpoint=True))
-                top = int(rng.integers(0, height - h, endpoint=True))
-                left = int(rng.integers(0, width - w, endpoint=True))
-                window = mask[front:front + t, top:top + h, left:left + w]
-                new = t * h * w - int(window.sum())
-                if 0 < new <= budget:
-                    window[...] = True
-                    added = new
-            if added > 0:
-                break
-        if added == 0:
-            break
-        count += added
-    return mask
+    def draw_size(budget: int) -> tuple[int, int, int]:
+        h, w = _block_shape(rng, uniform(rng, min_area, max_area), log_aspect)
+        return int(rng.integers(min_t, max_t, endpoint=True)), h, w
+
+    return _sample_boxes(rng, (temporal, height, width), target, draw_size, tries)
 
 
 # ----------------------------------------------------------------------------

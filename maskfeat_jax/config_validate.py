@@ -1,0 +1,183 @@
+"""Checks of a config before any data is read or anything is compiled: every message names
+the key (``config.<key>=value: ...``), so a wrong value is one line at start-up.
+
+``maskfeat_jax.config`` re-exports ``validate`` and ``validate_workdir``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+
+KNOWN_DATASETS = ("digits", "synthetic", "video_csv", "video_demo")  # plus TFDS names, "folder:<root>"
+
+
+def get(config, dotted):
+    """``config["a"]["b"]`` for ``"a.b"``."""
+    for k in dotted.split("."):
+        config = config[k]
+    return config
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> None:
+    """Checks the config before anything is built; raises ValueError naming the key."""
+    if config.task not in ("pretrain", "finetune"):
+        raise ValueError(f"config.task={config.task!r}: expected 'pretrain' or 'finetune'")
+    if config.model.name not in ("vit", "mvit"):
+        raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
+    _validate_program(config)
+    if config.model.name == "mvit":
+        _validate_video(config)
+    _validate_shapes(config, num_devices)
+    if not 0.0 < config.mask.ratio < 1.0:
+        raise ValueError(f"config.mask.ratio={config.mask.ratio} must be in (0, 1)")
+    _validate_batch(config, num_devices, num_processes)
+    for key in ("log_every_steps", "evals.every_steps", "checkpoint.every_steps"):
+        if get(config, key) < 1:
+            raise ValueError(f"config.{key}={get(config, key)} must be at least 1 (a value above the run's "
+                             f"steps acts only at the last step)")
+    if config.nonfinite not in ("error", "skip"):
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
+    _validate_input(config)
+
+
+def _validate_shapes(config, num_devices: int) -> None:
+    """The mesh's tensor and fsdp axes against the model's heads, MLPs, widths and head outputs;
+    the image size and HOG cells against the patch size."""
+    from maskfeat_jax import sharding
+    from maskfeat_jax.models import vit  # local: keeps config import light
+    if config.model.name == "mvit":
+        from maskfeat_jax.models import mvit
+        blocks = mvit.block_configs(mvit.parse_variant(config.model.variant), config.task == "pretrain")
+        patch, widths = 16, sorted({d for b in blocks for d in b[:2]})   # prediction stride 16
+        heads, mlps = min(b[2] for b in blocks), sorted({4 * b[0] for b in blocks})
+    else:
+        vsize, patch = vit.parse_variant(config.model.variant)
+        widths, heads, mlps = [vsize.width], vsize.heads, [vsize.mlp]
+    outputs = (config.model.num_classes if config.task == "finetune"
+               else 3 * config.hog.nbins * (patch // max(config.hog.cell_size, 1)) ** 2)
+    _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
+    variant = f"config.model.variant={config.model.variant!r}"
+    if heads % tensor or any(m % tensor for m in mlps):
+        raise ValueError(f"config.mesh.tensor={tensor} does not divide the {heads} heads (fewest in a block) / "
+                         f"{mlps} MLP units of {variant}")
+    if outputs % tensor:
+        raise ValueError(f"config.mesh.tensor={tensor} does not divide the head's {outputs} outputs "
+                         f"({'config.model.num_classes' if config.task == 'finetune' else 'HOG features per token'})")
+    if any(w % fsdp for w in widths):
+        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the width{'s' * (len(widths) > 1)} "
+                         f"{', '.join(map(str, widths))} of {variant}")
+    size = config.input.image_size
+    if size % patch:
+        raise ValueError(f"config.input.image_size={size} is not a multiple of the patch size {patch} "
+                         f"({variant})")
+    if patch % config.hog.cell_size:
+        raise ValueError(f"config.hog.cell_size={config.hog.cell_size} does not divide the patch size "
+                         f"{patch} ({variant})")
+
+
+def _validate_batch(config, num_devices: int, num_processes: int) -> None:
+    gb = config.input.global_batch_size
+    if gb <= 0 or gb % num_devices:
+        raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_devices} devices")
+    if gb % num_processes:
+        raise ValueError(f"config.input.global_batch_size={gb} is not divisible by the {num_processes} processes")
+    k = config.optim.grad_accum_steps
+    if k < 1 or gb % (k * num_devices):
+        raise ValueError(f"config.optim.grad_accum_steps={k}: config.input.global_batch_size={gb} must split "
+                         f"into {k} micro-batches of a multiple of the {num_devices} devices")
+
+
+def _validate_input(config) -> None:
+    """The image backend, the dataset (and its folder's splits, or its TFDS name) and the
+    normalisation."""
+    if config.input.image_backend not in ("cv2", "pil"):
+        raise ValueError(f"config.input.image_backend={config.input.image_backend!r}: expected 'cv2' "
+                         f"(simplejpeg + OpenCV) or 'pil' (Pillow)")
+    ds = config.input.dataset
+    if ds in ("video_csv", "video_demo") and config.model.name != "mvit":
+        raise ValueError(f"config.input.dataset={ds!r} is a video dataset: set config.model.name='mvit'")
+    if ds.startswith("folder:"):
+        root = ds[len("folder:"):]
+        if not os.path.isdir(root):
+            raise ValueError(f"config.input.dataset={ds!r}: folder {root!r} does not exist")
+        for key in _splits_read(config):    # found now, not at the first evaluation minutes in
+            split = os.path.join(root, get(config, key))
+            if not os.path.isdir(split):
+                there = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+                raise ValueError(f"config.{key}={get(config, key)!r}: {split!r} does not exist (splits in "
+                                 f"{root!r}: {there})")
+    elif ds not in KNOWN_DATASETS:
+        _check_tfds(ds, config.input.data_dir)
+    for key in ("input.mean", "input.std"):    # one value would broadcast silently, two would fail late
+        v = get(config, key)
+        if not isinstance(v, (tuple, list)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+            raise ValueError(f"config.{key}={v!r}: expected 3 numbers, one per RGB channel")
+    if not all(x > 0 for x in config.input.std):
+        raise ValueError(f"config.input.std={config.input.std!r}: every value must be positive")
+
+
+def _splits_read(config) -> list[str]:
+    """The config keys of the splits a run reads: the train split, and the eval split when the
+    run evaluates (fine-tuning, the probe, HOG figures)."""
+    evals = (config.task == "finetune" or config.evals.probe
+             or (config.evals.figures_every_steps > 0 and config.task == "pretrain"))
+    return ["input.train_split"] + (["input.eval_split"] if evals else [])
+
+
+def _validate_program(config) -> None:
+    """``config.platform``, ``model.dtype`` and ``model.attention`` (``platform.py``)."""
+    from maskfeat_jax import platform as platform_lib
+    plat = config.get("platform", "auto")
+    if plat != "auto" and plat not in platform_lib.PLATFORMS:
+        raise ValueError(f"config.platform={plat!r}: expected 'auto' or one of {platform_lib.PLATFORMS}")
+    if config.model.dtype != "auto" and config.model.dtype not in platform_lib.DTYPES:
+        raise ValueError(f"config.model.dtype={config.model.dtype!r}: expected 'auto' or one of "
+                         f"{sorted(platform_lib.DTYPES)}")
+    if config.model.attention not in platform_lib.ATTENTION:
+        raise ValueError(f"config.model.attention={config.model.attention!r}: expected one of "
+                         f"{platform_lib.ATTENTION}")
+    if config.model.name == "mvit" and config.model.attention not in ("auto", "einsum"):
+        raise ValueError(f"config.model.attention={config.model.attention!r}: MViTv2 adds per-example "
+                         "relative-position biases to its logits and has one attention form: use 'auto'")
+
+
+def validate_workdir(workdir: str, init_from: str = "") -> None:
+    """The workdir (and ``config.init_from``): a local or mounted path, or a ``gs://`` URL
+    (with gcsfs installed); anything else is refused before the run starts."""
+    from maskfeat_jax import storage
+    storage.check_url(workdir, "--workdir")
+    storage.check_url(init_from or "", "config.init_from")
+
+
+def _validate_video(config):
+    from maskfeat_jax.models import mvit
+    mvit.parse_variant(config.model.variant)
+    if config.input.dataset not in ("video_csv", "video_demo"):
+        raise ValueError(f"config.input.dataset={config.input.dataset!r}: MViTv2 reads 'video_csv' or "
+                         f"'video_demo'")
+    if config.input.image_size % 32:
+        raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of 32 for "
+                         f"MViTv2 (one cube-mask unit is 32x32 pixels)")
+    if config.video.num_frames % 2:
+        raise ValueError(f"config.video.num_frames={config.video.num_frames} must be even (temporal stride 2)")
+    if config.evals.probe:
+        raise ValueError("config.evals.probe=True: the k-NN and linear probe read images; for MViTv2 on video "
+                         "set config.evals.probe=False (fine-tuning's top-1/top-5 evaluates video models)")
+    if config.input.dataset == "video_csv":
+        d = config.video.csv_dir
+        split_csv = os.path.join(d, f"{config.input.train_split}.csv")
+        if not d or not os.path.isfile(split_csv):
+            raise ValueError(f"config.video.csv_dir={d!r}: {split_csv!r} does not exist")
+
+
+def _check_tfds(name, data_dir):
+    import tensorflow_datasets as tfds
+    base = name.split(":")[0].split("/")[0]
+    builders = tfds.list_builders(with_community_datasets=False)  # no network, no TensorFlow
+    if base not in builders:
+        close = difflib.get_close_matches(base, list(builders) + list(KNOWN_DATASETS), n=3)
+        raise ValueError(f"config.input.dataset={name!r} is not a known dataset; did you mean {close}? "
+                         f"(built in: {list(KNOWN_DATASETS)}, 'folder:<root>', or any TFDS name)")
+    remote = data_dir is not None and "://" in data_dir     # gs://...: checked when tfds opens it
+    if data_dir is not None and not remote and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise ValueError(f"config.input.data_dir={data_dir!r} does not exist")
