@@ -371,11 +371,12 @@ def init_from(path: str, params, mesh=None):
 
 
 def params_like(path: str, like):
-    """The checkpoint's parameters arranged as the tree ``like`` (all keys must match)."""
+    """The checkpoint's parameters arranged as the tree ``like`` (all keys and shapes must match)."""
     src, dst = flat_params(read_params(path)), flat_params(like)
     missing, extra = sorted(set(dst) - set(src)), sorted(set(src) - set(dst))
     if missing or extra:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")
+        raise ValueError(f"checkpoint {path} does not match the model of its config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
     for k, x in dst.items():
         if tuple(src[k].shape) != tuple(x.shape):
             raise ValueError(f"checkpoint {path}: parameter {k} has shape {tuple(src[k].shape)}, "
@@ -384,14 +385,37 @@ def params_like(path: str, like):
     return jax.tree_util.tree_unflatten(treedef, [src[k] for k in dst])
 
 
-def saved_config(path: str):
-    """The ml_collections config saved with a checkpoint (workdir, checkpoints dir or step dir)."""
-    import json
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """A finished checkpoint read for inference (export, probe, figures)."""
+    path: str          # its step folder
+    step: int
+    config: object     # the ml_collections.ConfigDict it was trained with
+    graphdef: object   # of that config's model
+    params: dict       # host numpy arrays, checked against the model: ``nnx.merge(graphdef, params)``
 
+
+def load(path: str, step: int | None = None, key: str = "--workdir") -> Saved:
+    """Step ``step`` (default: the latest finished) of ``path`` (a workdir, its checkpoints
+    folder or a step folder) with its saved config and parameters. The one loader of the
+    inference tools; a ``ValueError`` names ``key`` or ``--step`` when nothing matches."""
+    from flax import nnx
+
+    from maskfeat_jax import models
+    directory, step = resolve(path, step, key)
+    step_dir = str(storage.path(directory) / str(step))
+    config = saved_config(step_dir)
+    graphdef, abstract = nnx.split(models.build_abstract(config))
+    return Saved(step_dir, step, config, graphdef, params_like(step_dir, nnx.to_pure_dict(abstract)))
+
+
+def saved_config(path: str):
+    """The ml_collections config saved with a checkpoint (workdir, checkpoints dir or step dir),
+    read through Orbax's JSON handler (the item ``Checkpointer.save`` wrote)."""
     import ml_collections
     directory, step = resolve(path, key="config.init_from")
-    text = (storage.path(directory) / str(step) / "config" / "metadata").read_text()
-    return ml_collections.ConfigDict(_tuples(json.loads(text)))
+    saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(storage.path(directory) / str(step) / "config")
+    return ml_collections.ConfigDict(_tuples(saved))
 
 
 def _tuples(d):

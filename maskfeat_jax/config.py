@@ -52,6 +52,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.hog.nbins = 9                     # orientation bins over 180 degrees
     c.hog.cell_size = 8                 # pixels per HOG cell side
     c.hog.gaussian_window = 0           # 0 = off, as in the official runs
+    c.hog.normalize = True              # per-cell L2 normalisation of each histogram; False = the paper's
+    #                                     ablation without local contrast normalisation
+
+    c.target = ml_collections.ConfigDict()  # pre-training targets: one head, a masked-token MSE each
+    c.target.hog = 1.0                  # loss weight of the HOG target (0 = off); MaskFeat's target
+    c.target.pixel = 0.0                # loss weight of the RGB pixel target (0 = off), the paper's pixel-colour target
+    c.target.norm_pix = True            # pixel target: each token's pixels standardised by their own mean
+    #                                     and unbiased variance (official MASK.NORM_PRED_PIXEL)
+    c.target.pixel_all_frames = False   # video pixel target: False = first frame of each 2-frame tubelet
+    #                                     (official MASK.TIME_STRIDE_LOSS=True); True = the whole tubelet
+
+    c.head = ml_collections.ConfigDict()  # MaskFeat's prediction head (dense path, mae.enabled=False)
+    c.head.type = "linear"              # "linear": LayerNorm + Linear (official MASK.HEAD_TYPE "separate", the
+    #                                     default); "transformer": decoder blocks first ("separate_xformer")
+    c.head.decoder_dim = 512            # transformer head: block width, a Linear to it when it differs from the
+    #                                     encoder's (official MASK.DECODER_EMBED_DIM, default 512)
+    c.head.decoder_depth = 2            # transformer head: blocks (official MASK.DECODER_DEPTH, default 0)
+    c.head.decoder_heads = 16           # transformer head: attention heads per block
+
+    c.mae = ml_collections.ConfigDict()  # MAE-style pre-training (ViT only; official MASK.MAE_ON, default False)
+    c.mae.enabled = False               # True: the encoder sees only the kept patches, a decoder predicts the
+    #                                     targets of config.target on the masked ones; config.mask is unused
+    c.mae.mask_ratio = 0.75             # random masking, exactly round(N * ratio) patches per example, drawn on
+    #                                     device (official MASK.MAE_RND_MASK; its video MAE configs use 0.9)
+    c.mae.decoder_dim = 512             # decoder width (official MASK.DECODER_EMBED_DIM, default 512)
+    c.mae.decoder_depth = 8             # decoder blocks (official MASK.DECODER_DEPTH, default 0; MAE's 8)
+    c.mae.decoder_heads = 16            # decoder attention heads (MAE's 16)
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic", "folder:<root>";
@@ -75,11 +102,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.video.short_side = 256            # decode at this short side, then crop input.image_size
     c.video.target_fps = 0.0            # > 0: a clip spans num_frames * sampling_rate frames at this rate
                                         # (PySlowFast's DATA.TARGET_FPS); 0: the video's own frames
-    c.video.csv_dir = ""                # folder with train.csv / val.csv ("path label" per line)
-    c.video.root = ml_collections.config_dict.placeholder(str)  # relative paths in the CSVs (default: csv_dir)
+    c.video.csv_dir = ""                # folder with train.csv / val.csv ("path label" per line); input.dataset
+    #                                     "ssv2" (Something-Something v2; "ssv2_demo": embedded, written here or to
+    #                                     a cache folder): the folder of its something-something-v2-*.json files
+    c.video.root = ml_collections.config_dict.placeholder(str)  # relative paths in the CSVs (default: csv_dir);
+    #                                     ssv2: the videos' folder (default: csv_dir/20bn-something-something-v2)
+    c.video.frame_prefix = ml_collections.config_dict.placeholder(str)  # ssv2: None reads the videos; a string
+    #                                     reads the frame lists csv_dir/train.csv, val.csv (PySlowFast's), their
+    #                                     paths joined to it (DATA.PATH_PREFIX; "" keeps them)
+    c.video.sampling = "clip"           # temporal sampling: "clip" (one window of num_frames x sampling_rate)
+    #                                     or "segment" (SSv2: one frame per segment of the whole video;
+    #                                     sampling_rate and target_fps unused; every test view has the same frames)
     c.video.test_clips = 10             # temporal clips per video at evaluation (views are averaged)
     c.video.test_crops = 1              # spatial crops per clip at evaluation (1 or 3)
     c.video.num_sample = 1              # training clips per decoded video (repeated augmentation)
+    c.video.train_jitter_scales = (0, 0)  # fine-tuning crop: (0, 0) = random resized crop (augment.crop_min_scale);
+    #                                     (min, max) = frames decoded at full size, short side to an inverse-uniform
+    #                                     draw in [min, max], random input.image_size crop (TRAIN_JITTER_SCALES)
 
     _training_groups(c)
     return c
@@ -131,11 +170,18 @@ def _training_groups(c: ml_collections.ConfigDict) -> None:
 
 
 SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input.image_size",
-              "hog.nbins", "hog.cell_size", "video.num_frames")
-# keys that change the optimizer state's structure only through a threshold: clipping on or off,
-# layer-wise decay on or off
-STRUCTURE_KEYS = {"optim.grad_clip": ("clipping", lambda v: v > 0),
-                  "optim.layer_decay": ("layer-wise decay", lambda v: v < 1.0)}
+              "hog.nbins", "hog.cell_size", "video.num_frames", "target.pixel_all_frames",
+              "head.type", "head.decoder_dim", "head.decoder_depth", "head.decoder_heads",
+              "mae.enabled", "mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads")
+# keys that change the train state's structure only through a threshold: clipping or layer-wise
+# decay on or off (the optimizer state), a pre-training target on or off (the head's width)
+STRUCTURE_KEYS = {"optim.grad_clip": ("clipping", lambda v: v > 0, "the optimizer state"),
+                  "optim.layer_decay": ("layer-wise decay", lambda v: v < 1.0, "the optimizer state"),
+                  "target.hog": ("the HOG target", lambda v: v > 0, "the prediction head"),
+                  "target.pixel": ("the pixel target", lambda v: v > 0, "the prediction head")}
+# the values a config saved before these keys existed had
+_SAVED_DEFAULTS = {"target.hog": 1.0, "target.pixel": 0.0, "target.pixel_all_frames": False,
+                   "head.type": "linear", "mae.enabled": False}
 
 
 def shape_differences(saved: dict, config) -> list[str]:
@@ -146,15 +192,22 @@ def shape_differences(saved: dict, config) -> list[str]:
     for key in SHAPE_KEYS + tuple(STRUCTURE_KEYS):
         if key.startswith("video.") and config.model.name != "mvit":
             continue                      # the video keys shape only MViTv2
+        if key.startswith(("target.", "head.", "mae.")) and config.task != "pretrain":
+            continue                      # these shape only the pre-training model
+        if (key.startswith("head.decoder") and config.head.type != "transformer"
+                or key.startswith("mae.decoder") and not config.mae.enabled):
+            continue                      # a decoder's size matters only when there is one
         try:
-            old, new = _get(saved, key), _get(config, key)
+            old = _get(saved, key) if key not in _SAVED_DEFAULTS else saved.get(key.split(".")[0], {}).get(
+                key.split(".")[1], _SAVED_DEFAULTS[key])
+            new = _get(config, key)
         except (KeyError, AttributeError):
             continue
         if key in STRUCTURE_KEYS:
-            what, on = STRUCTURE_KEYS[key]
+            what, on, part = STRUCTURE_KEYS[key]
             if on(old) != on(new):
                 out.append(f"{key}: saved {old!r}, now {new!r} ({what} {'on' if on(new) else 'off'} now, "
-                           f"which changes the optimizer state)")
+                           f"which changes {part})")
         elif old != new:
             out.append(f"{key}: saved {old!r}, now {new!r}")
     return out

@@ -6,9 +6,11 @@ the key (``config.<key>=value: ...``), so a wrong value is one line at start-up.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 
-KNOWN_DATASETS = ("digits", "synthetic", "video_csv", "video_demo")  # plus TFDS names, "folder:<root>"
+VIDEO_DATASETS = ("video_csv", "video_demo", "ssv2", "ssv2_demo")   # clips, read by MViTv2
+KNOWN_DATASETS = ("digits", "synthetic") + VIDEO_DATASETS  # plus TFDS names, "folder:<root>"
 
 
 def get(config, dotted):
@@ -25,6 +27,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if config.model.name not in ("vit", "mvit"):
         raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
     _validate_program(config)
+    if config.task == "pretrain":
+        _validate_targets(config)
+        _validate_mae_and_head(config, num_devices)
     if config.model.name == "mvit":
         _validate_video(config)
     _validate_shapes(config, num_devices)
@@ -42,7 +47,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
 
 def _validate_shapes(config, num_devices: int) -> None:
     """The mesh's tensor and fsdp axes against the model's heads, MLPs, widths and head outputs;
-    the image size and HOG cells against the patch size."""
+    the image size and (when HOG is a target) HOG cells against the patch size."""
     from maskfeat_jax import sharding
     from maskfeat_jax.models import vit  # local: keeps config import light
     if config.model.name == "mvit":
@@ -53,16 +58,19 @@ def _validate_shapes(config, num_devices: int) -> None:
     else:
         vsize, patch = vit.parse_variant(config.model.variant)
         widths, heads, mlps = [vsize.width], vsize.heads, [vsize.mlp]
-    outputs = (config.model.num_classes if config.task == "finetune"
-               else 3 * config.hog.nbins * (patch // max(config.hog.cell_size, 1)) ** 2)
-    _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
     variant = f"config.model.variant={config.model.variant!r}"
+    hog_on = config.task == "pretrain" and config.target.hog > 0
+    if hog_on and (config.hog.cell_size < 1 or patch % config.hog.cell_size):
+        raise ValueError(f"config.hog.cell_size={config.hog.cell_size} does not divide the patch size "
+                         f"{patch} ({variant})")
+    outputs = config.model.num_classes if config.task == "finetune" else _target_features(config, patch)
+    what = "config.model.num_classes" if config.task == "finetune" else "features per token of config.target"
+    _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
     if heads % tensor or any(m % tensor for m in mlps):
         raise ValueError(f"config.mesh.tensor={tensor} does not divide the {heads} heads (fewest in a block) / "
                          f"{mlps} MLP units of {variant}")
     if outputs % tensor:
-        raise ValueError(f"config.mesh.tensor={tensor} does not divide the head's {outputs} outputs "
-                         f"({'config.model.num_classes' if config.task == 'finetune' else 'HOG features per token'})")
+        raise ValueError(f"config.mesh.tensor={tensor} does not divide the head's {outputs} outputs ({what})")
     if any(w % fsdp for w in widths):
         raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the width{'s' * (len(widths) > 1)} "
                          f"{', '.join(map(str, widths))} of {variant}")
@@ -70,9 +78,71 @@ def _validate_shapes(config, num_devices: int) -> None:
     if size % patch:
         raise ValueError(f"config.input.image_size={size} is not a multiple of the patch size {patch} "
                          f"({variant})")
-    if patch % config.hog.cell_size:
-        raise ValueError(f"config.hog.cell_size={config.hog.cell_size} does not divide the patch size "
-                         f"{patch} ({variant})")
+
+
+def _validate_targets(config) -> None:
+    """``config.target``: each loss weight a finite number >= 0, at least one above 0; the HOG
+    figures need the HOG target."""
+    from maskfeat_jax.targets import WEIGHT_KEYS   # local: keeps config import light
+    for key in WEIGHT_KEYS:
+        w = get(config, key)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"config.{key}={w!r}: a loss weight must be a finite number >= 0 "
+                             f"(0 turns the target off)")
+    if not any(get(config, key) > 0 for key in WEIGHT_KEYS):
+        raise ValueError(f"config.target: every loss weight is 0 "
+                         f"({', '.join(f'config.{k}={get(config, k)}' for k in WEIGHT_KEYS)}); set one above 0")
+    if config.evals.figures_every_steps > 0 and config.target.hog == 0:
+        raise ValueError(f"config.evals.figures_every_steps={config.evals.figures_every_steps}: the figures draw "
+                         f"HOG predictions and config.target.hog=0 turns HOG off; set it to 0")
+
+
+def _validate_mae_and_head(config, num_devices: int) -> None:
+    """``config.mae`` (ViT only; a ratio that keeps and masks at least one patch) and
+    ``config.head`` (type; decoder widths, heads and MLPs against the mesh's fsdp and tensor axes)."""
+    from maskfeat_jax import sharding
+    mae, head = config.get("mae") or {}, config.get("head") or {}
+    decoders = []
+    if mae.get("enabled", False):
+        if config.model.name != "vit":
+            raise ValueError(f"config.mae.enabled=True: MAE pre-training is implemented for the ViT only, not "
+                             f"config.model.name={config.model.name!r}; set config.mae.enabled=False")
+        from maskfeat_jax.models import mae as mae_lib, vit
+        n = (config.input.image_size // vit.parse_variant(config.model.variant)[1]) ** 2
+        keep = mae_lib.keep_count(n, mae.mask_ratio)
+        if not 0.0 < mae.mask_ratio < 1.0 or not 0 < keep < n:
+            raise ValueError(f"config.mae.mask_ratio={mae.mask_ratio}: must be in (0, 1) and keep between 1 and "
+                             f"{n - 1} of the {n} patches (keeps {keep})")
+        if config.evals.figures_every_steps > 0:
+            raise ValueError(f"config.mae.enabled=True: the HOG figures (config.evals.figures_every_steps="
+                             f"{config.evals.figures_every_steps}) draw the dense model's predictions; set it to 0")
+        decoders.append(("mae", mae))
+    if head.get("type", "linear") not in ("linear", "transformer"):
+        raise ValueError(f"config.head.type={head.type!r}: expected 'linear' or 'transformer'")
+    if head.get("type", "linear") == "transformer" and not mae.get("enabled", False):
+        if config.model.name != "vit":
+            raise ValueError("config.head.type='transformer' is implemented for the ViT only; set 'linear'")
+        decoders.append(("head", head))
+    _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
+    for group, g in decoders:
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            v = g[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "decoder_depth" else 1):
+                raise ValueError(f"config.{group}.{key}={v!r}: expected an integer >= "
+                                 f"{0 if key == 'decoder_depth' else 1}")
+        if g.decoder_dim % g.decoder_heads:
+            raise ValueError(f"config.{group}.decoder_heads={g.decoder_heads} does not divide "
+                             f"config.{group}.decoder_dim={g.decoder_dim}")
+        if g.decoder_heads % tensor or g.decoder_dim % fsdp:
+            raise ValueError(f"config.mesh (fsdp={fsdp}, tensor={tensor}) does not divide "
+                             f"config.{group}.decoder_dim={g.decoder_dim} / decoder_heads={g.decoder_heads}")
+
+
+def _target_features(config, patch: int) -> int:
+    """Features per token of the pre-training head: the active targets side by side (MViTv2:
+    temporal stride 2)."""
+    from maskfeat_jax import targets
+    return targets.total_dim(targets.active(config, patch, 2 if config.model.name == "mvit" else None))
 
 
 def _validate_batch(config, num_devices: int, num_processes: int) -> None:
@@ -94,7 +164,7 @@ def _validate_input(config) -> None:
         raise ValueError(f"config.input.image_backend={config.input.image_backend!r}: expected 'cv2' "
                          f"(simplejpeg + OpenCV) or 'pil' (Pillow)")
     ds = config.input.dataset
-    if ds in ("video_csv", "video_demo") and config.model.name != "mvit":
+    if ds in VIDEO_DATASETS and config.model.name != "mvit":
         raise ValueError(f"config.input.dataset={ds!r} is a video dataset: set config.model.name='mvit'")
     if ds.startswith("folder:"):
         root = ds[len("folder:"):]
@@ -152,9 +222,9 @@ def validate_workdir(workdir: str, init_from: str = "") -> None:
 def _validate_video(config):
     from maskfeat_jax.models import mvit
     mvit.parse_variant(config.model.variant)
-    if config.input.dataset not in ("video_csv", "video_demo"):
-        raise ValueError(f"config.input.dataset={config.input.dataset!r}: MViTv2 reads 'video_csv' or "
-                         f"'video_demo'")
+    if config.input.dataset not in VIDEO_DATASETS:
+        raise ValueError(f"config.input.dataset={config.input.dataset!r}: MViTv2 reads "
+                         f"{', '.join(repr(d) for d in VIDEO_DATASETS)}")
     if config.input.image_size % 32:
         raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of 32 for "
                          f"MViTv2 (one cube-mask unit is 32x32 pixels)")
@@ -163,11 +233,32 @@ def _validate_video(config):
     if config.evals.probe:
         raise ValueError("config.evals.probe=True: the k-NN and linear probe read images; for MViTv2 on video "
                          "set config.evals.probe=False (fine-tuning's top-1/top-5 evaluates video models)")
+    _validate_video_sampling(config)
     if config.input.dataset == "video_csv":
         d = config.video.csv_dir
         split_csv = os.path.join(d, f"{config.input.train_split}.csv")
         if not d or not os.path.isfile(split_csv):
             raise ValueError(f"config.video.csv_dir={d!r}: {split_csv!r} does not exist")
+
+
+def _validate_video_sampling(config):
+    """``video.sampling``, ``video.train_jitter_scales`` and ``video.frame_prefix`` (the SSv2 keys;
+    the SSv2 folder itself is checked when the source opens it)."""
+    from maskfeat_jax.data import video_maps   # local: keeps config import light
+    v = config.video
+    segment = video_maps.sampling(config) == "segment"
+    if video_maps.jitter_scales(config) is not None and config.task == "pretrain":
+        raise ValueError(f"config.video.train_jitter_scales={tuple(v.train_jitter_scales)!r}: the short-side jitter "
+                         f"crops fine-tuning clips; pre-training crops with the random resized crop: set (0, 0)")
+    if segment and v.test_clips != 1:
+        raise ValueError(f"config.video.test_clips={v.test_clips}: with config.video.sampling='segment' every "
+                         f"temporal view takes the same frames (the middle of each segment); set 1")
+    if v.get("frame_prefix", None) is not None and config.input.dataset == "video_csv":
+        raise ValueError(f"config.video.frame_prefix={v.frame_prefix!r}: frame lists are read for "
+                         f"config.input.dataset='ssv2', not 'video_csv' (whose CSVs list videos)")
+    if v.get("frame_prefix", None) is not None and not segment:
+        raise ValueError(f"config.video.frame_prefix={v.frame_prefix!r}: frame lists are read with "
+                         f"config.video.sampling='segment' only, got {v.sampling!r}")
 
 
 def _check_tfds(name, data_dir):

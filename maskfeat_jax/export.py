@@ -124,18 +124,17 @@ def _write(state_dict: dict, out: str, ext: str) -> None:
 
 def export(workdir: str, out: str, *, step: int | None = None, encoder_only: bool = False) -> dict:
     """Exports step ``step`` (default: the latest) of ``workdir`` to the file ``out``."""
-    from maskfeat_jax import checkpoint, storage
+    from maskfeat_jax import checkpoint
     ext = _check_out(out)
     if ext == ".pyth":
         _torch(out)                               # before reading a large checkpoint
     try:
-        directory, step = checkpoint.resolve(workdir, step)
+        saved = checkpoint.load(workdir, step)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    step_dir = str(storage.path(directory) / str(step))
-    config = checkpoint.saved_config(step_dir)
+    step_dir, step, config = saved.path, saved.step, saved.config
     family, task = config.model.name, config.task
-    params = checkpoint.flat_params(checkpoint.read_params(step_dir))
+    params = checkpoint.flat_params(saved.params)
     state_dict = to_official(params, family, task, encoder_only=encoder_only)
     _write(state_dict, out, ext)
     n = sum(v.size for v in state_dict.values())

@@ -90,12 +90,6 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def state_shardings(abstract_state, mesh):
-    """NamedShardings for a state of arrays whose specs were set under ``rules()`` (an array
-    without logical names is replicated)."""
-    return nnx.get_named_sharding(abstract_state, mesh)
-
-
 def global_batch(mesh, local: dict) -> dict:
     """Assembles global arrays from this process's slice of the batch."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)

@@ -14,6 +14,7 @@ valid examples), so the summed gradient is exactly the full batch's. The lr scal
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from maskfeat_jax import sharding
+from maskfeat_jax import models, sharding
+from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.augment import erase, mix
-from maskfeat_jax.targets import hog
 
 
 @flax.struct.dataclass
@@ -50,24 +51,28 @@ def micro_batches(x, k: int):
     return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
-def value_and_grad(loss_fn, params, inputs, k: int):
+def value_and_grad(loss_fn, params, inputs, k: int, aux_like=None):
     """``jax.value_and_grad(loss_fn)(params, inputs)`` summed over k micro-batches.
 
     ``loss_fn(params, inputs)`` must be a sum over examples (normalised by a constant), and
     ``inputs`` a pytree of arrays with the batch leading; ``inputs["rng"]``, if present, is a
-    key that each micro-batch folds its index into."""
+    key that each micro-batch folds its index into. With ``aux_like`` (zeros shaped like the
+    extra output), ``loss_fn`` returns ``(loss, aux)``, aux summed like the loss, and the result
+    is ``((loss, aux), grads)``."""
+    has_aux = aux_like is not None
+    vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
     if k == 1:
-        return jax.value_and_grad(loss_fn)(params, inputs)
+        return vg(params, inputs)
     rng = inputs.pop("rng", None)
     micro = jax.tree.map(lambda x: micro_batches(x, k), inputs)
     if rng is not None:
         micro["rng"] = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(k))
 
     def body(acc, mb):
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb)
-        return jax.tree.map(jnp.add, acc, (loss, grads)), None
+        return jax.tree.map(jnp.add, acc, vg(params, mb)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    loss0 = jnp.zeros((), jnp.float32)
+    zeros = ((loss0, aux_like) if has_aux else loss0, jax.tree.map(jnp.zeros_like, params))
     return jax.lax.scan(body, zeros, micro)[0]
 
 
@@ -105,30 +110,81 @@ def _apply(tx, state: TrainState, loss, grads, metrics):
 
 def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stride: int | None = None,
                        histogram: str = "scatter"):
-    """MaskFeat: HOG targets of the intact input, masked-token MSE with explicit denominator.
-    ``histogram``: HOG's histogram form for the target platform (``hog.histogram_impl``)."""
+    """MaskFeat: the targets of ``config.target`` (``targets.active``: HOG, pixels) from the intact
+    input, each a masked-token MSE with explicit denominator on its slice of the head's output;
+    ``train/loss`` is their weighted sum, ``train/loss_<name>`` each unweighted loss.
+    ``histogram``: HOG's histogram form for the target platform (``hog.histogram_impl``).
+    With ``config.mae.enabled``: ``make_mae_pretrain_step``'s step."""
+    if models.mae_enabled(config):
+        return make_mae_pretrain_step(graphdef, tx, schedule, config, patch, histogram)
     base_key = jax.random.key(config.seed)
-    mean, std, h = config.input.mean, config.input.std, config.hog
+    mean, std = config.input.mean, config.input.std
     accum = config.optim.grad_accum_steps
+    active = targets_lib.active(config, patch, temporal_stride, histogram)
 
     def step(state: TrainState, batch):
         images = normalize(batch["image"], mean, std)
-        targets_BxNxK = jax.lax.stop_gradient(hog.hog_targets(
-            images, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
-            gaussian_window=h.gaussian_window, temporal_stride=temporal_stride, histogram=histogram))
+        targets = {t.name: jax.lax.stop_gradient(t.fn(images)) for t in active}
         weight_BxN = (batch["mask"] & batch["valid"][:, None]).astype(jnp.float32)
         denom = jnp.maximum(weight_BxN.sum(), 1.0)          # masked tokens of the whole batch
-        inputs = {"images": images, "mask": batch["mask"], "targets": targets_BxNxK, "weight": weight_BxN,
+        inputs = {"images": images, "mask": batch["mask"], "targets": targets, "weight": weight_BxN,
                   "rng": jax.random.fold_in(base_key, state.step)}
 
         def loss_fn(params, x):
             out = nnx.merge(graphdef, params)(x["images"], x["mask"], rng=x["rng"])
-            err_BxN = jnp.square(out["pred_BxNxK"] - x["targets"]).mean(-1)
-            return (err_BxN * x["weight"]).sum() / denom
+            return masked_losses(out["pred_BxNxK"], x["targets"], x["weight"], denom, active)
 
-        loss, grads = value_and_grad(loss_fn, state.params, inputs, accum)
+        zeros = {t.name: jnp.zeros((), jnp.float32) for t in active}
+        (loss, losses), grads = value_and_grad(loss_fn, state.params, inputs, accum, aux_like=zeros)
         metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": batch["mask"].mean(),
-                   "data/invalid_examples": (~batch["valid"]).sum()}
+                   "data/invalid_examples": (~batch["valid"]).sum(),
+                   **{f"train/loss_{name}": v for name, v in losses.items()}}
+        return _apply(tx, state, loss, grads, metrics)
+
+    return step
+
+
+def masked_losses(pred_BxNxK, targets, weight_BxN, denom, active):
+    """``(loss, {name: loss})``: each target's MSE over its features, summed over the tokens with
+    ``weight_BxN`` and divided by ``denom``; ``loss`` the sum weighted by the targets' weights."""
+    pred = targets_lib.split(pred_BxNxK, active)
+    losses = {}
+    for t in active:
+        err_BxN = jnp.square(pred[t.name] - targets[t.name]).mean(-1)
+        losses[t.name] = (err_BxN * weight_BxN).sum() / denom
+    return functools.reduce(jnp.add, [t.weight * losses[t.name] for t in active]), losses
+
+
+def make_mae_pretrain_step(graphdef, tx, schedule, config, patch: int, histogram: str = "scatter"):
+    """MAE (``config.mae``, ViT): MaskFeat's targets and loss, but each example keeps exactly
+    ``mae.keep_count(N, config.mae.mask_ratio)`` random patches, drawn on device from the step's key
+    (``mae.random_mask``; the batch's block ``mask`` is unused), the encoder sees only those and the
+    loss covers the others."""
+    from maskfeat_jax.models import mae
+    base_key = jax.random.key(config.seed)
+    mean, std = config.input.mean, config.input.std
+    accum = config.optim.grad_accum_steps
+    active = targets_lib.active(config, patch, None, histogram)
+    n = (config.input.image_size // patch) ** 2
+
+    def step(state: TrainState, batch):
+        images = normalize(batch["image"], mean, std)
+        targets = {t.name: jax.lax.stop_gradient(t.fn(images)) for t in active}
+        k_mask, k_drop = jax.random.split(jax.random.fold_in(base_key, state.step))
+        keep_BxV, mask_BxN = mae.random_mask(k_mask, images.shape[0], n, config.mae.mask_ratio)
+        weight_BxN = (mask_BxN & batch["valid"][:, None]).astype(jnp.float32)
+        denom = jnp.maximum(weight_BxN.sum(), 1.0)          # masked tokens of the whole batch
+        inputs = {"images": images, "keep": keep_BxV, "targets": targets, "weight": weight_BxN, "rng": k_drop}
+
+        def loss_fn(params, x):
+            out = nnx.merge(graphdef, params)(x["images"], x["keep"], rng=x["rng"])
+            return masked_losses(out["pred_BxNxK"], x["targets"], x["weight"], denom, active)
+
+        zeros = {t.name: jnp.zeros((), jnp.float32) for t in active}
+        (loss, losses), grads = value_and_grad(loss_fn, state.params, inputs, accum, aux_like=zeros)
+        metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": mask_BxN.mean(),
+                   "data/invalid_examples": (~batch["valid"]).sum(),
+                   **{f"train/loss_{name}": v for name, v in losses.items()}}
         return _apply(tx, state, loss, grads, metrics)
 
     return step

@@ -69,10 +69,10 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
     program for the mesh's platform (or ``config.platform``)."""
     repl = sharding.replicated(mesh)
     platform = platform_lib.target(config, mesh.devices)
-    with jax.set_mesh(mesh), sharding.rules():
-        model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0), platform))
-        graphdef, abs_params = nnx.split(model)
-        param_sh = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh))
+    with sharding.rules():
+        graphdef, abs_params = nnx.get_abstract_model(lambda: models.build(config, nnx.Rngs(0), platform), mesh)
+    model = nnx.merge(graphdef, abs_params)    # shapes only: the encoder's grid, patch and depth
+    param_sh = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(abs_params))
     tx, schedule = optim.make(config, nnx.to_pure_dict(abs_params), steps_per_epoch, total_steps,
                               model.encoder.size.depth)
 

@@ -35,7 +35,7 @@ from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["glyph_angles", "glyph_stencils", "render_hog", "tokens_to_cells", "figure", "titled",
-           "auto_cell_px", "load_saved_config", "load_model", "make_figures", "write_to_tensorboard", "main"]
+           "auto_cell_px", "make_figures", "write_to_tensorboard", "main"]
 
 
 # ---- drawing
@@ -224,41 +224,6 @@ def auto_cell_px(cells_across: int) -> int:
 
 # ---- model side
 
-def load_saved_config(directory: str, step: int):
-    """The config saved with checkpoint ``step`` in ``directory`` (the ``checkpoints`` folder),
-    as an ``ml_collections.ConfigDict``; read only, touches nothing."""
-    from maskfeat_jax import checkpoint
-    return checkpoint.saved_config(f"{directory}/{step}")
-
-
-def load_model(config, params):
-    """``(graphdef, params, abstract_model)`` for ``config``'s model: ``params`` (a pure
-    dict as the trainer saves it, host or device arrays) is checked against the model's
-    structure and shapes, then put into the abstract model's state (``replace_by_pure_dict``)
-    and returned as a pure dict for ``nnx.merge(graphdef, params)``."""
-    import jax
-    from flax import nnx
-
-    from maskfeat_jax import models
-    abstract = models.build_abstract(config)
-    graphdef, abs_state = nnx.split(abstract)
-
-    def flat(tree):
-        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): x
-                for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    want, have = flat(nnx.to_pure_dict(abs_state)), flat(params)
-    if set(want) != set(have):
-        raise ValueError(f"checkpoint parameters do not match the {config.task} model of its config: "
-                         f"missing {sorted(set(want) - set(have))[:5]}, "
-                         f"unexpected {sorted(set(have) - set(want))[:5]}")
-    for key, a in want.items():
-        if tuple(a.shape) != tuple(np.shape(have[key])):
-            raise ValueError(f"parameter {key} has shape {tuple(np.shape(have[key]))}, "
-                             f"the model expects {tuple(a.shape)}")
-    nnx.replace_by_pure_dict(abs_state, params)
-    return graphdef, nnx.to_pure_dict(abs_state), abstract
-
-
 def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: str | None = None,
                  start: int = 0, cell_px: int | None = None, titles: bool = True, source=None,
                  **figure_kwargs) -> list[np.ndarray]:
@@ -275,7 +240,7 @@ def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: s
     import jax
     from flax import nnx
 
-    from maskfeat_jax import steps
+    from maskfeat_jax import models, steps, targets as targets_lib
     from maskfeat_jax.data import masking
     from maskfeat_jax.data import pipeline, sources
     from maskfeat_jax.targets import hog
@@ -285,7 +250,8 @@ def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: s
     if config.model.name != "vit":
         raise ValueError(f"config.model.name={config.model.name!r}: HOG figures are drawn for image (ViT) "
                          f"models only")
-    graphdef, params, abstract = load_model(config, params)
+    abstract = models.build_abstract(config)
+    graphdef = nnx.graphdef(abstract)
     grid = tuple(int(g) for g in abstract.encoder.grid)
     size = int(config.input.image_size)
     patch = size // grid[0]
@@ -302,13 +268,16 @@ def make_figures(config, params, *, num_images: int = 4, seed: int = 0, split: s
                       .reshape(-1) for _ in idx])
 
     h = config.hog
+    active = targets_lib.active(config, patch)      # the head's output: HOG's slice is drawn
+    if "hog" not in [t.name for t in active]:
+        raise ValueError("config.target.hog=0: HOG figures need a model that predicts HOG")
 
     @jax.jit
     def run(params, images_u8, mask_BxN):
         x = steps.normalize(images_u8, config.input.mean, config.input.std)
         targets = hog.hog_targets(x, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
-                                  gaussian_window=h.gaussian_window)
-        pred = nnx.merge(graphdef, params)(x, mask_BxN)["pred_BxNxK"]
+                                  gaussian_window=h.gaussian_window, normalize=h.get("normalize", True))
+        pred = targets_lib.split(nnx.merge(graphdef, params)(x, mask_BxN)["pred_BxNxK"], active)["hog"]
         return targets, pred
 
     targets, pred = jax.device_get(run(params, images, masks))
@@ -369,19 +338,17 @@ def main(argv: Sequence[str]) -> list[str]:
     from maskfeat_jax import checkpoint, storage
 
     try:
-        directory, step = checkpoint.resolve(fv.workdir, fv.step)
-        config = load_saved_config(directory, step)
         with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
             warnings.simplefilter("ignore", UserWarning)
-            params = checkpoint.read_params(f"{directory}/{step}")
-        figs = make_figures(config, params, num_images=fv.num_images, seed=fv.seed, split=fv.split,
+            saved = checkpoint.load(fv.workdir, fv.step)
+        figs = make_figures(saved.config, saved.params, num_images=fv.num_images, seed=fv.seed, split=fv.split,
                             start=fv.start, cell_px=fv.cell_px)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     workdir = storage.path(fv.workdir)
     if workdir.name == "checkpoints" or workdir.name.isdigit():
-        workdir = storage.path(directory).parent
+        workdir = storage.path(saved.path).parent.parent
     out = storage.path(fv.out) if fv.out else workdir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -394,7 +361,7 @@ def main(argv: Sequence[str]) -> list[str]:
     if fv.tensorboard:
         from tensorboardX import SummaryWriter
         with SummaryWriter(str(workdir / "tensorboard")) as w:
-            write_to_tensorboard(w, step, figs)
+            write_to_tensorboard(w, saved.step, figs)
     return paths
 
 

@@ -20,10 +20,13 @@ import uuid
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for ``devices`` fake CPU devices. With XLA CPU's level-1 optimisation: on the
-    suite's small shapes compiling costs far more than running, and level 1 compiles about a
-    third faster, with the same results to within rounding."""
-    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+    """XLA_FLAGS for ``devices`` fake CPU devices. With XLA CPU's level-1 optimisation and without
+    LLVM's expensive passes: on the suite's small shapes compiling costs far more than running;
+    level 1 compiles about a third faster, and skipping the expensive passes takes about a
+    quarter off a short training run's time (cold cache), with the same results to within
+    rounding."""
+    return (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1 "
+            "--xla_llvm_disable_expensive_passes=true")
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))

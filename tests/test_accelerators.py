@@ -11,6 +11,8 @@ import pytest
 
 from maskfeat_jax import config as config_lib, dry_run, platform, sharding, train
 
+import tiny
+
 BF16, F32 = jnp.bfloat16, jnp.float32
 
 
@@ -62,12 +64,17 @@ def test_platform_comes_from_the_devices_or_the_config():
         config_lib.validate(c, 8)
 
 
-def _pretrain_config(name, variant, size=224, batch=8):
+def _pretrain_config(name, variant):
+    """Real-size pre-training at 224 px, batch 8, on generated data (lowered, never run)."""
     c = config_lib.base_config()
-    c.model.name, c.model.variant, c.input.image_size = name, variant, size
+    c.model.name, c.model.variant = name, variant
     c.input.dataset = "video_demo" if name == "mvit" else "synthetic"
-    c.input.global_batch_size = batch
+    c.input.global_batch_size = 8
     return c
+
+
+# the tiny ViT pre-training on generated data (with base_config's classes: pre-training has no classifier)
+TINY = {"input.dataset": "synthetic", "model.num_classes": 1000}
 
 
 # a conditional with one result is the CPU cotangent boundary (it returns its cotangent); the
@@ -112,7 +119,7 @@ def test_vit_b_cuda_step_exports_with_cudnn_flash_attention():
 
 def test_the_cpu_program_keeps_its_cpu_kernels():
     """The counter-check: the CPU program of the same step has the boundary conditionals."""
-    c = _pretrain_config("vit", "mu/16", size=32)
+    c = tiny.config(overrides=TINY)
     _, text = dry_run.lower_step(c, sharding.make_mesh(c.mesh), "cpu")
     assert len(_BOUNDARY.findall(text)) == 2 + 1            # before each of the 2 blocks and at the output
     assert dry_run.program_summary(text)["scatters"] > 0    # HOG's scatter histogram, faster on CPU
@@ -139,7 +146,7 @@ def test_accelerator_program_on_cpu_matches_the_cpu_program(plat, attention):
     """The GPU/TPU-flavoured step (no boundary, 4-D projections, scatter-free HOG, TPU's
     'highest' float32 precision; XLA's attention when asked) run on the CPU against the CPU
     program on the same parameters and batch, in float32: loss and grad norm to 1e-5."""
-    c = _pretrain_config("vit", "mu/16", size=32, batch=8)
+    c = tiny.config(overrides=TINY)
     c.model.dtype, c.model.attention = "float32", attention
     cpu, acc = _one_step(c.copy_and_resolve_references(), "cpu"), _one_step(c, plat)
     for key in ("train/loss", "opt/grad_norm"):
@@ -148,7 +155,7 @@ def test_accelerator_program_on_cpu_matches_the_cpu_program(plat, attention):
 
 
 def test_dry_run_lowers_for_another_platform_and_says_so():
-    c = _pretrain_config("vit", "mu/16", size=32)
+    c = tiny.config(overrides=TINY)
     r = dry_run.run_lowered(c, "tpu")
     text = dry_run.format_export(r)
     assert text.startswith("lowered for tpu over 8 devices") and "no memory figures" in text

@@ -240,3 +240,28 @@ def test_distributed_initialisation_is_detected_from_the_launch():
     assert json.loads(p.stdout) == [c[3] for c in DISTRIBUTED_CASES]
 
 
+
+
+def test_turning_a_pretraining_target_on_or_off_is_a_shape_change():
+    """A checkpoint saved without the target keys (HOG only) cannot resume with the pixel target
+    on: the head is wider. New weights of a target that stays on are fine."""
+    saved = config_lib.base_config().to_dict()
+    del saved["target"]
+    c = config_lib.base_config()
+    assert config_lib.shape_differences(saved, c) == []
+    c.target.hog = 0.5
+    assert config_lib.shape_differences(saved, c) == []
+    c.target.pixel = 1.0
+    diffs = config_lib.shape_differences(saved, c)
+    assert len(diffs) == 1 and diffs[0].startswith("target.pixel: saved 0.0, now 1.0") and "prediction head" in diffs[0]
+    c.task = "finetune"
+    assert not any(d.startswith("target.") for d in config_lib.shape_differences(dict(saved, task="finetune"), c))
+
+
+def test_decoder_sizes_matter_only_when_there_is_a_decoder():
+    saved = config_lib.base_config().to_dict()
+    c = config_lib.base_config()
+    c.mae.decoder_depth, c.head.decoder_dim = 2, 64        # both decoders off: nothing changes
+    assert config_lib.shape_differences(saved, c) == []
+    c.mae.enabled = True
+    assert [d.split(":")[0] for d in config_lib.shape_differences(saved, c)] == ["mae.enabled", "mae.decoder_depth"]

@@ -17,27 +17,19 @@ from maskfeat_jax.data import pipeline, sources
 from maskfeat_jax.data import rand_augment as RA
 from maskfeat_jax.data import transforms as T
 
+import tiny
+
 
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
 
-def _config(dataset="synthetic", image_size=32, batch=8, task="pretrain", **input_overrides):
-    c = config_lib.base_config()
-    c.task = task
-    c.seed = 0
-    c.model.variant = "mu/16"
-    c.model.num_classes = 10
-    c.input.dataset = dataset
-    c.input.image_size = image_size
-    c.input.global_batch_size = batch
-    c.input.synthetic_size = 64
-    c.input.worker_count = 0
-    c.input.prefetch = 2
-    c.augment.randaug_ops = 0       # keep fine-tuning batches cheap
-    for k, v in input_overrides.items():
-        setattr(c.input, k, v)
-    return c
+def _config(dataset="synthetic", task="pretrain", **input_overrides):
+    """The tiny config reading ``dataset`` in the main process; ``input_overrides`` are ``input.*`` keys."""
+    return tiny.config(task, overrides={
+        "input.dataset": dataset, "input.synthetic_size": 64, "input.worker_count": 0,
+        "augment.randaug_ops": 0,       # keep fine-tuning batches cheap
+        **{f"input.{k}": v for k, v in input_overrides.items()}})
 
 
 def _grid(config):
@@ -140,7 +132,7 @@ def test_digits_source_splits():
 @pytest.mark.parametrize("pc", [2, 4])
 def test_train_shards_disjoint_and_complete(pc):
     n, gb, epochs = 48, 8, 2
-    c = _config(batch=gb)
+    c = _config(global_batch_size=gb)
     src = IndexSource(n)
     per_host = gb // pc
     steps_per_epoch = n // gb
@@ -163,7 +155,7 @@ def test_train_shards_disjoint_and_complete(pc):
 
 def test_hosts_draw_independent_masks():
     """Host k's j-th example must not get the same crop/mask as host 0's j-th example."""
-    c = _config(image_size=64, batch=8)
+    c = _config(image_size=64, global_batch_size=8)
     src = sources.make(c, "train")
     hosts = [_take(pipeline.train_dataset(c, src, _grid(c), process_index=i, process_count=2), 8)
              for i in range(2)]
@@ -318,7 +310,7 @@ def test_folder_source_lists_images(bad_folder):
 
 def test_bad_files_are_skipped_not_fatal(bad_folder):
     classes = sorted(_FILES)
-    c = _config(f"folder:{bad_folder}", batch=6)
+    c = _config(f"folder:{bad_folder}", global_batch_size=6)
     src = sources.make(c, "train")
     batches = _take(pipeline.train_dataset(c, src, _grid(c)), 4)  # 4 epochs of 6
     for b in batches:

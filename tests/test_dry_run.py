@@ -8,16 +8,18 @@ import sys
 
 import pytest
 
-from maskfeat_jax import config as config_lib, dry_run, sharding
+from maskfeat_jax import dry_run, sharding
+
+import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(mesh, task="pretrain"):
-    c = config_lib.base_config()
-    c.task, c.model.variant, c.input.image_size = task, "Ti/16", 32   # Ti: every 2-D weight splits 8 ways
-    c.input.global_batch_size, c.model.num_classes = 16, 10
-    c.input.dataset, c.input.data_dir = "imagenet2012", "/nonexistent/tfds"   # never read by the dry run
+    c = tiny.config(task, overrides={
+        "model.variant": "Ti/16",                              # Ti: every 2-D weight splits 8 ways
+        "input.global_batch_size": 16,
+        "input.dataset": "imagenet2012", "input.data_dir": "/nonexistent/tfds"})   # never read by the dry run
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     return c
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskfeat_jax import checkpoint, config as config_lib, convert, export, models, official_names
+from maskfeat_jax import checkpoint, convert, export, models, official_names
+
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("vit", "pretrain"), ("vit", "finetune"), ("mvit", "pretrain"), ("mvit", "finetune")]
@@ -23,18 +25,9 @@ PRETRAIN_HEAD = {"mask_token", "pred_head.transforms.0.0.weight", "pred_head.tra
 CLASSIFIER = {"norm.weight", "norm.bias", "head.projection.weight", "head.projection.bias"}
 
 
-def _config(family, task):
-    c = config_lib.base_config()
-    c.task, c.model.num_classes = task, 10
-    if family == "vit":
-        c.model.variant, c.input.image_size = "mu/16", 32
-    else:
-        c.model.name, c.model.variant, c.input.image_size, c.video.num_frames = "mvit", "mu", 64, 4
-    return c
-
-
 def _shapes(family, task):
-    model = models.build_abstract(_config(family, task))
+    config = tiny.config(task, family, {"input.global_batch_size": 2048})   # base_config's batch, never read here
+    model = models.build_abstract(config)
     return {k: tuple(v.shape) for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from maskfeat_jax import checkpoint, config as config_lib, curves, metrics, storage, visualize
 
+import tiny
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
          "--config.input.global_batch_size=16", "--config.log_every_steps=2", "--config.optim.warmup_epochs=0.1",
@@ -136,10 +138,8 @@ def test_check_workdir_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch, e
 
 
 def _digits_config():
-    c = config_lib.base_config()
-    c.model.variant, c.input.image_size, c.input.global_batch_size = "mu/16", 32, 16
-    c.input.dataset = "digits"
-    return c
+    return tiny.config(overrides={"input.dataset": "digits", "input.global_batch_size": 16,
+                                  "model.num_classes": 1000})   # base_config's: pre-training has no classifier
 
 
 @pytest.mark.e2e

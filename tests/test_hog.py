@@ -24,8 +24,9 @@ def _reflect(i, n):
     return i
 
 
-def ref_hog_cells(img, nbins=9, cell=8, gaussian_window=0):
-    """HOGLayerC, written with explicit pixel loops. img (H, W, C) -> (H//cell, W//cell, C, nbins)."""
+def ref_hog_cells(img, nbins=9, cell=8, gaussian_window=0, normalize=True):
+    """HOGLayerC, written with explicit pixel loops. img (H, W, C) -> (H//cell, W//cell, C, nbins).
+    ``normalize=False``: the histograms before the per-cell L2 normalisation."""
     img = np.asarray(img, np.float64)
     height, width, chans = img.shape
     nh, nw = height // cell, width // cell
@@ -50,6 +51,8 @@ def ref_hog_cells(img, nbins=9, cell=8, gaussian_window=0):
                     mag *= gauss[r % g][col % g]
                 k = math.floor(math.atan2(gx, gy) / math.pi * nbins) % nbins
                 hist[r // cell, col // cell, c, k] += mag
+    if not normalize:
+        return hist
     for i in range(nh):
         for j in range(nw):
             for c in range(chans):
@@ -97,6 +100,21 @@ def test_cells_gaussian_window_matches_reference(histogram):
     np.testing.assert_allclose(got[0], want, atol=1e-5, rtol=0)
     # The window really changes the result.
     assert np.abs(want - ref_hog_cells(x[0])).max() > 1e-3
+
+
+@pytest.mark.parametrize("histogram", HISTOGRAMS)
+def test_cells_without_normalisation_match_reference_before_normalising(histogram):
+    """``normalize=False`` (the paper's HOG without local contrast normalisation): the raw
+    per-cell magnitude sums, in hog_cells and in hog_targets' token layout."""
+    x = _rand((2, 24, 40, 3), seed=5)
+    got = np.asarray(hog_cells(jnp.asarray(x), histogram=histogram, normalize=False))
+    for b in range(2):
+        want = ref_hog_cells(x[b], normalize=False)
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+        assert np.abs(np.linalg.norm(want, axis=-1) - 1.0).min() > 0.1    # not unit histograms
+    tokens = np.asarray(hog_targets(jnp.asarray(x), patch_size=8, histogram=histogram, normalize=False))
+    np.testing.assert_allclose(tokens[1], ref_tokens(ref_hog_cells(x[1], normalize=False), 1),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("histogram", HISTOGRAMS)

@@ -13,6 +13,8 @@ from maskfeat_jax import config as config_lib
 from maskfeat_jax.data import pipeline, sources
 from maskfeat_jax.data import transforms as T
 
+import tiny
+
 PHOTOS = ("china.jpg", "flower.jpg")              # 640x427 JPEGs
 
 
@@ -21,11 +23,9 @@ def _photo(name):
 
 
 def _config(backend, task="pretrain", dataset="synthetic", image_size=224, batch=4):
-    c = config_lib.base_config()
-    c.task, c.seed, c.model.variant, c.model.num_classes = task, 0, "mu/16", 10
-    c.input.dataset, c.input.image_size, c.input.global_batch_size = dataset, image_size, batch
-    c.input.worker_count, c.input.image_backend = 0, backend
-    return c
+    return tiny.config(task, overrides={
+        "input.image_backend": backend, "input.dataset": dataset, "input.image_size": image_size,
+        "input.global_batch_size": batch, "input.worker_count": 0})
 
 
 def _jpeg(arr, **save):

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskfeat_jax import config as config_lib, models, platform
+from maskfeat_jax import models, platform
 from maskfeat_jax.models import cpu_kernels, heads, vit
 
-
-def _config(task="pretrain", variant="mu/16", size=32, classes=10):
-    c = config_lib.base_config()
-    c.task, c.model.variant, c.input.image_size, c.model.num_classes = task, variant, size, classes
-    return c
+import tiny
 
 
+def _config(task="pretrain", overrides=None):
+    """The tiny ViT, with the batch these model-only tests always had (base_config's; no model reads it)."""
+    return tiny.config(task, overrides={"input.global_batch_size": 2048, **(overrides or {})})
 
 
 def _count(model):
@@ -29,7 +28,8 @@ def _count(model):
     ("pretrain", "B/16", 85_882_476), ("pretrain", "L/16", 303_413_356),
     ("finetune", "B/16", 86_567_656), ("finetune", "L/16", 304_326_632)])
 def test_parameter_counts_match_official_models(task, variant, expected):
-    assert _count(models.build_abstract(_config(task, variant, 224, 1000))) == expected
+    assert _count(models.build_abstract(
+        _config(task, {"model.variant": variant, "input.image_size": 224, "model.num_classes": 1000}))) == expected
 
 
 def _build(c, seed=0):
@@ -78,7 +78,7 @@ def test_classifier_head_is_scaled_and_pools_patch_tokens():
 
 
 def test_initialisation_follows_official_backbone():
-    model = _build(_config(variant="B/16", size=32))
+    model = _build(_config(overrides={"model.variant": "B/16"}))
     blk = model.encoder.blocks[0]
     np.testing.assert_allclose(blk.norm1.bias[...], 0.02)
     np.testing.assert_allclose(blk.attn.qkv_bias[...], 0.02)
@@ -199,7 +199,7 @@ def test_bad_variant_and_image_size_name_the_key():
     with pytest.raises(ValueError, match="config.model.variant"):
         vit.parse_variant("X/16")
     with pytest.raises(ValueError, match="image_size"):
-        _build(_config(size=40))
+        _build(_config(overrides={"input.image_size": 40}))
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

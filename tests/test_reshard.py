@@ -12,17 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, config as config_lib, sharding, train
+from maskfeat_jax import checkpoint, sharding, train
+
+import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _config(mesh=(8, 1, 1)):
-    c = config_lib.base_config()
-    c.model.variant, c.input.image_size, c.input.global_batch_size = "mu/16", 32, 8
-    c.optim.warmup_epochs, c.optim.base_lr = 0.0, 1e-2
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-    return c
 
 
 def _batch(mesh, seed):
@@ -33,7 +27,9 @@ def _batch(mesh, seed):
 
 
 def _setup(mesh_cfg, devices=None):
-    c = _config(mesh_cfg)
+    c = tiny.config(overrides={"optim.warmup_epochs": 0.0, "optim.base_lr": 1e-2,
+                               "model.num_classes": 1000})          # base_config's: pre-training has no classifier
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_cfg
     mesh = sharding.make_mesh(c.mesh, devices)
     return c, mesh, train.setup(c, mesh, steps_per_epoch=10, total_steps=100)
 

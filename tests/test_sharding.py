@@ -3,18 +3,16 @@ import jax
 import numpy as np
 import pytest
 
-from maskfeat_jax import augment, config as config_lib, sharding, train
+from maskfeat_jax import augment, sharding, train
+
+import tiny
 
 
 def _config(task="pretrain"):
-    c = config_lib.base_config()
-    c.task, c.model.variant, c.input.image_size = task, "mu/16", 32
     # mixup pairs examples within each device's slice of the batch (as the official per-GPU mixup),
     # so its pairs depend on the mesh: off here, tested in test_mixup_pairs_stay_on_their_device
-    c.augment.mixup_alpha, c.augment.cutmix_alpha = 0.0, 0.0
-    c.input.global_batch_size, c.model.num_classes = 8, 10
-    c.optim.warmup_epochs, c.optim.base_lr = 0.0, 1e-2
-    return c
+    return tiny.config(task, overrides={"augment.mixup_alpha": 0.0, "augment.cutmix_alpha": 0.0,
+                                        "optim.warmup_epochs": 0.0, "optim.base_lr": 1e-2})
 
 
 def _batch(task, n=8, size=32, seed=0):

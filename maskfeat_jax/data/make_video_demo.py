@@ -74,10 +74,14 @@ def render_clip(digit: np.ndarray, rng: np.random.Generator, frames: int, size: 
     return clip
 
 
-def _encode(path: str, clip: np.ndarray, codec: str, options: dict) -> None:
+def encode(path: str, clip: np.ndarray, codec: str, options: dict, fps: int = FPS) -> None:
+    """Writes ``clip`` ``(T, H, W, 3)`` uint8 as a video file at ``fps`` (the demo writers' one
+    encoder). ``+bitexact``: no muxer version string or random segment id, so the same frames
+    give the same bytes."""
     import av
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream(codec, rate=FPS, options=options)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with av.open(path, mode="w", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height = clip.shape[2], clip.shape[1]
         stream.pix_fmt = "yuv420p"
         for i, array in enumerate(clip):
@@ -115,7 +119,7 @@ def make_video_demo(out: str, *, num_train: int = 200, num_val: int = 50, frames
             label = i % 10
             digit = src.images[int(rng.choice(by_label[label]))]
             rel = f"{split}/{i:05d}.mp4"
-            _encode(os.path.join(out, rel), render_clip(digit, rng, frames, size), codec, options)
+            encode(os.path.join(out, rel), render_clip(digit, rng, frames, size), codec, options)
             rows.append((rel, label))
         _write_csv(os.path.join(out, f"{split}.csv"), rows)
     return out

@@ -5,6 +5,9 @@
 * ``synthetic``: random images and labels, deterministic per index (smoke runs, benchmarks).
 * any TFDS image-classification dataset, read with ``tfds.data_source`` (no TensorFlow).
 * ``folder:<root>``: an ImageNet-style folder ``<root>/<split>/<class>/*.JPEG``.
+* video (items ``{"video": path or frame paths, "label": int}``): ``video_csv`` / ``video_demo``
+  (Kinetics-style CSVs, ``video_source.py``) and ``ssv2`` / ``ssv2_demo`` (Something-Something
+  v2 in its own files, ``ssv2.py``; the demo is written once by ``make_ssv2_demo.py``).
 
 "image" is a decoded uint8 HxWx3 array, or encoded bytes / a path that the pipeline
 decodes in its workers (so a corrupt file is skipped there, not here).
@@ -23,11 +26,14 @@ IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 @functools.lru_cache(maxsize=1)
 def _digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    imgs = (d.images / 16.0 * 255.0).round().astype(np.uint8)          # (1797, 8, 8)
+    """scikit-learn's 8x8 digits (``load_digits``), read from the CSV it ships without importing
+    scikit-learn (whose import costs seconds in every short run)."""
+    import importlib.util
+    package = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    data = np.loadtxt(os.path.join(package, "datasets", "data", "digits.csv.gz"), delimiter=",")
+    imgs = (data[:, :-1].reshape(-1, 8, 8) / 16.0 * 255.0).round().astype(np.uint8)   # (1797, 8, 8)
     big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BICUBIC)) for im in imgs])
-    return np.repeat(big[..., None], 3, axis=-1), d.target.astype(np.int32)
+    return np.repeat(big[..., None], 3, axis=-1), data[:, -1].astype(np.int32)
 
 
 class DigitsSource:
@@ -104,8 +110,10 @@ class TfdsSource:
         return {"image": ex["image"], "label": int(ex["label"])}
 
 
-VIDEO_DATASETS = ("video_csv", "video_demo")
+SSV2_DATASETS = ("ssv2", "ssv2_demo")
+VIDEO_DATASETS = ("video_csv", "video_demo") + SSV2_DATASETS
 DEFAULT_VIDEO_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "video_demo")
+DEFAULT_SSV2_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "ssv2_demo")
 
 
 def video_csv_dir(config) -> str:
@@ -114,6 +122,29 @@ def video_csv_dir(config) -> str:
         from maskfeat_jax.data import make_video_demo
         return make_video_demo.ensure_video_demo(config.video.csv_dir or DEFAULT_VIDEO_DEMO_DIR)
     return config.video.csv_dir
+
+
+def ssv2_dir(config) -> str:
+    """The SSv2 folder (``config.video.csv_dir``: the labels, train and validation JSON files);
+    for ``ssv2_demo`` the embedded demo, written there (default a cache folder) on first use."""
+    if config.input.dataset == "ssv2_demo":
+        from maskfeat_jax.data import make_ssv2_demo
+        return make_ssv2_demo.ensure_ssv2_demo(config.video.csv_dir or DEFAULT_SSV2_DEMO_DIR)
+    return config.video.csv_dir
+
+
+def ssv2_source(config, split: str):
+    """``split`` of Something-Something v2 (``ssv2`` or ``ssv2_demo``): the videos under
+    ``config.video.root`` (default the dataset's own folder), or with ``config.video.frame_prefix``
+    set, PySlowFast's frame lists. A folder without the labels file is a ValueError naming the key."""
+    from maskfeat_jax.data import ssv2
+    d = ssv2_dir(config)
+    labels = os.path.join(d, ssv2.LABELS_FILE)
+    if not os.path.isfile(labels):
+        raise ValueError(f"config.video.csv_dir={d!r}: {labels!r} does not exist (the SSv2 folder holds "
+                         f"{ssv2.LABELS_FILE} and the train/validation JSON files)")
+    return ssv2.Ssv2Source(d, split, video_root=config.video.get("root", None),
+                           frame_prefix=config.video.get("frame_prefix", None))
 
 
 def is_video(config) -> bool:
@@ -134,6 +165,8 @@ def check_labels(source, config, split: str) -> None:
 def make(config, split: str):
     """The source for ``split`` of ``config.input.dataset``."""
     inp = config.input
+    if inp.dataset in SSV2_DATASETS:
+        return ssv2_source(config, split)
     if is_video(config):
         import ml_collections
 

@@ -11,6 +11,16 @@ stays one pass over the videos, ``num_videos * k / global_batch_size`` steps
 (:func:`steps_per_epoch`), as PySlowFast, whose ``TRAIN.BATCH_SIZE`` counts videos.
 Decoding costs ``1 / k`` of a video per clip; the augmentation is paid per clip.
 
+Temporal sampling (``config.video.sampling``): ``"clip"`` takes one window of
+``num_frames`` frames every ``sampling_rate`` (Kinetics, :func:`video_decode.decode_clip`);
+``"segment"`` spreads ``num_frames`` frames over the whole video, one per segment
+(Something-Something v2, :func:`ssv2.segment_indices`: a random frame of each segment in
+training, the middle one at test, so every test view of a video has the same frames and
+only the spatial crop differs). Fine-tuning crops with a random resized crop, or with
+``config.video.train_jitter_scales = (min, max)`` as PySlowFast's SSv2 recipes: frames
+decoded at their own size, short side to an inverse-uniform draw in ``[min, max]``, a
+random ``image_size`` crop.
+
 Evaluation: every video of this process's slice exactly once, expanded to
 ``num_clips x num_crops`` views, in batches padded with ``valid=False`` rows. Each
 row carries ``video_index`` (the video's index in the source; -1 on padding) and
@@ -22,7 +32,7 @@ import grain
 import jax
 import numpy as np
 
-from maskfeat_jax.data import image_maps, masking, video_decode
+from maskfeat_jax.data import image_maps, masking, ssv2, video_decode
 from maskfeat_jax.data import video_transforms as VT
 
 #: Fill of the video RandAugment: PySlowFast's video AugmentOp passes no ``img_mean``.
@@ -42,6 +52,32 @@ def num_sample(config) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"config.video.num_sample={n!r} must be a positive integer (1: no repeated augmentation)")
     return int(n)
+
+
+SAMPLINGS = ("clip", "segment")
+
+
+def sampling(config) -> str:
+    """``config.video.sampling`` ("clip" when the key is absent); ValueError unless one of :data:`SAMPLINGS`."""
+    s = config.video.get("sampling", "clip")
+    if s not in SAMPLINGS:
+        raise ValueError(f"config.video.sampling={s!r}: expected 'clip' (one window of frames, Kinetics) or "
+                         f"'segment' (one frame per segment of the whole video, SSv2)")
+    return s
+
+
+def jitter_scales(config) -> tuple[int, int] | None:
+    """``config.video.train_jitter_scales`` as ``(min, max)``, or None for ``(0, 0)`` (random resized
+    crop); ValueError unless ``image_size <= min <= max`` (the crop must fit in the scaled frame)."""
+    scales = tuple(config.video.get("train_jitter_scales", (0, 0)))
+    if scales == (0, 0):
+        return None
+    size = config.input.image_size
+    if len(scales) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in scales) \
+            or not size <= scales[0] <= scales[1]:
+        raise ValueError(f"config.video.train_jitter_scales={scales!r}: expected (0, 0) (random resized crop) or "
+                         f"two ints (min, max) with config.input.image_size={size} <= min <= max")
+    return int(scales[0]), int(scales[1])
 
 
 def check_batch(config, process_count: int | None = None) -> int:
@@ -71,15 +107,17 @@ class VideoTrainMap(grain.transforms.RandomMap):
     """Decode one training video once, then build ``config.video.num_sample`` clips from it,
     each augmented identically on every frame and (pre-training) with its own cube mask.
 
-    * decode at short side ``config.video.short_side`` (one random temporal start, shared
-      by all the video's clips);
+    * decode at short side ``config.video.short_side`` (at the video's own size with
+      ``train_jitter_scales``), one random temporal start or one random frame per segment
+      (``config.video.sampling``), shared by all the video's clips;
     * pre-training: random resized crop scale (0.5, 1), ratio (3/4, 4/3), bilinear, to
       ``config.input.image_size``, h-flip 0.5; cube mask on the grid
       ``(t, h / 2, w / 2)`` of ``grid = (t, h, w)`` (the stride-16 prediction grid,
       default :func:`prediction_grid`; one mask unit = 2x2 tokens = 32x32 pixels),
       upsampled to ``grid`` and flattened in (t, h, w) order as ``mask``;
     * fine-tuning: RandAugment with the same ops for every frame (on the decoded frames,
-      before the crop, as PySlowFast), crop scale (0.08, 1), h-flip, and one
+      before the crop, as PySlowFast), crop scale (``augment.crop_min_scale``, 1) or the
+      short-side jitter and random crop (``train_jitter_scales``), h-flip, and one
       ``erase_box`` per clip (the same box on every frame: PySlowFast's cube erasing).
 
     With ``num_sample = 1`` the output is ``{"image": uint8 (T, S, S, 3), "mask"?: bool
@@ -94,6 +132,7 @@ class VideoTrainMap(grain.transforms.RandomMap):
         self.task, self.size = config.task, config.input.image_size
         self.num_frames, self.sampling_rate, self.short_side = v.num_frames, v.sampling_rate, v.short_side
         self.target_fps = float(v.target_fps) or None
+        self.sampling, self.jitter = sampling(config), jitter_scales(config)
         self.num_sample = num_sample(config)
         self.global_batch_size = config.input.global_batch_size
         self.grid = tuple(int(g) for g in (prediction_grid(config) if grid is None else grid))
@@ -122,8 +161,11 @@ class VideoTrainMap(grain.transforms.RandomMap):
             if self.randaug_ops > 0:
                 frames = VT.rand_augment_clip(frames, rng, num_ops=self.randaug_ops, magnitude=self.randaug_mag,
                                               magnitude_std=0.5, fill=VIDEO_RANDAUG_FILL)
-            clip = VT.random_resized_crop(frames, rng, self.size, scale=(self.crop_min_scale, 1.0),
-                                          ratio=(3 / 4, 4 / 3))
+            if self.jitter is None:
+                clip = VT.random_resized_crop(frames, rng, self.size, scale=(self.crop_min_scale, 1.0),
+                                              ratio=(3 / 4, 4 / 3))
+            else:
+                clip = VT.random_crop(VT.random_short_side_jitter(frames, rng, *self.jitter), rng, self.size)
             clip = VT.random_flip(clip, rng, self.flip_p)
             out["erase_box"] = image_maps.erase_box(rng, self.size, self.erase_p)
         if not ok:
@@ -131,10 +173,16 @@ class VideoTrainMap(grain.transforms.RandomMap):
         out["image"] = clip
         return out
 
+    def _decode(self, video, rng: np.random.Generator):
+        # the jitter scales frames of their own size, as PySlowFast (which reads them at full size)
+        short = self.short_side if self.jitter is None or self.task == "pretrain" else None
+        if self.sampling == "segment":
+            return ssv2.decode_segments(video, self.num_frames, training=True, rng=rng, short_side=short)
+        return video_decode.decode_clip(video, rng, num_frames=self.num_frames, sampling_rate=self.sampling_rate,
+                                        mode="train", short_side=short, target_fps=self.target_fps)
+
     def random_map(self, element, rng: np.random.Generator):
-        frames, ok = video_decode.decode_clip(element["video"], rng, num_frames=self.num_frames,
-                                              sampling_rate=self.sampling_rate, mode="train",
-                                              short_side=self.short_side, target_fps=self.target_fps)
+        frames, ok = self._decode(element["video"], rng)
         k = self.num_sample
         views = [self._view(frames, ok, rng) for _ in range(k)]
         if k == 1:
@@ -161,10 +209,12 @@ class VideoEvalMap(grain.transforms.Map):
       crop along the long side (PySlowFast's 3-crop test: ``TEST_CROP_SIZE`` for all of
       min/max scale and crop).
 
-    An element may carry ``clip_index`` / ``spatial_index`` (-1 = None) overriding the
-    constructor's; ``video_index`` and ``view`` are passed through. Output ``{"image":
-    uint8 (T, S, S, 3), "label", "valid", ...}``. The last decoded clip is cached, so
-    the 3 crops of a clip decode it once.
+    With ``config.video.sampling = "segment"`` the frames are the middle of each segment
+    (:func:`ssv2.segment_indices`) for every ``clip_index``. An element may carry
+    ``clip_index`` / ``spatial_index`` (-1 = None) overriding the constructor's;
+    ``video_index`` and ``view`` are passed through. Output ``{"image": uint8 (T, S, S, 3),
+    "label", "valid", ...}``. The last decoded clip is cached, so the 3 crops of a clip
+    decode it once.
     """
 
     pad_values = {"video_index": -1}   # padding rows: zeros, ``valid=False``, no video
@@ -174,6 +224,7 @@ class VideoEvalMap(grain.transforms.Map):
         self.size, self.short_side = config.input.image_size, v.short_side
         self.num_frames, self.sampling_rate = v.num_frames, v.sampling_rate
         self.target_fps = float(v.target_fps) or None
+        self.sampling = sampling(config)
         self.clip_index, self.num_clips, self.spatial_index = clip_index, num_clips, spatial_index
         self._cache = None
 
@@ -190,11 +241,18 @@ class VideoEvalMap(grain.transforms.Map):
         return state
 
     def _decode(self, path, clip_index, short_side):
-        key = (path if isinstance(path, str) else id(path), clip_index, short_side)
+        segment = self.sampling == "segment"
+        name = path if isinstance(path, str) else tuple(path) if isinstance(path, (list, tuple)) else id(path)
+        key = (name, None if segment else clip_index, short_side)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, video_decode.decode_clip(
-                path, None, num_frames=self.num_frames, sampling_rate=self.sampling_rate, mode="test",
-                clip_index=clip_index, num_clips=self.num_clips, short_side=short_side, target_fps=self.target_fps))
+            if segment:    # the middle frame of each segment, whatever the clip_index
+                decoded = ssv2.decode_segments(path, self.num_frames, training=False, short_side=short_side)
+            else:
+                decoded = video_decode.decode_clip(
+                    path, None, num_frames=self.num_frames, sampling_rate=self.sampling_rate, mode="test",
+                    clip_index=clip_index, num_clips=self.num_clips, short_side=short_side,
+                    target_fps=self.target_fps)
+            self._cache = (key, decoded)
         return self._cache[1]
 
     def map(self, element):

@@ -15,6 +15,12 @@ Geometry follows PySlowFast (facts read from its source, code written here):
   fallback; :func:`maskfeat_jax.data.transforms.rrc_params`), then a bilinear resize
   of every frame to ``size x size``.
 * :func:`random_flip` -- ``transform.horizontal_flip(0.5, ...)`` on all frames.
+* :func:`random_short_side_jitter` -- ``random_short_side_scale_jitter`` with a random
+  size: ``int(round(1 / U(1 / max, 1 / min)))`` with ``inverse_uniform`` (``DATA.INV_UNIFORM_SAMPLE``,
+  as the SSv2 MViTv2 recipes), else ``int(round(U(min, max)))``; then :func:`resize_short_side`.
+* :func:`random_crop` -- ``transform.random_crop``: offsets ``randint(0, L - size)`` along each
+  axis longer than ``size`` (numpy's exclusive upper bound: the far edge itself is never the
+  offset), 0 otherwise.
 * :func:`uniform_crop` -- ``transform.uniform_crop``: ``spatial_index`` 0/1/2 is the
   left/centre/right crop along the long side (top/centre/bottom for portrait frames);
   the centre offset is ``ceil((L - size) / 2)``.
@@ -38,7 +44,8 @@ from maskfeat_jax.data import rand_augment as RA
 from maskfeat_jax.data import transforms as T
 
 __all__ = ["check_clip", "short_side_shape", "resize_short_side", "random_resized_crop",
-           "random_flip", "uniform_crop", "center_crop", "rand_augment_clip"]
+           "random_flip", "random_short_side_jitter", "random_crop", "uniform_crop", "center_crop",
+           "rand_augment_clip"]
 
 
 def check_clip(clip: np.ndarray) -> np.ndarray:
@@ -101,6 +108,42 @@ def random_flip(clip: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> n
     if float(rng.random()) < p:
         return np.ascontiguousarray(clip[:, :, ::-1])
     return clip
+
+
+def random_short_side_jitter(clip: np.ndarray, rng: np.random.Generator, min_size: int, max_size: int, *,
+                             inverse_uniform: bool = True, interpolation: str = "bilinear") -> np.ndarray:
+    """Short side of every frame to one random size in ``[min_size, max_size]`` (module doc):
+    inverse-uniform (``1 / size`` uniform, so small sizes are likelier) by default."""
+    clip = check_clip(clip)
+    if not 0 < min_size <= max_size:
+        raise ValueError(f"need 0 < min_size <= max_size, got {min_size!r}, {max_size!r}")
+    if inverse_uniform:
+        size = int(round(1.0 / float(rng.uniform(1.0 / max_size, 1.0 / min_size))))
+    else:
+        size = int(round(float(rng.uniform(min_size, max_size))))
+    return resize_short_side(clip, size, interpolation)
+
+
+def _pad_to(clip: np.ndarray, size: int) -> np.ndarray:
+    """``clip`` zero-padded (centred) so that both sides are at least ``size``."""
+    h, w = clip.shape[1:3]
+    if h >= size and w >= size:
+        return clip
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    return np.pad(clip, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+
+
+def random_crop(clip: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One random ``size x size`` window of every frame (module doc); a frame smaller than
+    ``size`` is zero-padded (centred) first, so a blank or tiny clip never raises."""
+    clip = check_clip(clip)
+    if int(size) != size or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    clip = _pad_to(clip, size)
+    h, w = clip.shape[1:3]
+    y = int(rng.integers(0, h - size)) if h > size else 0
+    x = int(rng.integers(0, w - size)) if w > size else 0
+    return np.ascontiguousarray(clip[:, y:y + size, x:x + size])
 
 
 def uniform_crop(clip: np.ndarray, size: int, spatial_index: int = 1) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from maskfeat_jax import models, steps
+from maskfeat_jax import steps
 from maskfeat_jax.data import pipeline, sources
 
 
@@ -121,11 +121,8 @@ def main(argv) -> dict:
     from maskfeat_jax import checkpoint
     fv = flags.FLAGS
     try:
-        path = "{}/{}".format(*checkpoint.resolve(fv.workdir, fv.step))
-        config = checkpoint.saved_config(path)
-        graphdef, abs_state = nnx.split(models.build_abstract(config))
-        params = checkpoint.params_like(path, nnx.to_pure_dict(abs_state))
-        result = evaluate(config, graphdef, params, fv.split)
+        saved = checkpoint.load(fv.workdir, fv.step)
+        result = evaluate(saved.config, saved.graphdef, saved.params, fv.split)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

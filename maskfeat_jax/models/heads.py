@@ -1,7 +1,11 @@
 """Heads on top of an encoder, and the two models built from them.
 
-* ``MaskFeat``: encoder with a mask token, then LayerNorm + Linear to the HOG target size
-  on the patch tokens (spec 6; head init: weight N(0, 0.02), bias 0, LN 1/0).
+* ``MaskFeat``: encoder with a mask token, then LayerNorm + Linear on the patch tokens to the
+  targets' features side by side (``targets.active``; HOG alone: the HOG size, as official)
+  (spec 6; head init: weight N(0, 0.02), bias 0, LN 1/0). ``config.head.type='transformer'``
+  (official ``HEAD_TYPE: separate_xformer``) puts a ``Decoder`` (a Linear to its width when it
+  differs from the encoder's, then ViT blocks) between the encoder and the LayerNorm.
+* ``Decoder``: pre-norm ViT blocks of their own width (also the MAE decoder's, ``mae.py``).
 * ``Classifier``: encoder, mean-pool of the patch tokens (cls excluded), LayerNorm,
   Linear to the classes, the Linear scaled by 0.001 at init (spec 7.2).
 """
@@ -10,20 +14,55 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from maskfeat_jax.models import layers
+from maskfeat_jax import platform as platform_lib
+from maskfeat_jax.models import cpu_kernels, layers, vit
 from maskfeat_jax.models.layers import Dense, LayerNorm
 
 
+class Decoder(nnx.Module):
+    """``depth`` pre-norm ViT blocks (``vit.Block``, MLP 4x, no drop path) of width ``dim`` with
+    ``heads`` heads over ``length`` tokens (cls included), as the program for ``platform``."""
+
+    def __init__(self, dim: int, depth: int, heads: int, length: int, *, platform: str, attention: str,
+                 remat: str, dtype, rngs):
+        choice = platform_lib.select_attention(attention, platform, dtype, length, dim // heads)
+        self.kernels = cpu_kernels.for_platform(platform)
+        self.blocks = nnx.List([vit.Block(dim, heads, 4 * dim, 0.0, rngs=rngs, dtype=dtype, choice=choice,
+                                          kernels=self.kernels) for _ in range(depth)])
+        self.remat = remat
+
+    def __call__(self, x_BxNxD):
+        run = layers.block_runner(self.remat)
+        for blk in self.blocks:
+            x_BxNxD = run(blk, self.kernels.boundary(x_BxNxD), None)
+        return self.kernels.boundary(x_BxNxD)
+
+
 class MaskFeat(nnx.Module):
-    def __init__(self, encoder: nnx.Module, width: int, target_dim: int, *, rngs):
+    """``decoder``: None (official ``separate``: LayerNorm + Linear on the encoder's tokens) or a
+    dict ``dim, depth, heads, platform, attention, remat`` (``separate_xformer``: a ``Decoder``
+    first, after a Linear to ``dim`` when ``dim`` differs from ``width``)."""
+
+    def __init__(self, encoder: nnx.Module, width: int, target_dim: int, *, rngs, decoder: dict | None = None):
         self.encoder = encoder
-        self.norm = LayerNorm(width, rngs=rngs, bias_init=layers.zeros, dtype=encoder.dtype)
+        dt = encoder.dtype
+        if decoder is not None:
+            d = decoder["dim"]
+            self.decoder_embed = Dense(width, d, ("embed", None), rngs=rngs, dtype=dt) if d != width else None
+            length = encoder.grid[0] * encoder.grid[1] + 1
+            self.decoder = Decoder(d, decoder["depth"], decoder["heads"], length, platform=decoder["platform"],
+                                   attention=decoder["attention"], remat=decoder["remat"], dtype=dt, rngs=rngs)
+            width = d
+        self.norm = LayerNorm(width, rngs=rngs, bias_init=layers.zeros, dtype=dt)
         self.head = Dense(width, target_dim, ("embed", "classes"), rngs=rngs, bias_init=layers.zeros,
-                          dtype=encoder.dtype)
+                          dtype=dt)
 
     def __call__(self, images, mask_BxN, *, rng=None):
         out = self.encoder(images, mask_BxN, rng=rng)
-        x = self.norm(out["tokens_BxNxD"])[:, 1:]       # drop cls
+        x = out["tokens_BxNxD"]
+        if getattr(self, "decoder", None) is not None:      # absent: the linear head's tree as before
+            x = self.decoder(self.decoder_embed(x) if self.decoder_embed is not None else x)
+        x = self.norm(x)[:, 1:]       # drop cls
         out["pred_BxNxK"] = self.head(x).astype(jnp.float32)
         return out
 

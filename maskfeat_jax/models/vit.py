@@ -3,7 +3,9 @@ absolute position table (cls included), pre-norm blocks, no final norm in pre-tr
 
 The mask token replaces masked patch embeddings after the patch projection and before
 the cls token and position embedding are added (spec 4.3): masked tokens still get
-their position. All tokens go through the encoder (no MAE-style dropping).
+their position. All tokens go through the encoder (no MAE-style dropping) in ``__call__``;
+``encode_visible`` runs the same parameters on a fixed number of kept tokens only (MAE,
+``mae.py``), its attention chosen for that length (``length``).
 """
 from __future__ import annotations
 
@@ -139,7 +141,9 @@ class ViT(nnx.Module):
 
     def __init__(self, *, variant="B/16", image_size=224, in_chans=3, drop_path=0.0,
                  mask_token=False, dtype=jnp.float32, attention="auto", remat="none",
-                 platform="cpu", rngs: nnx.Rngs):
+                 platform="cpu", length: int | None = None, rngs: nnx.Rngs):
+        """``length``: the tokens the blocks attend over, cls included (default: every patch + 1;
+        MAE: the kept patches + 1), which picks the attention implementation's padding."""
         size, p = parse_variant(variant)
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if h % p or w % p:
@@ -153,19 +157,26 @@ class ViT(nnx.Module):
         self.cls_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed"))
         self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
         self.mask_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed")) if mask_token else None
-        self.attention = platform_lib.select_attention(attention, platform, dtype, n + 1, d // size.heads)
+        self.attention = platform_lib.select_attention(attention, platform, dtype, length or n + 1,
+                                                       d // size.heads)
         self.kernels = cpu_kernels.for_platform(platform)
         rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]
         self.blocks = nnx.List([Block(d, size.heads, size.mlp, r, rngs=rngs, dtype=dtype,
                                       choice=self.attention, kernels=self.kernels) for r in rates])
         self.dtype, self.remat = dtype, remat
 
+    def _patches(self, images_BxHxWxC):
+        return einops.rearrange(images_BxHxWxC.astype(self.dtype), "b (h p) (w q) c -> b (h w) (p q c)",
+                                p=self.patch, q=self.patch)
+
+    def _project(self, patches_BxNxP):
+        dt = self.dtype
+        kernel = self.patch_kernel[...].reshape(-1, self.size.width)
+        return (layers.einsum("bnp,pd->bnd", patches_BxNxP, kernel, dt) + self.patch_bias[...]).astype(dt)
+
     def embed(self, images_BxHxWxC, mask_BxN=None):
         dt = self.dtype
-        patches = einops.rearrange(images_BxHxWxC.astype(dt), "b (h p) (w q) c -> b (h w) (p q c)",
-                                   p=self.patch, q=self.patch)
-        kernel = self.patch_kernel[...].reshape(-1, self.size.width)
-        x_BxNxD = (layers.einsum("bnp,pd->bnd", patches, kernel, dt) + self.patch_bias[...]).astype(dt)
+        x_BxNxD = self._project(self._patches(images_BxHxWxC))
         if mask_BxN is not None:
             m = mask_BxN[..., None].astype(dt)
             x_BxNxD = x_BxNxD * (1 - m) + self.mask_token[...].astype(dt) * m
@@ -173,9 +184,31 @@ class ViT(nnx.Module):
         x = jnp.concatenate([cls, x_BxNxD], axis=1) + self.pos_embed[...].astype(dt)
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
-    def __call__(self, images_BxHxWxC, mask_BxN=None, *, rng=None):
-        x = self.embed(images_BxHxWxC, mask_BxN)
+    def embed_visible(self, images_BxHxWxC, keep_BxV):
+        """cls + the patches at indices ``keep_BxV`` (row-major over the grid), each with its
+        position: ``(B, 1 + V, D)``. The patches are gathered before the projection, so a
+        dropped patch's pixels reach nothing."""
+        dt = self.dtype
+        patches_BxVxP = jnp.take_along_axis(self._patches(images_BxHxWxC), keep_BxV[..., None], axis=1)
+        x_BxVxD = self._project(patches_BxVxP)
+        pos = self.pos_embed[...].astype(dt)
+        pos_BxVxD = jnp.take(pos[0, 1:], keep_BxV, axis=0)
+        b = x_BxVxD.shape[0]
+        cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (b, 1, self.size.width))
+        pos = jnp.concatenate([jnp.broadcast_to(pos[:, :1], (b, 1, self.size.width)), pos_BxVxD], axis=1)
+        x = jnp.concatenate([cls, x_BxVxD], axis=1) + pos
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+    def _blocks(self, x, rng):
         run = layers.block_runner(self.remat)
         for i, blk in enumerate(self.blocks):
             x = run(blk, self.kernels.boundary(x), layers.block_rng(rng, i))
         return {"tokens_BxNxD": self.kernels.boundary(x)}
+
+    def __call__(self, images_BxHxWxC, mask_BxN=None, *, rng=None):
+        return self._blocks(self.embed(images_BxHxWxC, mask_BxN), rng)
+
+    def encode_visible(self, images_BxHxWxC, keep_BxV, *, rng=None):
+        """The blocks on cls + the kept patches only (``embed_visible``): ``tokens_BxNxD`` is
+        ``(B, 1 + V, D)``, in ``keep_BxV``'s order."""
+        return self._blocks(self.embed_visible(images_BxHxWxC, keep_BxV), rng)

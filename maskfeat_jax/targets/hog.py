@@ -10,7 +10,8 @@ Official conventions (spec sections 1-3), applied to each RGB channel separately
 * optional Gaussian window (``gaussian_window=g > 0``; 0, i.e. off, in MaskFeat);
 * hard vote of ``mag`` into one bin, summed over non-overlapping ``cell x cell``
   windows (remainder dropped);
-* L2-normalise each nbins-histogram per (channel, cell): ``h / max(||h||, 1e-12)``.
+* L2-normalise each nbins-histogram per (channel, cell): ``h / max(||h||, 1e-12)``
+  (``normalize=False`` skips it: the paper's HOG without local contrast normalisation).
 
 Per-token targets flatten each patch in the official order (channel c, bin k,
 cell-row i, cell-col j); tokens are row-major over the patch grid, and (t, h, w)
@@ -135,12 +136,14 @@ def _gaussian_window(g: int, h: int, w: int) -> np.ndarray:
     return np.tile(k2, (h // g, w // g)).astype(np.float32)
 
 
-@partial(jax.jit, static_argnames=("nbins", "cell_size", "gaussian_window", "histogram"))
+@partial(jax.jit, static_argnames=("nbins", "cell_size", "gaussian_window", "histogram", "normalize"))
 def hog_cells(images: jax.Array, *, nbins: int = 9, cell_size: int = 8,
-              gaussian_window: int = 0, histogram: str = "scatter") -> jax.Array:
+              gaussian_window: int = 0, histogram: str = "scatter", normalize: bool = True) -> jax.Array:
     """Per-cell HOG: ``(B, H, W, C)`` -> ``(B, H//cell, W//cell, C, nbins)``, float32.
 
     Each (cell, channel) histogram has L2 norm 1, or 0 where the cell has no gradient.
+    ``normalize=False`` returns the raw magnitude sums instead: the paper's ablation of
+    HOG without local contrast normalisation, where a cell's target scales with its contrast.
     ``histogram`` is 'scatter' or 'onehot' (see ``histogram_impl``); both give the
     same numbers up to float summation order.
     """
@@ -170,6 +173,8 @@ def hog_cells(images: jax.Array, *, nbins: int = 9, cell_size: int = 8,
     hc, wc = nh * cell_size, nw * cell_size  # drop the remainder, like unfold
     pool = _histogram_onehot if histogram == "onehot" else _histogram_scatter
     hist = pool(mag[..., :hc, :wc], bins[..., :hc, :wc], nbins, cell_size)
+    if not normalize:
+        return hist
     norm = jnp.sqrt(jnp.sum(hist * hist, axis=-1, keepdims=True))
     return hist / jnp.maximum(norm, 1e-12)
 
@@ -182,10 +187,10 @@ def hog_dim(patch_size: int = 16, nbins: int = 9, cell_size: int = 8, channels: 
 
 
 @partial(jax.jit, static_argnames=("patch_size", "nbins", "cell_size", "gaussian_window",
-                                   "temporal_stride", "histogram"))
+                                   "temporal_stride", "histogram", "normalize"))
 def hog_targets(images: jax.Array, *, patch_size: int = 16, nbins: int = 9, cell_size: int = 8,
                 gaussian_window: int = 0, temporal_stride: int | None = None,
-                histogram: str = "scatter") -> jax.Array:
+                histogram: str = "scatter", normalize: bool = True) -> jax.Array:
     """Per-token HOG targets in the official layout.
 
     * image ``(B, H, W, C)`` -> ``(B, (H//p)*(W//p), C*nbins*q*q)``, q = p // cell,
@@ -195,7 +200,7 @@ def hog_targets(images: jax.Array, *, patch_size: int = 16, nbins: int = 9, cell
       ``temporal_stride`` is ignored for images.
 
     ``histogram`` picks the histogram form, 'scatter' or 'onehot': pass
-    ``histogram_impl(platform)``.
+    ``histogram_impl(platform)``. ``normalize``: per-cell L2 normalisation (``hog_cells``).
     """
     if images.ndim not in (4, 5):
         raise ValueError(f"expected (B, H, W, C) or (B, T, H, W, C), got shape {images.shape}")
@@ -205,7 +210,8 @@ def hog_targets(images: jax.Array, *, patch_size: int = 16, nbins: int = 9, cell
     if height % patch_size or width % patch_size:
         raise ValueError(f"image size {height}x{width} is not a multiple of patch_size={patch_size}")
     q = patch_size // cell_size
-    kw = dict(nbins=nbins, cell_size=cell_size, gaussian_window=gaussian_window, histogram=histogram)
+    kw = dict(nbins=nbins, cell_size=cell_size, gaussian_window=gaussian_window, histogram=histogram,
+              normalize=normalize)
     if images.ndim == 4:
         cells = hog_cells(images, **kw)
         return einops.rearrange(cells, "b (h i) (w j) c k -> b (h w) (c k i j)", i=q, j=q)
