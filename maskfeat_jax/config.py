@@ -55,30 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.hog.normalize = True              # per-cell L2 normalisation of each histogram; False = the paper's
     #                                     ablation without local contrast normalisation
 
-    c.target = ml_collections.ConfigDict()  # pre-training targets: one head, a masked-token MSE each
-    c.target.hog = 1.0                  # loss weight of the HOG target (0 = off); MaskFeat's target
-    c.target.pixel = 0.0                # loss weight of the RGB pixel target (0 = off), the paper's pixel-colour target
-    c.target.norm_pix = True            # pixel target: each token's pixels standardised by their own mean
-    #                                     and unbiased variance (official MASK.NORM_PRED_PIXEL)
-    c.target.pixel_all_frames = False   # video pixel target: False = first frame of each 2-frame tubelet
-    #                                     (official MASK.TIME_STRIDE_LOSS=True); True = the whole tubelet
-
-    c.head = ml_collections.ConfigDict()  # MaskFeat's prediction head (dense path, mae.enabled=False)
-    c.head.type = "linear"              # "linear": LayerNorm + Linear (official MASK.HEAD_TYPE "separate", the
-    #                                     default); "transformer": decoder blocks first ("separate_xformer")
-    c.head.decoder_dim = 512            # transformer head: block width, a Linear to it when it differs from the
-    #                                     encoder's (official MASK.DECODER_EMBED_DIM, default 512)
-    c.head.decoder_depth = 2            # transformer head: blocks (official MASK.DECODER_DEPTH, default 0)
-    c.head.decoder_heads = 16           # transformer head: attention heads per block
-
-    c.mae = ml_collections.ConfigDict()  # MAE-style pre-training (ViT only; official MASK.MAE_ON, default False)
-    c.mae.enabled = False               # True: the encoder sees only the kept patches, a decoder predicts the
-    #                                     targets of config.target on the masked ones; config.mask is unused
-    c.mae.mask_ratio = 0.75             # random masking, exactly round(N * ratio) patches per example, drawn on
-    #                                     device (official MASK.MAE_RND_MASK; its video MAE configs use 0.9)
-    c.mae.decoder_dim = 512             # decoder width (official MASK.DECODER_EMBED_DIM, default 512)
-    c.mae.decoder_depth = 8             # decoder blocks (official MASK.DECODER_DEPTH, default 0; MAE's 8)
-    c.mae.decoder_heads = 16            # decoder attention heads (MAE's 16)
+    _target_groups(c)
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic", "folder:<root>";
@@ -122,6 +99,35 @@ def base_config() -> ml_collections.ConfigDict:
 
     _training_groups(c)
     return c
+
+
+def _target_groups(c: ml_collections.ConfigDict) -> None:
+    """The groups of ``base_config`` that set what pre-training predicts and with which head:
+    targets, the dense path's head, MAE mode."""
+    c.target = ml_collections.ConfigDict()  # pre-training targets: one head, a masked-token MSE each
+    c.target.hog = 1.0                  # loss weight of the HOG target (0 = off); MaskFeat's target
+    c.target.pixel = 0.0                # loss weight of the RGB pixel target (0 = off), the paper's pixel-colour target
+    c.target.norm_pix = True            # pixel target: each token's pixels standardised by their own mean
+    #                                     and unbiased variance (official MASK.NORM_PRED_PIXEL)
+    c.target.pixel_all_frames = False   # video pixel target: False = first frame of each 2-frame tubelet
+    #                                     (official MASK.TIME_STRIDE_LOSS=True); True = the whole tubelet
+
+    c.head = ml_collections.ConfigDict()  # MaskFeat's prediction head (dense path, mae.enabled=False)
+    c.head.type = "linear"              # "linear": LayerNorm + Linear (official MASK.HEAD_TYPE "separate", the
+    #                                     default); "transformer": decoder blocks first ("separate_xformer")
+    c.head.decoder_dim = 512            # transformer head: block width, a Linear to it when it differs from the
+    #                                     encoder's (official MASK.DECODER_EMBED_DIM, default 512)
+    c.head.decoder_depth = 2            # transformer head: blocks (official MASK.DECODER_DEPTH, default 0)
+    c.head.decoder_heads = 16           # transformer head: attention heads per block
+
+    c.mae = ml_collections.ConfigDict()  # MAE-style pre-training (ViT only; official MASK.MAE_ON, default False)
+    c.mae.enabled = False               # True: the encoder sees only the kept patches, a decoder predicts the
+    #                                     targets of config.target on the masked ones; config.mask is unused
+    c.mae.mask_ratio = 0.75             # random masking, exactly round(N * ratio) patches per example, drawn on
+    #                                     device (official MASK.MAE_RND_MASK; its video MAE configs use 0.9)
+    c.mae.decoder_dim = 512             # decoder width (official MASK.DECODER_EMBED_DIM, default 512)
+    c.mae.decoder_depth = 8             # decoder blocks (official MASK.DECODER_DEPTH, default 0; MAE's 8)
+    c.mae.decoder_heads = 16            # decoder attention heads (MAE's 16)
 
 
 def _training_groups(c: ml_collections.ConfigDict) -> None:
@@ -226,7 +232,8 @@ def comments() -> dict[str, str]:
     continues the key above it)."""
     import inspect
     out, key = {}, None
-    source = inspect.getsource(base_config) + inspect.getsource(_training_groups)
+    source = (inspect.getsource(base_config) + inspect.getsource(_target_groups)
+              + inspect.getsource(_training_groups))
     for line in source.splitlines():
         m = re.match(r"\s*c\.([\w.]+)\s*=.*?(?:#\s*(.*))?$", line)
         if m and "ConfigDict()" not in line:

@@ -14,7 +14,7 @@ av = pytest.importorskip("av")
 
 def _encode(path, frames):
     clip = np.random.default_rng(frames).integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8)
-    make_video_demo._encode(str(path), clip, *make_video_demo.pick_codec())
+    make_video_demo.encode(str(path), clip, *make_video_demo.pick_codec())
     return path.read_bytes()
 
 

@@ -232,6 +232,6 @@ def test_peak_flops_come_from_the_device_kind_unless_overridden(kind, expected, 
 
 
 def test_peak_flops_on_cpu_are_measured_per_device(monkeypatch):
-    monkeypatch.setattr(perf, "measured_matmul_flops", lambda: 8e11)
+    monkeypatch.setattr(perf, "measured_matmul_flops", lambda **kw: 8e11)
     peak, source = perf.peak_flops_per_device()
     assert source == "measured matmul (cpu)" and peak == 8e11 / len(jax.local_devices())

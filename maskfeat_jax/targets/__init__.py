@@ -9,11 +9,11 @@ converted official weights keep loading.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable
 
 import jax
 
-from maskfeat_jax import config as config_lib
 from maskfeat_jax.targets import hog, pixel
 
 __all__ = ["Target", "WEIGHT_KEYS", "active", "total_dim", "split"]
@@ -56,11 +56,17 @@ def active(config, patch: int, temporal_stride: int | None = None, histogram: st
     return out
 
 
+# the keys added after the first checkpoints were written, with the values those runs had (HOG
+# alone, normalised): a config saved without them, or a stand-in config without ml_collections
+# (benchmarks/accelerator_check.py), gets these
+_ADDED = {"target": {"hog": 1.0, "pixel": 0.0, "norm_pix": True, "pixel_all_frames": False},
+          "hog": {"normalize": True}}
+
+
 def _with_defaults(config, group: str):
-    """``config.<group>`` with the base config's value for each key it lacks."""
-    merged = config_lib.base_config()[group]
-    merged.update(config.get(group) or {})
-    return merged
+    """``config.<group>`` as a namespace, with ``_ADDED``'s value for each key it lacks."""
+    given = config.get(group) or {}
+    return types.SimpleNamespace(**{**_ADDED[group], **{k: given[k] for k in given.keys()}})
 
 
 def total_dim(targets: list[Target]) -> int:
