@@ -26,6 +26,7 @@ from flax import nnx
 from maskfeat_jax import models, sharding
 from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.augment import erase, mix
+from maskfeat_jax.models import mae
 
 
 @flax.struct.dataclass
@@ -114,29 +115,37 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
     input, each a masked-token MSE with explicit denominator on its slice of the head's output;
     ``train/loss`` is their weighted sum, ``train/loss_<name>`` each unweighted loss.
     ``histogram``: HOG's histogram form for the target platform (``hog.histogram_impl``).
-    With ``config.mae.enabled``: ``make_mae_pretrain_step``'s step."""
-    if models.mae_enabled(config):
-        return make_mae_pretrain_step(graphdef, tx, schedule, config, patch, histogram)
+
+    With ``config.mae.enabled`` (ViT) the batch's block ``mask`` is unused: each example keeps
+    exactly ``mae.keep_count(N, config.mae.mask_ratio)`` random patches, drawn on device from
+    the step's key (``mae.random_mask``); the encoder sees only those, the loss covers the others."""
+    mae_on = models.mae_enabled(config)
     base_key = jax.random.key(config.seed)
     mean, std = config.input.mean, config.input.std
     accum = config.optim.grad_accum_steps
-    active = targets_lib.active(config, patch, temporal_stride, histogram)
+    active = targets_lib.active(config, patch, None if mae_on else temporal_stride, histogram)
+    n = (config.input.image_size // patch) ** 2
 
     def step(state: TrainState, batch):
         images = normalize(batch["image"], mean, std)
         targets = {t.name: jax.lax.stop_gradient(t.fn(images)) for t in active}
-        weight_BxN = (batch["mask"] & batch["valid"][:, None]).astype(jnp.float32)
+        rng = jax.random.fold_in(base_key, state.step)
+        if mae_on:     # the model takes the kept patches' indices
+            k_mask, rng = jax.random.split(rng)
+            seen, mask_BxN = mae.random_mask(k_mask, images.shape[0], n, config.mae.mask_ratio)
+        else:          # the model takes the mask
+            seen = mask_BxN = batch["mask"]
+        weight_BxN = (mask_BxN & batch["valid"][:, None]).astype(jnp.float32)
         denom = jnp.maximum(weight_BxN.sum(), 1.0)          # masked tokens of the whole batch
-        inputs = {"images": images, "mask": batch["mask"], "targets": targets, "weight": weight_BxN,
-                  "rng": jax.random.fold_in(base_key, state.step)}
+        inputs = {"images": images, "seen": seen, "targets": targets, "weight": weight_BxN, "rng": rng}
 
         def loss_fn(params, x):
-            out = nnx.merge(graphdef, params)(x["images"], x["mask"], rng=x["rng"])
+            out = nnx.merge(graphdef, params)(x["images"], x["seen"], rng=x["rng"])
             return masked_losses(out["pred_BxNxK"], x["targets"], x["weight"], denom, active)
 
         zeros = {t.name: jnp.zeros((), jnp.float32) for t in active}
         (loss, losses), grads = value_and_grad(loss_fn, state.params, inputs, accum, aux_like=zeros)
-        metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": batch["mask"].mean(),
+        metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": mask_BxN.mean(),
                    "data/invalid_examples": (~batch["valid"]).sum(),
                    **{f"train/loss_{name}": v for name, v in losses.items()}}
         return _apply(tx, state, loss, grads, metrics)
@@ -153,41 +162,6 @@ def masked_losses(pred_BxNxK, targets, weight_BxN, denom, active):
         err_BxN = jnp.square(pred[t.name] - targets[t.name]).mean(-1)
         losses[t.name] = (err_BxN * weight_BxN).sum() / denom
     return functools.reduce(jnp.add, [t.weight * losses[t.name] for t in active]), losses
-
-
-def make_mae_pretrain_step(graphdef, tx, schedule, config, patch: int, histogram: str = "scatter"):
-    """MAE (``config.mae``, ViT): MaskFeat's targets and loss, but each example keeps exactly
-    ``mae.keep_count(N, config.mae.mask_ratio)`` random patches, drawn on device from the step's key
-    (``mae.random_mask``; the batch's block ``mask`` is unused), the encoder sees only those and the
-    loss covers the others."""
-    from maskfeat_jax.models import mae
-    base_key = jax.random.key(config.seed)
-    mean, std = config.input.mean, config.input.std
-    accum = config.optim.grad_accum_steps
-    active = targets_lib.active(config, patch, None, histogram)
-    n = (config.input.image_size // patch) ** 2
-
-    def step(state: TrainState, batch):
-        images = normalize(batch["image"], mean, std)
-        targets = {t.name: jax.lax.stop_gradient(t.fn(images)) for t in active}
-        k_mask, k_drop = jax.random.split(jax.random.fold_in(base_key, state.step))
-        keep_BxV, mask_BxN = mae.random_mask(k_mask, images.shape[0], n, config.mae.mask_ratio)
-        weight_BxN = (mask_BxN & batch["valid"][:, None]).astype(jnp.float32)
-        denom = jnp.maximum(weight_BxN.sum(), 1.0)          # masked tokens of the whole batch
-        inputs = {"images": images, "keep": keep_BxV, "targets": targets, "weight": weight_BxN, "rng": k_drop}
-
-        def loss_fn(params, x):
-            out = nnx.merge(graphdef, params)(x["images"], x["keep"], rng=x["rng"])
-            return masked_losses(out["pred_BxNxK"], x["targets"], x["weight"], denom, active)
-
-        zeros = {t.name: jnp.zeros((), jnp.float32) for t in active}
-        (loss, losses), grads = value_and_grad(loss_fn, state.params, inputs, accum, aux_like=zeros)
-        metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": mask_BxN.mean(),
-                   "data/invalid_examples": (~batch["valid"]).sum(),
-                   **{f"train/loss_{name}": v for name, v in losses.items()}}
-        return _apply(tx, state, loss, grads, metrics)
-
-    return step
 
 
 def make_finetune_step(graphdef, tx, schedule, config):

@@ -6,20 +6,14 @@ import pathlib
 import pytest
 
 from maskfeat_jax import config as config_lib
+import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _cfg(**kw):
-    c = config_lib.base_config()
-    c.model.variant, c.input.image_size, c.input.dataset, c.input.global_batch_size = "mu/16", 32, "digits", 8
-    for k, v in kw.items():
-        obj = c
-        *head, last = k.split(".")
-        for h in head:
-            obj = obj[h]
-        obj[last] = v
-    return c
+    """The tiny pre-training config on the embedded digits, then ``kw`` (``{"dotted.key": value}``)."""
+    return tiny.config(overrides={"input.dataset": "digits", "model.num_classes": 1000, **kw})
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -14,6 +14,7 @@ from flax import nnx
 from maskfeat_jax import config as config_lib, models, steps, targets
 from maskfeat_jax.targets import hog, pixel
 from test_steps import MASK, MEAN, STD, VALID, _config, pt_batch  # noqa: F401 - pt_batch is a fixture
+import tiny
 
 
 # ---------------------------------------------------------------------------
@@ -338,15 +339,8 @@ def test_video_step_pixel_loss_matches_reference(all_frames):
 # ---------------------------------------------------------------------------
 
 def _cfg(**kw):
-    c = config_lib.base_config()
-    c.model.variant, c.input.image_size, c.input.dataset, c.input.global_batch_size = "mu/16", 32, "digits", 8
-    for k, v in kw.items():
-        *head, last = k.split(".")
-        obj = c
-        for h in head:
-            obj = obj[h]
-        obj[last] = v
-    return c
+    """The tiny pre-training config on the embedded digits, then ``kw`` (``{"dotted.key": value}``)."""
+    return tiny.config(overrides={"input.dataset": "digits", "model.num_classes": 1000, **kw})
 
 
 @pytest.mark.parametrize("overrides,key", [
