@@ -30,6 +30,7 @@ LABELS = {"maskfeat": "MaskFeat pre-training (configs/demo.py)", "scratch": "ran
 
 
 def run(args: list[str]) -> float:
+    """``python -m maskfeat_jax.main ARGS`` in a subprocess, its console output dropped; seconds."""
     t = time.time()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-m", "maskfeat_jax.main", *args], cwd=ROOT, env=env, check=True,
@@ -37,9 +38,56 @@ def run(args: list[str]) -> float:
     return time.time() - t
 
 
-def final_eval(workdir: pathlib.Path) -> dict:
+def config_of(args: list[str]):
+    """The config that ``args`` (``--config=FILE`` and ``--config.KEY=VALUE``, as given to
+    ``python -m maskfeat_jax.main``) give the command, parsed as it parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from maskfeat_jax import config as config_lib
+    file = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+    argv = ["run", f"--config={config_lib.resolve_config_file(file)}", *[a for a in args if a.startswith("--config.")]]
+    fv = flags.FlagValues()   # the overrides are read from sys_argv when the flag is defined
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def run_in_process(args: list[str], log: pathlib.Path) -> float:
+    """The same run as ``run(ARGS)`` (``--config=FILE``, ``--workdir=DIR`` and ``--config.KEY=VALUE``
+    overrides) in this process, its console output written to ``log`` (first line: the command);
+    seconds. Saves the interpreter's start-up per run, and lets runs share compiled programs
+    through JAX's persistent compilation cache where one is set."""
+    import contextlib
+
+    from absl import logging
+
+    from maskfeat_jax import train
+    t = time.time()
+    config = config_of(args)
+    workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+    logging.set_verbosity(logging.WARNING)          # as the command: library INFO logs off
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        print(shlex.join(["python", "-m", "maskfeat_jax.main", *args]), flush=True)
+        train.train_and_evaluate(config, workdir)
+    return time.time() - t
+
+
+def last_row(workdir: pathlib.Path, key: str) -> dict:
+    """The last row of ``WORKDIR/metrics.jsonl`` that holds ``key``."""
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    return [r for r in rows if "eval/top1" in r][-1]
+    return [r for r in rows if key in r][-1]
+
+
+def final_eval(workdir: pathlib.Path) -> dict:
+    return last_row(workdir, "eval/top1")
+
+
+def mean_std(xs: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``"mean +- std"`` of ``xs`` times ``scale`` (sample std; 0 for one value)."""
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{scale * statistics.mean(xs):.{digits}f} +- {scale * std:.{digits}f}"
 
 
 def pretrain_summary(pt: pathlib.Path, secs: float) -> str:
@@ -59,9 +107,7 @@ def table(results: dict[str, list[float]], seeds: list[int]) -> list[str]:
     lines = [f"| initialisation | held-out top-1, mean +- std over {len(seeds)} seeds "
              f"| runs (seeds {', '.join(map(str, seeds))}) |", "|---|---|---|"]
     for init, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {LABELS[init]} | {100 * statistics.mean(accs):.2f} +- {100 * std:.2f} % | "
-                     f"{', '.join(f'{100 * x:.1f}' for x in accs)} |")
+        lines.append(f"| {LABELS[init]} | {mean_std(accs)} % | {', '.join(f'{100 * x:.1f}' for x in accs)} |")
     return lines
 
 

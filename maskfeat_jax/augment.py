@@ -26,7 +26,8 @@ def partners(x):
 def mix(rng, images, labels, num_classes, a, valid=None):
     """Mixup / CutMix (timm batch mode, pairing each example with ``partners``) with label
     smoothing folded into the targets. An example whose partner is not valid (an input that
-    failed to decode) is left unmixed. Returns (images, soft targets)."""
+    failed to decode) is left unmixed; with ``a.mix_prob < 1`` a batch is mixed with that
+    probability, else left unmixed (label smoothing only). Returns (images, soft targets)."""
     k_lam, k_switch, k_box = jax.random.split(rng, 3)
     off = a.label_smoothing / num_classes
     onehot = jax.nn.one_hot(labels, num_classes) * (1.0 - a.label_smoothing) + off
@@ -46,6 +47,8 @@ def mix(rng, images, labels, num_classes, a, valid=None):
     if not enabled:
         return images, onehot
     partner_ok = jnp.ones(images.shape[:1], bool) if valid is None else partners(valid)
+    if a.get("mix_prob", 1.0) < 1.0:      # official MIXUP.PROB: the whole batch mixed or not
+        partner_ok = partner_ok & (jax.random.uniform(jax.random.fold_in(rng, 3)) < a.mix_prob)
     lam = jnp.where(partner_ok, jnp.where(use_cutmix, lam_cut, lam), 1.0)        # (B,)
     per_example = (-1,) + (1,) * (images.ndim - 1)
     flipped, lam_x, ok_x = partners(images), lam.reshape(per_example), partner_ok.reshape(per_example)

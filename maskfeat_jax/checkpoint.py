@@ -181,8 +181,8 @@ def restore_or_init(ckpt: Checkpointer, setup, make_iter, config, topology: dict
     if data_iter is None:    # written by another input topology: restart the input where it was
         start = read // per_batch
         read = start * per_batch
-        print(f"input topology changed ({_input_topology(saved)} -> {topology}): the data iterator "
-              f"starts at batch {start} instead of restoring its saved state", flush=True)
+        logging.warning("input topology changed (%s -> %s): the data iterator starts at batch %d instead "
+                        "of restoring its saved state", _input_topology(saved), topology, start)
         data_iter = make_iter(start)
     return state, data_iter, Position(step, read, start, per_batch)
 
@@ -201,13 +201,13 @@ def _restore_latest_good(ckpt, abstract_state, make_iter, config, topology):
         state, saved, data_iter, err = _read_agreed(ckpt, step, abstract_state, make_iter, config, topology)
         if err is not None:
             nxt = f"falling back to step {steps_desc[i + 1]}" if i + 1 < len(steps_desc) else "no older checkpoint"
-            print(f"warning: checkpoint at step {step} could not be restored ({type(err).__name__}: "
-                  f"{str(err)[:300]}); {nxt}", flush=True)
+            logging.warning("checkpoint at step %d could not be restored (%s: %s); %s", step,
+                            type(err).__name__, str(err)[:300], nxt)
             continue
         for bad in steps_desc[:i]:    # newer, unrestorable: out of the way of this run's saves
             moved = ckpt.set_aside(bad)
-            print(f"checkpoint at step {bad} " + (f"set aside as {moved}" if moved else
-                  "could not be set aside: this run saves again only after that step"), flush=True)
+            logging.warning("checkpoint at step %d %s", bad, f"set aside as {moved}" if moved else
+                            "could not be set aside: this run saves again only after that step")
         print(f"resuming from step {step}", flush=True)
         return state, saved, data_iter
     raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored (the last error is above). If "

@@ -14,13 +14,13 @@ import re
 
 import ml_collections
 
-from maskfeat_jax.config_validate import KNOWN_DATASETS, validate, validate_workdir  # noqa: F401
+from maskfeat_jax.config_validate import KNOWN_DATASETS, VIDEO_DATASETS, validate, validate_workdir  # noqa: F401
 from maskfeat_jax.config_validate import get as _get
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "pretrain"                 # "pretrain" (MaskFeat) or "finetune" (classification)
+    c.task = "pretrain"                 # "pretrain" (MaskFeat), "finetune" (classification) or "detect" (AVA)
     c.seed = 0                          # seeds parameters, data order, masks and drop path
     c.epochs = 300.0                    # training length in epochs of the train split ...
     c.total_steps = -1                  # ... or, when > 0, in optimizer steps (overrides epochs)
@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     and loss stay float32
     c.model.attention = "auto"          # "auto" (platform.select_attention), "xla", "cudnn" or "einsum"
     c.model.remat = "none"              # rematerialisation per block: "none", "dots_saveable", "full"
+    c.model.head_dropout = 0.0          # fine-tuning and detection: dropout before the head's Linear
+    #                                     (official MODEL.DROPOUT_RATE; SSv2 and AVA: 0.5)
+    c.model.tubelet = 2                 # ViT on a video dataset: frames per patch (official PATCH_KERNEL[0])
+    c.model.sep_pos_embed = False       # ViT: separate spatial, temporal and class position tables
+    #                                     (official SEP_POS_EMBED; its video ViT configs: True)
 
     c.mask = ml_collections.ConfigDict()
     c.mask.ratio = 0.4                  # fraction to mask: image blocks (spec 4.1), video cubes (4.2)
@@ -59,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic", "folder:<root>";
-    #                                     video: "video_csv" (video.csv_dir) or "video_demo" (embedded)
+    #                                     video: "video_csv" (video.csv_dir) or "video_demo" (embedded);
+    #                                     detection: "ava" (ava.root) or "ava_demo" (embedded)
     c.input.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (None: TFDS default)
     c.input.train_split = "train"       # split to train on
     c.input.eval_split = "validation"   # held-out split for evaluation
@@ -97,6 +103,19 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     (min, max) = frames decoded at full size, short side to an inverse-uniform
     #                                     draw in [min, max], random input.image_size crop (TRAIN_JITTER_SCALES)
 
+    c.ava = ml_collections.ConfigDict()  # AVA v2.2 action detection (config.task = "detect")
+    c.ava.root = ""                     # the AVA folder: annotations/ (v2.2 files) and videos_15min/<id>.mp4;
+    #                                     "ava_demo": where the demo is written (default a cache folder)
+    c.ava.fps = 30                      # keyframe timeline in frames per second (official frames: 30; demo: 6)
+    c.ava.detection_score_thresh = 0.8  # person detections kept at or above this score (AVA.DETECTION_SCORE_THRESH)
+    c.ava.train_detections = True       # train on the ground truth plus the detected boxes (with their labels;
+    #                                     negatives all-zero), as TRAIN_PREDICT_BOX_LISTS; False: ground truth only
+    c.ava.max_boxes = 16                # boxes per training clip (more are dropped, counted); evaluation
+    #                                     makes room for the val split's most boxes
+    c.ava.eval_second_stride = 1        # evaluate keyframes at seconds divisible by this (PySlowFast's
+    #                                     in-training val: 4; 1 = every keyframe, FULL_TEST_ON_VAL)
+    c.ava.protocol = "pyslowfast"       # frame-mAP order within a frame: "pyslowfast" or "activitynet"
+
     _training_groups(c)
     return c
 
@@ -111,6 +130,13 @@ def _target_groups(c: ml_collections.ConfigDict) -> None:
     #                                     and unbiased variance (official MASK.NORM_PRED_PIXEL)
     c.target.pixel_all_frames = False   # video pixel target: False = first frame of each 2-frame tubelet
     #                                     (official MASK.TIME_STRIDE_LOSS=True); True = the whole tubelet
+    c.target.features = 0.0             # loss weight of a frozen teacher's per-token features (0 = off), the
+    #                                     paper's deep-feature target (ViT students and teachers, images)
+    c.target.teacher = ""               # features target: the teacher, a workdir or checkpoint step folder that
+    #                                     checkpoint.load reads (a ViT of the same patch and image size)
+    c.target.teacher_block = -1         # features target: the teacher block whose output tokens are the targets
+    #                                     (0-based, -1: the last; its raw output, the ViT has no final norm)
+    c.target.teacher_l2norm = False     # features target: each token's teacher feature divided by its L2 norm
 
     c.head = ml_collections.ConfigDict()  # MaskFeat's prediction head (dense path, mae.enabled=False)
     c.head.type = "linear"              # "linear": LayerNorm + Linear (official MASK.HEAD_TYPE "separate", the
@@ -119,6 +145,9 @@ def _target_groups(c: ml_collections.ConfigDict) -> None:
     #                                     encoder's (official MASK.DECODER_EMBED_DIM, default 512)
     c.head.decoder_depth = 2            # transformer head: blocks (official MASK.DECODER_DEPTH, default 0)
     c.head.decoder_heads = 16           # transformer head: attention heads per block
+    c.head.depths = (-1,)               # ViT encoder blocks (0-based, -1: the last) each feeding its own linear
+    #                                     head, all predicting every target, losses summed (official
+    #                                     MASK.PRETRAIN_DEPTH); the last block must be listed
 
     c.mae = ml_collections.ConfigDict()  # MAE-style pre-training (ViT only; official MASK.MAE_ON, default False)
     c.mae.enabled = False               # True: the encoder sees only the kept patches, a decoder predicts the
@@ -128,6 +157,10 @@ def _target_groups(c: ml_collections.ConfigDict) -> None:
     c.mae.decoder_dim = 512             # decoder width (official MASK.DECODER_EMBED_DIM, default 512)
     c.mae.decoder_depth = 8             # decoder blocks (official MASK.DECODER_DEPTH, default 0; MAE's 8)
     c.mae.decoder_heads = 16            # decoder attention heads (MAE's 16)
+    c.mae.decoder_sep_pos_embed = False  # decoder: separate spatial, temporal and class position tables
+    #                                     (official MASK.DECODER_SEP_POS_EMBED, default False)
+    c.mae.per_frame = False             # video: one spatial mask repeated in every temporal slot
+    #                                     (official MASK.PER_FRAME_MASKING, default False)
 
 
 def _training_groups(c: ml_collections.ConfigDict) -> None:
@@ -142,9 +175,11 @@ def _training_groups(c: ml_collections.ConfigDict) -> None:
     c.augment.mixup_alpha = 0.8         # on device, in the step; 0 disables
     c.augment.cutmix_alpha = 1.0        # on device, in the step; 0 disables
     c.augment.switch_prob = 0.5         # chance of cutmix instead of mixup when both are on
+    c.augment.mix_prob = 1.0            # chance a batch is mixed at all (official MIXUP.PROB)
     c.augment.label_smoothing = 0.1     # folded into the mixed targets
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"              # "adamw" or "sgd" (PyTorch-style: L2 decay into the momentum)
     c.optim.base_lr = 2e-4              # peak lr per reference_batch images
     c.optim.reference_batch = 256       # lr = base_lr * global_batch_size / reference_batch
     c.optim.warmup_start_lr = 1e-6      # lr at step 0 (scaled like base_lr)
@@ -154,6 +189,8 @@ def _training_groups(c: ml_collections.ConfigDict) -> None:
     c.optim.b1 = 0.9                    # AdamW first-moment decay
     c.optim.b2 = 0.999                  # AdamW second-moment decay
     c.optim.eps = 1e-8                  # AdamW denominator epsilon
+    c.optim.momentum = 0.9              # SGD momentum (optim.name="sgd"); 0 = plain SGD
+    c.optim.nesterov = False            # SGD: Nesterov momentum
     c.optim.grad_clip = 0.02            # global L2 norm clip; 0 disables
     c.optim.grad_accum_steps = 1        # micro-batches per step (same update, 1/k of the activations)
     c.optim.layer_decay = 1.0           # layer-wise lr decay (fine-tuning); 1.0 = off
@@ -178,16 +215,22 @@ def _training_groups(c: ml_collections.ConfigDict) -> None:
 SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input.image_size",
               "hog.nbins", "hog.cell_size", "video.num_frames", "target.pixel_all_frames",
               "head.type", "head.decoder_dim", "head.decoder_depth", "head.decoder_heads",
-              "mae.enabled", "mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads")
+              "mae.enabled", "mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads",
+              "model.tubelet", "model.sep_pos_embed", "mae.decoder_sep_pos_embed")
 # keys that change the train state's structure only through a threshold: clipping or layer-wise
 # decay on or off (the optimizer state), a pre-training target on or off (the head's width)
-STRUCTURE_KEYS = {"optim.grad_clip": ("clipping", lambda v: v > 0, "the optimizer state"),
+STRUCTURE_KEYS = {"optim.name": ("the optimizer", lambda v: v, "the optimizer state"),
+                  "optim.grad_clip": ("clipping", lambda v: v > 0, "the optimizer state"),
                   "optim.layer_decay": ("layer-wise decay", lambda v: v < 1.0, "the optimizer state"),
                   "target.hog": ("the HOG target", lambda v: v > 0, "the prediction head"),
-                  "target.pixel": ("the pixel target", lambda v: v > 0, "the prediction head")}
+                  "target.pixel": ("the pixel target", lambda v: v > 0, "the prediction head"),
+                  "target.features": ("the features target", lambda v: v > 0, "the prediction head"),
+                  "head.depths": ("prediction heads:", lambda v: len(tuple(v)), "the prediction heads")}
 # the values a config saved before these keys existed had
-_SAVED_DEFAULTS = {"target.hog": 1.0, "target.pixel": 0.0, "target.pixel_all_frames": False,
-                   "head.type": "linear", "mae.enabled": False}
+_SAVED_DEFAULTS = {"optim.name": "adamw", "target.hog": 1.0, "target.pixel": 0.0, "target.features": 0.0,
+                   "head.depths": (-1,), "target.pixel_all_frames": False,
+                   "head.type": "linear", "mae.enabled": False, "model.tubelet": 2, "model.sep_pos_embed": False,
+                   "mae.decoder_sep_pos_embed": False}
 
 
 def shape_differences(saved: dict, config) -> list[str]:
@@ -196,8 +239,9 @@ def shape_differences(saved: dict, config) -> list[str]:
     out = []
     saved = ml_collections.ConfigDict(saved)
     for key in SHAPE_KEYS + tuple(STRUCTURE_KEYS):
-        if key.startswith("video.") and config.model.name != "mvit":
-            continue                      # the video keys shape only MViTv2
+        video = config.model.name == "mvit" or config.input.dataset in VIDEO_DATASETS
+        if (key.startswith("video.") or key == "model.tubelet") and not video:
+            continue                      # the video keys shape only video models
         if key.startswith(("target.", "head.", "mae.")) and config.task != "pretrain":
             continue                      # these shape only the pre-training model
         if (key.startswith("head.decoder") and config.head.type != "transformer"
@@ -212,8 +256,8 @@ def shape_differences(saved: dict, config) -> list[str]:
         if key in STRUCTURE_KEYS:
             what, on, part = STRUCTURE_KEYS[key]
             if on(old) != on(new):
-                out.append(f"{key}: saved {old!r}, now {new!r} ({what} {'on' if on(new) else 'off'} now, "
-                           f"which changes {part})")
+                now = ("on" if on(new) else "off") if isinstance(on(new), bool) else repr(on(new))
+                out.append(f"{key}: saved {old!r}, now {new!r} ({what} {now} now, which changes {part})")
         elif old != new:
             out.append(f"{key}: saved {old!r}, now {new!r}")
     return out

@@ -9,8 +9,14 @@ import difflib
 import math
 import os
 
-VIDEO_DATASETS = ("video_csv", "video_demo", "ssv2", "ssv2_demo")   # clips, read by MViTv2
+AVA_DATASETS = ("ava", "ava_demo")   # clips with person boxes (config.task = "detect")
+VIDEO_DATASETS = ("video_csv", "video_demo", "ssv2", "ssv2_demo") + AVA_DATASETS   # clips, read by MViTv2
 KNOWN_DATASETS = ("digits", "synthetic") + VIDEO_DATASETS  # plus TFDS names, "folder:<root>"
+
+
+def is_video(config) -> bool:
+    """Whether ``config`` trains on clips: an MViTv2, or any model (the video ViT) on a video dataset."""
+    return config.model.name == "mvit" or config.input.dataset in VIDEO_DATASETS
 
 
 def get(config, dotted):
@@ -22,15 +28,20 @@ def get(config, dotted):
 
 def validate(config, num_devices: int, num_processes: int = 1) -> None:
     """Checks the config before anything is built; raises ValueError naming the key."""
-    if config.task not in ("pretrain", "finetune"):
-        raise ValueError(f"config.task={config.task!r}: expected 'pretrain' or 'finetune'")
+    if config.task not in ("pretrain", "finetune", "detect"):
+        raise ValueError(f"config.task={config.task!r}: expected 'pretrain', 'finetune' or 'detect'")
     if config.model.name not in ("vit", "mvit"):
         raise ValueError(f"config.model.name={config.model.name!r}: known models are 'vit' and 'mvit'")
     _validate_program(config)
     if config.task == "pretrain":
         _validate_targets(config)
         _validate_mae_and_head(config, num_devices)
-    if config.model.name == "mvit":
+    if config.task == "detect" or config.input.dataset in AVA_DATASETS:
+        _validate_ava(config)
+    rate = config.model.get("head_dropout", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"config.model.head_dropout={rate!r}: a dropout rate in [0, 1)")
+    if config.model.name == "mvit" or config.input.dataset in VIDEO_DATASETS:
         _validate_video(config)
     _validate_shapes(config, num_devices)
     if not 0.0 < config.mask.ratio < 1.0:
@@ -40,6 +51,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
         if get(config, key) < 1:
             raise ValueError(f"config.{key}={get(config, key)} must be at least 1 (a value above the run's "
                              f"steps acts only at the last step)")
+    if config.optim.name not in ("adamw", "sgd"):
+        raise ValueError(f"config.optim.name={config.optim.name!r}: expected 'adamw' or 'sgd'")
+    if not 0.0 <= config.augment.mix_prob <= 1.0:
+        raise ValueError(f"config.augment.mix_prob={config.augment.mix_prob!r}: a probability in [0, 1]")
     if config.nonfinite not in ("error", "skip"):
         raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected 'error' or 'skip'")
     _validate_input(config)
@@ -63,8 +78,8 @@ def _validate_shapes(config, num_devices: int) -> None:
     if hog_on and (config.hog.cell_size < 1 or patch % config.hog.cell_size):
         raise ValueError(f"config.hog.cell_size={config.hog.cell_size} does not divide the patch size "
                          f"{patch} ({variant})")
-    outputs = config.model.num_classes if config.task == "finetune" else _target_features(config, patch)
-    what = "config.model.num_classes" if config.task == "finetune" else "features per token of config.target"
+    outputs = config.model.num_classes if config.task != "pretrain" else _target_features(config, patch)
+    what = "config.model.num_classes" if config.task != "pretrain" else "features per token of config.target"
     _, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
     if heads % tensor or any(m % tensor for m in mlps):
         raise ValueError(f"config.mesh.tensor={tensor} does not divide the {heads} heads (fewest in a block) / "
@@ -100,19 +115,21 @@ def _validate_targets(config) -> None:
 def _validate_mae_and_head(config, num_devices: int) -> None:
     """``config.mae`` (ViT only; a ratio that keeps and masks at least one patch) and
     ``config.head`` (type; decoder widths, heads and MLPs against the mesh's fsdp and tensor axes)."""
-    from maskfeat_jax import sharding
+    from maskfeat_jax import models, sharding
+    models.head_depths(config)        # config.head.depths: blocks of the encoder, several on the ViT's linear head
     mae, head = config.get("mae") or {}, config.get("head") or {}
     decoders = []
     if mae.get("enabled", False):
         if config.model.name != "vit":
             raise ValueError(f"config.mae.enabled=True: MAE pre-training is implemented for the ViT only, not "
                              f"config.model.name={config.model.name!r}; set config.mae.enabled=False")
-        from maskfeat_jax.models import mae as mae_lib, vit
-        n = (config.input.image_size // vit.parse_variant(config.model.variant)[1]) ** 2
+        from maskfeat_jax.models import mae as mae_lib
+        n, frames = mae_lib.mask_layout(config)
+        n, what = n // frames, "patches" if frames == 1 else "patches of each frame (config.mae.per_frame=True)"
         keep = mae_lib.keep_count(n, mae.mask_ratio)
         if not 0.0 < mae.mask_ratio < 1.0 or not 0 < keep < n:
             raise ValueError(f"config.mae.mask_ratio={mae.mask_ratio}: must be in (0, 1) and keep between 1 and "
-                             f"{n - 1} of the {n} patches (keeps {keep})")
+                             f"{n - 1} of the {n} {what} (keeps {keep})")
         if config.evals.figures_every_steps > 0:
             raise ValueError(f"config.mae.enabled=True: the HOG figures (config.evals.figures_every_steps="
                              f"{config.evals.figures_every_steps}) draw the dense model's predictions; set it to 0")
@@ -140,9 +157,9 @@ def _validate_mae_and_head(config, num_devices: int) -> None:
 
 def _target_features(config, patch: int) -> int:
     """Features per token of the pre-training head: the active targets side by side (MViTv2:
-    temporal stride 2)."""
-    from maskfeat_jax import targets
-    return targets.total_dim(targets.active(config, patch, 2 if config.model.name == "mvit" else None))
+    temporal stride 2; video ViT: its tubelet)."""
+    from maskfeat_jax import models, targets
+    return targets.total_dim(targets.active(config, patch, models.temporal_stride(config)))
 
 
 def _validate_batch(config, num_devices: int, num_processes: int) -> None:
@@ -164,8 +181,6 @@ def _validate_input(config) -> None:
         raise ValueError(f"config.input.image_backend={config.input.image_backend!r}: expected 'cv2' "
                          f"(simplejpeg + OpenCV) or 'pil' (Pillow)")
     ds = config.input.dataset
-    if ds in VIDEO_DATASETS and config.model.name != "mvit":
-        raise ValueError(f"config.input.dataset={ds!r} is a video dataset: set config.model.name='mvit'")
     if ds.startswith("folder:"):
         root = ds[len("folder:"):]
         if not os.path.isdir(root):
@@ -220,18 +235,25 @@ def validate_workdir(workdir: str, init_from: str = "") -> None:
 
 
 def _validate_video(config):
-    from maskfeat_jax.models import mvit
-    mvit.parse_variant(config.model.variant)
+    """MViTv2 (always on clips) or the ViT on a video dataset."""
+    if config.model.name == "vit":
+        u = config.model.tubelet
+        if isinstance(u, bool) or not isinstance(u, int) or u < 1 or config.video.num_frames % u:
+            raise ValueError(f"config.model.tubelet={u!r}: the video ViT needs a positive integer that divides "
+                             f"config.video.num_frames={config.video.num_frames}")
+    else:
+        from maskfeat_jax.models import mvit
+        mvit.parse_variant(config.model.variant)
     if config.input.dataset not in VIDEO_DATASETS:
         raise ValueError(f"config.input.dataset={config.input.dataset!r}: MViTv2 reads "
                          f"{', '.join(repr(d) for d in VIDEO_DATASETS)}")
     if config.input.image_size % 32:
         raise ValueError(f"config.input.image_size={config.input.image_size} must be a multiple of 32 for "
-                         f"MViTv2 (one cube-mask unit is 32x32 pixels)")
-    if config.video.num_frames % 2:
+                         f"video (one cube-mask unit is 32x32 pixels)")
+    if config.model.name == "mvit" and config.video.num_frames % 2:
         raise ValueError(f"config.video.num_frames={config.video.num_frames} must be even (temporal stride 2)")
     if config.evals.probe:
-        raise ValueError("config.evals.probe=True: the k-NN and linear probe read images; for MViTv2 on video "
+        raise ValueError("config.evals.probe=True: the k-NN and linear probe read images; for a model on video "
                          "set config.evals.probe=False (fine-tuning's top-1/top-5 evaluates video models)")
     _validate_video_sampling(config)
     if config.input.dataset == "video_csv":
@@ -272,3 +294,59 @@ def _check_tfds(name, data_dir):
     remote = data_dir is not None and "://" in data_dir     # gs://...: checked when tfds opens it
     if data_dir is not None and not remote and not os.path.isdir(os.path.expanduser(data_dir)):
         raise ValueError(f"config.input.data_dir={data_dir!r} does not exist")
+
+
+def _validate_ava(config) -> None:
+    """The detection keys, before anything is read: the task, model and dataset together, the
+    ``config.ava`` group and the clip and crop keys it reads; a ValueError names the key."""
+    from maskfeat_jax.data import ava, make_ava_demo     # local: keeps config import light
+    from maskfeat_jax.evaluators import ava_map
+    ds, a = config.input.dataset, config.ava
+    if config.task != "detect":
+        raise ValueError(f"config.task={config.task!r}: config.input.dataset={ds!r} (person boxes with action "
+                         f"labels) trains with config.task='detect'")
+    if ds not in AVA_DATASETS:
+        raise ValueError(f"config.input.dataset={ds!r}: config.task='detect' reads {' or '.join(map(repr, AVA_DATASETS))}")
+    if config.model.name != "mvit":
+        raise ValueError(f"config.model.name={config.model.name!r}: the detection head is built on MViTv2 ('mvit')")
+    if config.model.num_classes != ava.NUM_CLASSES:
+        raise ValueError(f"config.model.num_classes={config.model.num_classes}: AVA's labels have "
+                         f"{ava.NUM_CLASSES} action ids (the label map evaluates a subset); set {ava.NUM_CLASSES}")
+    if isinstance(a.fps, bool) or not isinstance(a.fps, (int, float)) or not a.fps > 0:
+        raise ValueError(f"config.ava.fps={a.fps!r}: the keyframe timeline's frames per second, a number > 0")
+    if ds == "ava_demo" and a.fps != make_ava_demo.FPS:
+        raise ValueError(f"config.ava.fps={a.fps}: the demo's videos run at {make_ava_demo.FPS} frames per second")
+    if not 0.0 <= a.detection_score_thresh <= 1.0:
+        raise ValueError(f"config.ava.detection_score_thresh={a.detection_score_thresh}: a score in [0, 1]")
+    for key in ("max_boxes", "eval_second_stride"):
+        v = a[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.ava.{key}={v!r}: expected an integer >= 1")
+    if a.protocol not in ava_map.PROTOCOLS:
+        raise ValueError(f"config.ava.protocol={a.protocol!r}: expected one of {ava_map.PROTOCOLS}")
+    _validate_ava_clip(config)
+
+
+def _validate_ava_clip(config) -> None:
+    """The clip window, sampling and crop keys the AVA maps read."""
+    from maskfeat_jax.data import ava
+    v, size = config.video, config.input.image_size
+    if v.get("sampling", "clip") != "clip":
+        raise ValueError(f"config.video.sampling={v.sampling!r}: AVA clips are one window around the keyframe: "
+                         f"set 'clip'")
+    if v.get("num_sample", 1) != 1:
+        raise ValueError(f"config.video.num_sample={v.num_sample}: repeated augmentation is not implemented for "
+                         f"detection; set 1")
+    if isinstance(v.sampling_rate, bool) or not isinstance(v.sampling_rate, int) or v.sampling_rate < 1:
+        raise ValueError(f"config.video.sampling_rate={v.sampling_rate!r}: frames between clip frames, an integer >= 1")
+    try:
+        ava.clip_indices(ava.START_SECOND + 2, v.num_frames, v.sampling_rate, 10 ** 6)
+    except ValueError as e:
+        raise ValueError(f"config.video.num_frames={v.num_frames}, config.video.sampling_rate={v.sampling_rate}: "
+                         f"{e}") from None
+    scales = tuple(v.train_jitter_scales)
+    if len(scales) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in scales) \
+            or not size <= scales[0] <= scales[1]:
+        raise ValueError(f"config.video.train_jitter_scales={scales!r}: AVA training scales the short side to a "
+                         f"draw in (min, max), then crops; two ints with config.input.image_size={size} <= min <= "
+                         f"max (officially (256, 320) for 224)")

@@ -42,7 +42,7 @@ def convert_state_dict(state_dict: dict, target_shapes: dict, family: str, task:
     names the offending tensors (10 per kind of problem), after a first line that says what
     the checkpoint is and which config keys to change where its kind, family or size differs.
     """
-    rules = rules_for(family, task)
+    rules = rules_for(family, task, official_names.mae_depth(target_shapes))
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     out, used, missing, bad, expected = {}, set(), [], [], {}
     for ours, shape in target_shapes.items():

@@ -54,7 +54,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 # Importing jax starts no backend; --devices/--topology still take effect in main().
-from maskfeat_jax import config as config_lib, perf, sharding, train
+from maskfeat_jax import config as config_lib, config_validate, perf, sharding, train
 
 config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:ARG] (see configs/).", lock_config=True)
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: the real devices).")
@@ -121,18 +121,16 @@ def lower_step(config, mesh, platform: str, export: bool = False):
     with config.unlocked():
         config.platform = platform
     st = train.setup(config, mesh, steps_per_epoch=1, total_steps=max(config.total_steps, 1000))
-    enc = st.model.encoder
-    batch = sharding.abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
-    step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
-                   out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    batch = train.abstract_batch(config, mesh, st.model)
+    step = train.jit_step(st, mesh, batch)
     name = platform_lib.EXPORT_NAMES[platform]
     with jax.set_mesh(mesh), _assume_cudnn():
         if export:
             checks = [jax.export.DisabledSafetyCheck.custom_call(n) for n in CUDNN_CALLS]
             text = jax.export.export(step, platforms=[name], disabled_checks=checks)(
-                st.abstract_state, batch).mlir_module()
+                st.abstract_state, batch, *st.frozen).mlir_module()
         else:
-            text = step.trace(st.abstract_state, batch).lower(lowering_platforms=(name,)).as_text()
+            text = step.trace(st.abstract_state, batch, *st.frozen).lower(lowering_platforms=(name,)).as_text()
     return st, text
 
 
@@ -168,6 +166,14 @@ def _memory(compiled) -> dict:
     return m
 
 
+def _embedded_dataset(config) -> str:
+    """The embedded dataset a dry run validates ``config`` against, of the same kind (clips with
+    boxes, clips, or images) as its own."""
+    if config.input.dataset in config_validate.AVA_DATASETS:
+        return "ava_demo"
+    return "video_demo" if config_validate.is_video(config) else "synthetic"
+
+
 def run(config, devices=None) -> dict:
     """Compiles the train step of ``config`` on ``devices`` (default: all) and reports it.
 
@@ -176,7 +182,7 @@ def run(config, devices=None) -> dict:
     devices = jax.devices() if devices is None else list(devices)
     checked = config.copy_and_resolve_references()
     # No data is read: check everything but the dataset's location, against an embedded dataset.
-    checked.input.dataset = "video_demo" if config.model.name == "mvit" else "synthetic"
+    checked.input.dataset = _embedded_dataset(config)
     config_lib.validate(checked, len(devices), 1)
 
     t0 = time.perf_counter()
@@ -184,8 +190,7 @@ def run(config, devices=None) -> dict:
     gb, n = config.input.global_batch_size, len(devices)
     total_steps = config.total_steps if config.total_steps > 0 else 1000   # only shapes the lr schedule
     st = train.setup(config, mesh, steps_per_epoch=max(total_steps // 100, 1), total_steps=total_steps)
-    enc = st.model.encoder
-    batch = sharding.abstract_batch(config, mesh, enc.mask_grid if config.model.name == "mvit" else enc.grid)
+    batch = train.abstract_batch(config, mesh, st.model)
     report = {
         "devices": n, "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
         "program": train.describe_program(st.model, config, st.platform),
@@ -198,11 +203,10 @@ def run(config, devices=None) -> dict:
         "seconds": {"setup": time.perf_counter() - t0},
     }
 
-    step = jax.jit(st.step_fn, in_shardings=(st.state_sharding, jax.tree.map(lambda x: x.sharding, batch)),
-                   out_shardings=(st.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+    step = train.jit_step(st, mesh, batch)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        lowered = step.lower(st.abstract_state, batch)
+        lowered = step.lower(st.abstract_state, batch, *st.frozen)
         report["seconds"]["lower"] = time.perf_counter() - t0
         t0, c0 = time.perf_counter(), time.process_time()
         try:
@@ -252,7 +256,7 @@ def run_lowered(config, platform: str, devices=None) -> dict:
     """The step built for ``platform`` and lowered for it (``lower_step``), summarised."""
     devices = jax.devices() if devices is None else list(devices)
     checked = config.copy_and_resolve_references()
-    checked.input.dataset = "video_demo" if config.model.name == "mvit" else "synthetic"
+    checked.input.dataset = _embedded_dataset(config)
     config_lib.validate(checked, len(devices), 1)
     mesh = sharding.make_mesh(config.mesh, devices)
     t0 = time.perf_counter()

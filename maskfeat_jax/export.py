@@ -13,7 +13,8 @@
 #   (``mask_token``, ``pred_head.*``) or the classifier (``norm``, ``head.projection``);
 # * for a pre-training checkpoint, also the HOG layer's buffers that the official ``MaskMViT``
 #   registers (``operators.HOGLayerC``): the Sobel filters ``hogs.0.weight_x`` (3, 1, 3, 3) and
-#   ``hogs.0.weight_y`` (its transpose). They are constants, not trained, but part of that
+#   ``hogs.0.weight_y`` (its transpose; not for MAE, whose official pixel-target model has no
+#   HOG layer). They are constants, not trained, but part of that
 #   model's state dict, so the file loads into it with ``load_state_dict(..., strict=True)``.
 #   That model builds its HOG layer without a Gaussian window, so no ``hogs.0.gkern`` is
 #   written whatever ``config.hog.gaussian_window`` was;
@@ -62,7 +63,8 @@ def to_official(params: dict, family: str, task: str, *, encoder_only: bool = Fa
     """``{our flattened path: array}`` -> ``{official name: float32 array}`` (see the module
     docstring for what is included). Raises ``ExportError`` naming every parameter the tables
     do not name."""
-    rules = official_names.rules_for(family, task)
+    mae_depth = official_names.mae_depth(params)
+    rules = official_names.rules_for(family, task, mae_depth)
     out, unmapped, sources = {}, [], {}
     for ours, x in params.items():              # every parameter is named, the dropped ones too
         try:
@@ -81,7 +83,7 @@ def to_official(params: dict, family: str, task: str, *, encoder_only: bool = Fa
     if unmapped:
         raise ExportError(f"no official name is known for these parameters of config.model.name={family!r}, "
                           f"config.task={task!r} (official_names.ENCODER_RULES / HEAD_RULES):\n  " + "\n  ".join(unmapped))
-    if task == "pretrain" and not encoder_only:
+    if task == "pretrain" and not encoder_only and mae_depth is None:   # MAE: the official pixel model has none
         out.update(_hog_buffers())
     return {k: out[k] for k in sorted(out, key=_natural)}
 

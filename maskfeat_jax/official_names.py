@@ -15,6 +15,9 @@ Official names (read from facebookresearch/SlowFast, ``slowfast/models/``):
   ``pred_head.transforms.0.0`` (its LayerNorm, in an ``nn.Sequential``) and
   ``pred_head.projections.0`` (Linear to 108); ``hogs.0.weight_x/weight_y`` are the HOG
   layer's Sobel buffers (``operators.HOGLayerC``);
+* video ViT (``SEP_POS_EMBED``): ``pos_embed_spatial``, ``pos_embed_temporal``,
+  ``pos_embed_class`` instead of ``pos_embed``; ``patch_embed.proj`` a Conv3d over tubelets;
+* MAE pre-training (``MASK.MAE_ON``): ``_mae_head``;
 * fine-tuning (``MViT`` with ``USE_MEAN_POOLING: True``): ``norm`` is the LayerNorm after
   the mean over the patch tokens (our ``fc_norm``), ``head.projection``
   (``head_helper.TransformerBasicHead``) the classifier.
@@ -84,13 +87,19 @@ def _linear(ours: str, theirs: str, kernel: str = "linear"):
     return [(rf"{ours}/kernel", rf"{theirs}.weight", kernel), (rf"{ours}/bias", rf"{theirs}.bias", "copy")]
 
 
+def _block(ours: str, theirs: str):
+    """A ViT block at ``ours/(i)`` <-> ``theirs.(i)``: LayerNorms, qkv, proj, MLP."""
+    b, t = ours + r"/(\d+)", theirs + r".\1"
+    return _norm(b + r"/norm([12])", t + r".norm\2") + [
+        (b + r"/attn/qkv_kernel", t + r".attn.qkv.weight", "qkv_kernel"),
+        (b + r"/attn/qkv_bias", t + r".attn.qkv.bias", "qkv_bias"),
+        (b + r"/attn/proj_kernel", t + r".attn.proj.weight", "proj_kernel"),
+        (b + r"/attn/proj_bias", t + r".attn.proj.bias", "copy"),
+    ] + _linear(b + r"/mlp/fc([12])", t + r".mlp.fc\2")
+
+
 _B = r"encoder/blocks/(\d+)"
-_BLOCK = _norm(_B + r"/norm([12])", r"blocks.\1.norm\2") + [
-    (_B + r"/attn/qkv_kernel", r"blocks.\1.attn.qkv.weight", "qkv_kernel"),
-    (_B + r"/attn/qkv_bias", r"blocks.\1.attn.qkv.bias", "qkv_bias"),
-    (_B + r"/attn/proj_kernel", r"blocks.\1.attn.proj.weight", "proj_kernel"),
-    (_B + r"/attn/proj_bias", r"blocks.\1.attn.proj.bias", "copy"),
-] + _linear(_B + r"/mlp/fc([12])", r"blocks.\1.mlp.fc\2")
+_BLOCK = _block("encoder/blocks", "blocks")
 
 _STEM = [
     (r"encoder/patch_kernel", "patch_embed.proj.weight", "conv"),
@@ -100,7 +109,8 @@ _STEM = [
 ]
 
 ENCODER_RULES = {
-    "vit": _STEM + [(r"encoder/pos_embed", "pos_embed", "copy")] + _BLOCK,
+    "vit": _STEM + [(r"encoder/pos_embed", "pos_embed", "copy"),      # SEP_POS_EMBED: three tables
+                    (r"encoder/pos_embed_(spatial|temporal|class)", r"pos_embed_\1", "copy")] + _BLOCK,
     "mvit": _STEM + _BLOCK + _norm(_B + r"/attn/norm_([qkv])", r"blocks.\1.attn.norm_\2") + [
         (_B + r"/attn/pool_([qkv])", r"blocks.\1.attn.pool_\2.weight", "depthwise"),
         (_B + r"/attn/rel_pos_([hwt])", r"blocks.\1.attn.rel_pos_\2", "copy"),
@@ -111,6 +121,33 @@ HEAD_RULES = {
     "pretrain": _norm("norm", "pred_head.transforms.0.0") + _linear("head", "pred_head.projections.0"),
     "finetune": _norm("fc_norm", "norm") + _linear("head", "head.projection"),
 }
+# the AVA detector (``models/detection.py``): the final norm and the RoI head's Linear carry the
+# classifier's names here and in PySlowFast (``norm``, ``ResNetRoIHead.projection``)
+HEAD_RULES["detect"] = HEAD_RULES["finetune"]
+
+
+
+def _mae_head(depth: int):
+    """MAE pre-training (``masked.MaskMViT`` with ``MASK.MAE_ON``): the encoder's final ``norm``,
+    ``decoder_embed``, the decoder's ``mask_token`` and position tables (``decoder_pos_embed``, or
+    ``dec_pos_embed_{spatial,temporal,class}``), and ``pred_head`` (``MSSeparateHead`` with
+    ``separate_xformer``): ``transforms.0.0 .. depth-1`` the decoder blocks, ``transforms.0.depth``
+    its LayerNorm, ``projections.0`` the Linear to the targets."""
+    return _norm("encoder_norm", "norm") + _linear("decoder_embed", "decoder_embed") + [
+        ("mask_token", "mask_token", "copy"),
+        ("pos_embed", "decoder_pos_embed", "copy"),
+        (r"dec_pos_embed_(spatial|temporal|class)", r"dec_pos_embed_\1", "copy"),
+    ] + _block("decoder/blocks", "pred_head.transforms.0") + _norm("norm", f"pred_head.transforms.0.{depth}") \
+        + _linear("head", "pred_head.projections.0")
+
+
+def mae_depth(paths) -> int | None:
+    """The decoder depth of an MAE model from its flattened parameter paths (it alone has
+    ``encoder_norm``); None for the other models."""
+    if not any(p.startswith("encoder_norm/") for p in paths):
+        return None
+    return len({m.group(1) for p in paths if (m := re.match(r"decoder/blocks/(\d+)/", p))})
+
 
 # Checkpoint entries that are deliberately not converted (regex -> why).
 IGNORED = {
@@ -124,10 +161,12 @@ HINTS = [
                      "fine-tune from it with --config.init_from"),
     (r"head\.projection\.|^norm\.", "a fine-tuned checkpoint: use --config.task=finetune and the "
                                     "checkpoint's number of classes (--config.model.num_classes)"),
-    (r"pos_embed_(spatial|temporal|class)", "separable space-time position embeddings (video ViT, "
-                                            "SEP_POS_EMBED) are not supported"),
-    (r"pred_head\.transforms\.0\.[1-9]|decoder_", "an MAE-style decoder (HEAD_TYPE separate_xformer) "
-                                                  "is not supported"),
+    (r"pos_embed_(spatial|temporal|class)", "separate space-time position tables (SEP_POS_EMBED): a video "
+                                            "ViT, configs/vit_k400_mae.py (config.model.sep_pos_embed=True)"),
+    (r"decoder_|dec_pos_embed_", "an MAE pre-training checkpoint (MASK.MAE_ON): configs/vit_k400_mae.py "
+                                 "(config.mae.enabled=True, its decoder sizes)"),
+    (r"pred_head\.transforms\.0\.[1-9]", "a transformer decoder head (HEAD_TYPE separate_xformer): only "
+                                          "MAE's (config.mae.enabled=True) converts"),
     (r"blocks\.\d+\.", "the checkpoint has more blocks or other block parameters than "
                        "config.model.variant builds"),
 ]
@@ -203,11 +242,13 @@ def family(name: str) -> str:
     return name
 
 
-def rules_for(name: str, task: str):
-    """The compiled (pattern, official template, transform) rules of a model family and task."""
+def rules_for(name: str, task: str, mae_depth: int | None = None):
+    """The compiled (pattern, official template, transform) rules of a model family and task;
+    ``mae_depth``: pre-training is MAE's with a decoder of that many blocks (``mae_depth``)."""
     if task not in HEAD_RULES:
         raise ConversionError(f"config.task={task!r}: expected one of {sorted(HEAD_RULES)}")
-    return [(re.compile(p), t, TRANSFORMS[f]) for p, t, f in ENCODER_RULES[family(name)] + HEAD_RULES[task]]
+    head = _mae_head(mae_depth) if mae_depth is not None and task == "pretrain" else HEAD_RULES[task]
+    return [(re.compile(p), t, TRANSFORMS[f]) for p, t, f in ENCODER_RULES[family(name)] + head]
 
 
 def torch_name(rules, ours: str) -> tuple[str, Transform]:

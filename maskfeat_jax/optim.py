@@ -1,8 +1,11 @@
 """Optimiser and learning-rate schedule (spec 8), built from optax parts.
 
-``clip_by_global_norm -> adamw(schedule, weight-decay mask) -> per-layer lr scale``.
-The layer scale is one multiplicative factor per leaf applied after AdamW, which is
-exactly a per-layer learning rate (decay included) while keeping a single Adam state.
+``clip_by_global_norm -> adamw(schedule, weight-decay mask) -> per-layer lr scale``, or with
+``optim.name="sgd"`` (the official SSv2 and AVA recipes) ``clip_by_global_norm -> L2 weight
+decay (mask) -> SGD with momentum``, which is PyTorch's ``SGD(momentum, weight_decay)``: the decay
+is added to the gradient before the momentum buffer (``optax.trace``, no dampening).
+The layer scale is one multiplicative factor per leaf applied after the optimizer, which is
+exactly a per-layer learning rate (decay included) while keeping a single optimizer state.
 """
 from __future__ import annotations
 
@@ -64,8 +67,13 @@ def make(config, params, steps_per_epoch: int, total_steps: int, depth: int):
     parts = []
     if o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))
-    parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask))
+    if o.get("name", "adamw") == "sgd":
+        if o.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
+        parts.append(optax.sgd(sched, momentum=o.momentum or None, nesterov=o.nesterov))
+    else:
+        parts.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                                 mask=decay_mask))
     if o.layer_decay < 1.0:
         scales = layer_scales(params, depth, o.layer_decay)
         parts.append(optax.stateless(

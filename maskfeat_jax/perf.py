@@ -43,12 +43,24 @@ def _prod(xs) -> int:
     return int(np.prod(xs))
 
 
-def vit_encoder_flops(enc) -> tuple[float, float]:
-    """(forward FLOPs of the ViT encoder per image, of which the patch embedding)."""
-    size, n = enc.size, enc.grid[0] * enc.grid[1]
+def vit_encoder_flops(enc, kept: int | None = None) -> tuple[float, float]:
+    """(forward FLOPs of the ViT encoder per image, of which the patch embedding), on every
+    patch or, with ``kept`` (MAE), on that many patches: cls + ``kept`` tokens through the blocks."""
+    size = enc.size
+    n = _prod(enc.grid) if kept is None else kept     # (h, w), or (t, h, w) on video
     patch_dim = _prod(_shape(enc.patch_kernel)[:-1])
     fwd = vit_forward_flops(size.width, size.depth, size.mlp, n + 1, patch_dim, 0)
     return fwd, 2.0 * n * patch_dim * size.width
+
+
+def blocks_flops(blocks, tokens: int) -> float:
+    """Forward FLOPs of pre-norm ViT blocks (a decoder's) on ``tokens`` tokens, each block's
+    width and MLP read from its parameters."""
+    total = 0.0
+    for blk in blocks:
+        dim, hidden = _shape(blk.attn.qkv_kernel)[0], _shape(blk.mlp.fc1.kernel)[1]
+        total += vit_forward_flops(dim, 1, hidden, tokens, 0, 0)
+    return total
 
 
 def mvit_encoder_flops(enc) -> tuple[float, float]:
@@ -85,25 +97,51 @@ def encoder_flops(enc) -> tuple[float, float]:
     return mvit_encoder_flops(enc) if isinstance(enc, mvit.MViT) else vit_encoder_flops(enc)
 
 
-def forward_flops_per_image(model) -> float:
+def forward_flops_per_image(model, config=None) -> float:
     """Forward FLOPs of one image (or clip) through encoder and head.
 
-    The MaskFeat head is a linear layer on every patch token (cls dropped); the classifier's
-    is one linear layer on the pooled feature. Norms, softmax and activations are not counted.
+    The MaskFeat head is a linear layer on every patch token (cls dropped; one per block of
+    ``head.depths``), after the transformer decoder's blocks on every token where there is one;
+    the classifier's is one
+    linear layer on the pooled feature. An MAE model (``config`` needed, for
+    ``config.mae.mask_ratio``: ``mae.kept_tokens``) runs its encoder on cls + the kept patches only, then the
+    decoder's embedding on those, its blocks on cls + every patch and its head on every patch.
+    Norms, softmax, activations and the scatter into the decoder's grid are not counted.
     """
+    return _forward_flops(model, config)[0]
+
+
+def _forward_flops(model, config) -> tuple[float, float]:
+    """(forward FLOPs per example, of which the patch embedding)."""
+    from maskfeat_jax.models import mae   # local: perf stays importable without the models
     enc = model.encoder
-    fwd, _ = encoder_flops(enc)
-    d_in, d_out = _shape(model.head.kernel)
-    head_tokens = _prod(enc.grid) if hasattr(model, "norm") else 1   # MaskFeat: patch tokens; classifier: pooled
-    return fwd + 2.0 * head_tokens * d_in * d_out
+    n = _prod(enc.grid)
+    if isinstance(model, mae.MAE):
+        if config is None:
+            raise ValueError("an MAE model's FLOPs depend on config.mae.mask_ratio: pass the config")
+        kept = mae.kept_tokens(config)                 # config.mae.mask_ratio (per frame on video)
+        fwd, embed = vit_encoder_flops(enc, kept)
+        width, dec = _shape(model.decoder_embed.kernel)
+        fwd += 2.0 * (kept + 1) * width * dec + blocks_flops(model.decoder.blocks, n + 1)
+        return fwd + 2.0 * n * _prod(_shape(model.head.kernel)), embed
+    fwd, embed = encoder_flops(enc)
+    decoder = getattr(model, "decoder", None)          # MaskFeat's transformer head
+    if decoder is not None:
+        if getattr(model, "decoder_embed", None) is not None:
+            fwd += 2.0 * (n + 1) * _prod(_shape(model.decoder_embed.kernel))
+        fwd += blocks_flops(decoder.blocks, n + 1)
+    heads = list(getattr(model, "heads", None) or [model.head])   # MaskFeat: one per depth of head.depths
+    pooled = hasattr(model, "fc_norm")                # the classifier's head: on the pooled feature
+    return fwd + 2.0 * (1 if pooled else n) * sum(_prod(_shape(h.kernel)) for h in heads), embed
 
 
 def model_flops_per_image(model, config=None) -> float:
     """Training FLOPs per image for a built (or abstract) model: 3x the forward pass (forward,
     backward to activations, backward to weights), except that the patch embedding's input
-    (the pixels) needs no gradient, so the embedding costs 2x its forward."""
-    _, embed = encoder_flops(model.encoder)
-    return 3.0 * forward_flops_per_image(model) - embed
+    (the pixels) needs no gradient, so the embedding costs 2x its forward. ``config`` is needed
+    for an MAE model (``forward_flops_per_image``)."""
+    fwd, embed = _forward_flops(model, config)
+    return 3.0 * fwd - embed
 
 
 def measured_matmul_flops(n: int = 1024, iters: int = 5, dtype=jnp.float32, min_seconds: float = 0.0) -> float:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from maskfeat_jax import models, sharding
+from maskfeat_jax import config_validate, models, sharding
 from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.augment import erase, mix
 from maskfeat_jax.models import mae
@@ -116,6 +116,14 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
     ``train/loss`` is their weighted sum, ``train/loss_<name>`` each unweighted loss.
     ``histogram``: HOG's histogram form for the target platform (``hog.histogram_impl``).
 
+    ``step(state, batch, frozen=None)``: ``frozen`` holds the frozen inputs of the targets that
+    need one (``targets.load_frozen``: the teacher encoder's parameters of ``features``), an
+    input of the step like the batch, never differentiated nor updated.
+
+    With several ``config.head.depths`` (ViT) each head predicts every target and the losses are
+    summed over the heads, as the official code does; ``train/loss_<name>`` is then the sum of
+    that target's losses over the heads and ``train/loss_block<i>`` the weighted loss of block i's.
+
     With ``config.mae.enabled`` (ViT) the batch's block ``mask`` is unused: each example keeps
     exactly ``mae.keep_count(N, config.mae.mask_ratio)`` random patches, drawn on device from
     the step's key (``mae.random_mask``); the encoder sees only those, the loss covers the others."""
@@ -123,16 +131,25 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
     base_key = jax.random.key(config.seed)
     mean, std = config.input.mean, config.input.std
     accum = config.optim.grad_accum_steps
-    active = targets_lib.active(config, patch, None if mae_on else temporal_stride, histogram)
-    n = (config.input.image_size // patch) ** 2
+    active = targets_lib.active(config, patch, temporal_stride, histogram)
+    draw_mask = mae.masker(config) if mae_on else None    # video: over t*h*w tokens, or per frame
+    depths = models.head_depths(config)
 
-    def step(state: TrainState, batch):
+    def target(t, images, frozen):
+        if not t.frozen:
+            return t.fn(images)
+        if frozen is None or t.name not in frozen:
+            raise ValueError(f"config.target.{t.name}={t.weight}: the step needs that target's frozen input "
+                             f"(targets.load_frozen) as its third argument")
+        return t.fn(images, frozen[t.name])
+
+    def step(state: TrainState, batch, frozen=None):
         images = normalize(batch["image"], mean, std)
-        targets = {t.name: jax.lax.stop_gradient(t.fn(images)) for t in active}
+        targets = {t.name: jax.lax.stop_gradient(target(t, images, frozen)) for t in active}
         rng = jax.random.fold_in(base_key, state.step)
         if mae_on:     # the model takes the kept patches' indices
             k_mask, rng = jax.random.split(rng)
-            seen, mask_BxN = mae.random_mask(k_mask, images.shape[0], n, config.mae.mask_ratio)
+            seen, mask_BxN = draw_mask(k_mask, images.shape[0])
         else:          # the model takes the mask
             seen = mask_BxN = batch["mask"]
         weight_BxN = (mask_BxN & batch["valid"][:, None]).astype(jnp.float32)
@@ -141,9 +158,13 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
 
         def loss_fn(params, x):
             out = nnx.merge(graphdef, params)(x["images"], x["seen"], rng=x["rng"])
+            if len(depths) > 1:
+                return summed_over_depths(out["pred_BxNxK_by_depth"], x["targets"], x["weight"], denom, active,
+                                          depths)
             return masked_losses(out["pred_BxNxK"], x["targets"], x["weight"], denom, active)
 
-        zeros = {t.name: jnp.zeros((), jnp.float32) for t in active}
+        names = [t.name for t in active] + ([f"block{d}" for d in depths] if len(depths) > 1 else [])
+        zeros = {name: jnp.zeros((), jnp.float32) for name in names}
         (loss, losses), grads = value_and_grad(loss_fn, state.params, inputs, accum, aux_like=zeros)
         metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": mask_BxN.mean(),
                    "data/invalid_examples": (~batch["valid"]).sum(),
@@ -162,6 +183,15 @@ def masked_losses(pred_BxNxK, targets, weight_BxN, denom, active):
         err_BxN = jnp.square(pred[t.name] - targets[t.name]).mean(-1)
         losses[t.name] = (err_BxN * weight_BxN).sum() / denom
     return functools.reduce(jnp.add, [t.weight * losses[t.name] for t in active]), losses
+
+
+def summed_over_depths(preds_BxNxK, targets, weight_BxN, denom, active, depths):
+    """``masked_losses`` of each head's predictions (``preds_BxNxK``, one per block of ``depths``),
+    summed over the heads: ``(loss, {name: loss summed over heads, 'block<i>': head i's loss})``."""
+    per = [masked_losses(p, targets, weight_BxN, denom, active) for p in preds_BxNxK]
+    losses = {t.name: functools.reduce(jnp.add, [ls[t.name] for _, ls in per]) for t in active}
+    losses.update({f"block{d}": loss for d, (loss, _) in zip(depths, per)})
+    return functools.reduce(jnp.add, [loss for loss, _ in per]), losses
 
 
 def make_finetune_step(graphdef, tx, schedule, config):
@@ -193,7 +223,7 @@ def make_finetune_step(graphdef, tx, schedule, config):
 
 def make_eval_step(graphdef, config):
     """Sums of top-1 / top-5 hits and of valid examples over a padded batch."""
-    video = config.model.name == "mvit"
+    video = config_validate.is_video(config)
 
     def step(params, batch):
         images = normalize(batch["image"], config.input.mean, config.input.std)

@@ -21,9 +21,9 @@ import optax
 from flax import nnx
 
 from maskfeat_jax import checkpoint, config as config_lib, evaluators, metrics as metrics_lib, models, optim, perf
-from maskfeat_jax import platform as platform_lib, sharding, steps
-from maskfeat_jax.data import pipeline, sources
-from maskfeat_jax.targets import hog
+from maskfeat_jax import platform as platform_lib, sharding, steps, steps_detection
+from maskfeat_jax.data import ava_maps, pipeline, sources
+from maskfeat_jax.targets import hog, load_frozen
 
 PREEMPTED_EXIT_CODE = 75   # documented: the run saved a checkpoint after SIGTERM/SIGINT; rerun to resume
 
@@ -45,6 +45,7 @@ class Setup:
     init: Any                    # jitted () -> TrainState, created already sharded
     step_fn: Any                 # pure (state, batch) -> (state, metrics), not yet jitted
     platform: str                # what the program is built for: 'cpu', 'gpu' or 'tpu'
+    frozen: tuple = ()           # the step's inputs after the batch: the targets' frozen inputs (a teacher)
 
 
 def describe_program(model, config, platform: str) -> str:
@@ -89,10 +90,11 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
     state_sh = steps.TrainState(step=repl, params=param_sh, opt_state=opt_sh, nonfinite=repl)
     abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, state_sh)
     if config.task == "pretrain":
-        video = config.model.name == "mvit"
         step_fn = steps.make_pretrain_step(graphdef, tx, schedule, config, model.encoder.patch,
-                                           model.encoder.patch_stride[0] if video else None,
+                                           models.temporal_stride(config),
                                            histogram=hog.histogram_impl(platform))
+    elif config.task == "detect":
+        step_fn = steps_detection.make_train_step(graphdef, tx, schedule, config)
     else:
         step_fn = steps.make_finetune_step(graphdef, tx, schedule, config)
     dtype = platform_lib.compute_dtype(config.model.dtype, platform)
@@ -103,13 +105,16 @@ def setup(config, mesh, steps_per_epoch: int, total_steps: int) -> Setup:
             lowered = jax.jit(init_state, out_shardings=state_sh).lower()
             return lowered.compile(compiler_options=INIT_COMPILER_OPTIONS.get(platform_lib.of_devices(mesh.devices), {}))()
 
-    return Setup(model, graphdef, tx, schedule, state_sh, abs_state, init, step_fn, platform)
+    frozen = load_frozen(config, mesh, platform) if config.task == "pretrain" else None
+    return Setup(model, graphdef, tx, schedule, state_sh, abs_state, init, step_fn, platform,
+                 () if frozen is None else (frozen,))
 
 
 def jit_step(s: Setup, mesh, batch):
     """The train step jitted with explicit shardings, donating the old state."""
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    return jax.jit(s.step_fn, in_shardings=(s.state_sharding, batch_sh),
+    frozen_sh = tuple(jax.tree.map(lambda x: x.sharding, f) for f in s.frozen)
+    return jax.jit(s.step_fn, in_shardings=(s.state_sharding, batch_sh, *frozen_sh),
                    out_shardings=(s.state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -157,8 +162,9 @@ def _train(config, workdir: str, mesh) -> dict:
         profile.say = logger.progress.print
 
         # ---- the step, compiled once from the batch's shapes and shardings
-        t_compile, batch = time.time(), sharding.abstract_batch(config, mesh, _mask_grid(config, st.model))
-        train_step = jit_step(st, mesh, batch).lower(state, batch).compile()
+        t_compile = time.time()
+        batch = abstract_batch(config, mesh, st.model)
+        train_step = jit_step(st, mesh, batch).lower(state, batch, *st.frozen).compile()
         writer.write(position.step, {"perf/compile_seconds": time.time() - t_compile})
         logger.progress.restart(position.step)     # the ETA counts steps, not the compile
 
@@ -170,7 +176,7 @@ def _train(config, workdir: str, mesh) -> dict:
                 local = next(train_iter)
             profile.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, step_metrics = train_step(state, sharding.global_batch(mesh, local))
+                state, step_metrics = train_step(state, sharding.global_batch(mesh, local), *st.frozen)
             step += 1
             stop = preemption.requested(step)
             profile.after(step, state)
@@ -208,10 +214,13 @@ def _start_logging(config, mesh, st, state, writer, start_step, total_steps, ste
 
 def _train_input(config):
     """The training source (its labels checked), the clips per video (1 for images) and the
-    steps per epoch: an epoch is one pass over the images, or over the videos."""
+    steps per epoch: an epoch is one pass over the images, or over the videos (AVA: keyframes)."""
+    if config.task == "detect":
+        source = ava_maps.train_source(config)
+        return source, 1, max(len(source) // config.input.global_batch_size, 1)
     source = sources.make(config, config.input.train_split)
     sources.check_labels(source, config, config.input.train_split)
-    if config.model.name == "mvit":    # repeated augmentation: several clips per video
+    if sources.is_video(config):    # repeated augmentation: several clips per video
         from maskfeat_jax.data import video
         return source, video.num_sample(config), video.steps_per_epoch(config, len(source))
     return source, 1, max(len(source) // config.input.global_batch_size, 1)
@@ -219,11 +228,20 @@ def _train_input(config):
 
 def _train_iterator(config, source, model):
     """``make_iter(start_batch)``: the training stream from that global batch on (images or clips)."""
+    if config.task == "detect":
+        return lambda start: iter(pipeline.train_stream(config, source, ava_maps.train_map(config), start_batch=start))
     return lambda start: iter(pipeline.train_dataset(config, source, _mask_grid(config, model), start_batch=start))
 
 
+def abstract_batch(config, mesh, model):
+    """The train step's batch as shapes and shardings, read from no data."""
+    if config.task == "detect":
+        return steps_detection.abstract_batch(config, mesh)
+    return sharding.abstract_batch(config, mesh, _mask_grid(config, model))
+
+
 def _mask_grid(config, model):
-    """The token grid masks are drawn on: ViT's patches, MViTv2's mask cubes."""
+    """The token grid masks are drawn on: ViT's patches ((t, h, w) on video), MViTv2's mask cubes."""
     return model.encoder.mask_grid if config.model.name == "mvit" else model.encoder.grid
 
 

@@ -49,6 +49,9 @@ if _OWN_CACHE:
     _CACHE = tempfile.mkdtemp(prefix="maskfeat_test_jax_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+if os.environ.get("MASKFEAT_TEST_INPROCESS_CACHE", "1") == "1":
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_sessionfinish(session, exitstatus):

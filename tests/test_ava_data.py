@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from maskfeat_jax.data import ava, ava_maps, make_ava_demo
+from maskfeat_jax.data import ava, ava_geometry, ava_maps, make_ava_demo
 
 av = pytest.importorskip("av")
 
@@ -178,7 +178,7 @@ def test_train_geometry_boxes_follow_the_content(flip_p):
     norm = np.asarray(boxes_px, np.float32) / [80, 48, 80, 48]
     for seed in range(6):
         rng = np.random.default_rng(seed)
-        out, boxes, clipped, outside = ava_maps.train_geometry(frames, ava_maps.to_pixels(norm, 48, 80), rng, 48,
+        out, boxes, clipped, outside = ava_geometry.train_geometry(frames, ava_geometry.to_pixels(norm, 48, 80), rng, 48,
                                                                (64, 64), flip_p=flip_p)
         assert out.shape == (2, 48, 48, 3) and boxes.dtype == np.float32
         inside = [i for i, b in enumerate(boxes) if b[2] - b[0] > 2 and b[3] - b[1] > 2]    # some left in view
@@ -197,16 +197,16 @@ def test_train_geometry_clips_and_counts_boxes():
     norm = np.asarray([left, right], np.float32) / [96, 48, 96, 48]
     seen = set()
     for seed in range(40):
-        out, boxes, clipped, outside = ava_maps.train_geometry(
-            frames, ava_maps.to_pixels(norm, 48, 96), np.random.default_rng(seed), 48, (48, 48), flip_p=0.0)
+        out, boxes, clipped, outside = ava_geometry.train_geometry(
+            frames, ava_geometry.to_pixels(norm, 48, 96), np.random.default_rng(seed), 48, (48, 48), flip_p=0.0)
         x = int(out[0, 0, 0, 0])
         want = np.clip(np.float32([[0 - x, 10, 24 - x, 30], [72 - x, 10, 95 - x, 30]]), 0, 47)
         np.testing.assert_allclose(boxes, want, atol=1e-4)
         assert clipped == 1 + (x > 0) and outside == (x >= 24) + (x <= 25), x
         seen.add((x > 0, x >= 24, x <= 25))
         # the same draws, flipped: the frame mirrored, boxes x1, x2 -> 47 - x2, 47 - x1 (official)
-        flipped, fboxes, fclipped, foutside = ava_maps.train_geometry(
-            frames, ava_maps.to_pixels(norm, 48, 96), np.random.default_rng(seed), 48, (48, 48), flip_p=1.0)
+        flipped, fboxes, fclipped, foutside = ava_geometry.train_geometry(
+            frames, ava_geometry.to_pixels(norm, 48, 96), np.random.default_rng(seed), 48, (48, 48), flip_p=1.0)
         np.testing.assert_array_equal(flipped, out[:, :, ::-1])
         np.testing.assert_allclose(fboxes, np.stack([47 - want[:, 2], want[:, 1], 47 - want[:, 0], want[:, 3]], 1),
                                    atol=1e-4)
@@ -219,7 +219,7 @@ def test_eval_geometry_is_short_side_and_centre_crop():
     boxes_px = [(24, 6, 42, 42), (0, 12, 18, 36), (72, 0, 80, 30)]
     frames = _painted(48, 80, boxes_px)
     norm = np.asarray(boxes_px, np.float32) / [80, 48, 80, 48]
-    out, boxes, clipped, outside = ava_maps.eval_geometry(frames, ava_maps.to_pixels(norm, 48, 80), 32)
+    out, boxes, clipped, outside = ava_geometry.eval_geometry(frames, ava_geometry.to_pixels(norm, 48, 80), 32)
     assert out.shape == (2, 32, 32, 3)
     scale = np.float32([53 / 80, 32 / 48, 53 / 80, 32 / 48])
     want = np.float32([[24, 6, 42, 42], [0, 12, 18, 36], [72, 0, 79, 30]])     # x2 = W clipped to W - 1 first

@@ -93,6 +93,10 @@ def test_optimizer_structure_changes_count_as_shape_changes():
     assert config_lib.shape_differences(saved, _cfg(**{"optim.grad_clip": 5.0, "optim.layer_decay": 1.0})) == []
     diffs = config_lib.shape_differences(saved, _cfg(**{"optim.grad_clip": 0.0, "optim.layer_decay": 0.75}))
     assert len(diffs) == 2 and "clipping off" in diffs[0] and "layer-wise decay on" in diffs[1], diffs
+    diffs = config_lib.shape_differences(saved, _cfg(**{"optim.grad_clip": 1.0, "optim.name": "sgd"}))
+    assert len(diffs) == 1 and "optim.name: saved 'adamw', now 'sgd'" in diffs[0], diffs
+    del saved["optim"]["name"]     # a config saved before the key existed had AdamW
+    assert len(config_lib.shape_differences(saved, _cfg(**{"optim.grad_clip": 1.0, "optim.name": "sgd"}))) == 1
 
 
 def test_zero_intervals_are_rejected_naming_the_key():

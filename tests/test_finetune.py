@@ -261,3 +261,25 @@ def test_init_from_resizes_the_position_table_for_another_image_size(pretrained)
     src = checkpoint.read_params(str(pretrained))["encoder"]["pos_embed"]
     assert src.shape[1] == 5 and loaded["encoder"]["pos_embed"].shape[1] == 10
     np.testing.assert_allclose(loaded["encoder"]["pos_embed"], resize_pos_embed(src, 10), rtol=1e-6)
+
+
+def test_mix_prob_mixes_whole_batches_with_that_probability():
+    """augment.mix_prob (official MIXUP.PROB): a batch is mixed or left to label smoothing alone,
+    as a whole; 0 never mixes, and a middle value mixes about that share of batches."""
+    images = jnp.stack([jnp.full((8, 8, 3), float(i)) for i in range(4)])
+    labels = jnp.arange(4)
+
+    def mixed_share(p, seeds=200):
+        a = _aug(0.8, 1.0)
+        a.mix_prob = p
+        f = jax.jit(lambda k: augment.mix(k, images, labels, 10, a))
+        n = 0
+        for seed in range(seeds):
+            out, targets = f(jax.random.key(seed))
+            unmixed = bool(jnp.all(out == images)) and bool(jnp.allclose(targets.max(-1), 0.91))
+            n += not unmixed
+        return n / seeds
+
+    assert mixed_share(0.0, 20) == 0.0
+    assert 0.2 < mixed_share(0.4) < 0.6
+    assert mixed_share(1.0, 20) == 1.0

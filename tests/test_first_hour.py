@@ -73,7 +73,8 @@ def test_config_is_found_from_another_folder_and_print_config_lists_every_key(tm
     lines = p.stdout.splitlines()
     assert "seed = 7  # seeds parameters, data order, masks and drop path" in lines
     assert "input.dataset = 'digits'  # TFDS name, \"digits\" (embedded), \"synthetic\", \"folder:<root>\"; video: " \
-           "\"video_csv\" (video.csv_dir) or \"video_demo\" (embedded)" in lines        # a continued comment
+           "\"video_csv\" (video.csv_dir) or \"video_demo\" (embedded); detection: \"ava\" (ava.root) or " \
+           "\"ava_demo\" (embedded)" in lines                                                # a continued comment
     assert lines[0].startswith("task = 'pretrain'  # ")                                 # the base config's order
     assert len(lines) == len(config_lib.flat_keys(config_lib.base_config()))
 

@@ -189,3 +189,39 @@ def test_layer_decay_in_the_setup_chain_matches_the_spec_per_leaf():
         want = -LR0 * 0.5 ** (depth + 1 - lid) * 0.05 * np.asarray(p, np.float64) if decayed else 0.0
         np.testing.assert_allclose(u, np.broadcast_to(want, p.shape), rtol=1e-5, atol=0, err_msg="/".join(names))
     assert seen == {0, 1, 2, 3}
+
+
+def test_sgd_matches_pytorch_sgd_with_momentum_and_l2_decay_over_three_steps():
+    """optim.name='sgd' is PyTorch's SGD(lr, momentum, weight_decay), written out in numpy:
+    d = clip(g) + wd * p (decayed leaves only); buf = d at the first step, then m * buf + d;
+    p -= lr_t * buf, with lr_t the warm-up schedule."""
+    m, wd, clip = 0.9, 1e-2, 0.5
+    c = _one_step_config(name="sgd", momentum=m, weight_decay=wd, grad_clip=clip)
+    params = _random_tree(0)
+    tx, sched = optim.make(c, params, 10, 100, depth=2)
+    state, update = tx.init(params), jax.jit(tx.update)
+    names = [n for n, _ in _named_leaves(params)]
+    ref = [p.copy() for _, p in _named_leaves(params)]
+    buf = [None] * len(ref)
+    for t in range(3):
+        grads = _random_tree(10 + t, scale=0.3)
+        g = [x for _, x in _named_leaves(grads)]
+        f = min(1.0, clip / math.sqrt(sum(float((x ** 2).sum()) for x in g)))
+        for i, name in enumerate(names):
+            d = g[i] * f + (wd * ref[i] if name in _DECAYED else 0.0)
+            buf[i] = d if t == 0 else m * buf[i] + d
+            ref[i] = ref[i] - float(sched(t)) * buf[i]
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert len(set(names) & _DECAYED) > 0 and len(set(names) - _DECAYED) > 0
+    for i, (name, p) in enumerate(_named_leaves(params)):
+        np.testing.assert_allclose(p, ref[i], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_unknown_optimizer_and_mix_probability_are_named_errors():
+    from maskfeat_jax import config_validate
+    for key, value in (("optim.name", "lamb"), ("augment.mix_prob", 1.5)):
+        c = config_lib.base_config()
+        c.update_from_flattened_dict({key: value})
+        with pytest.raises(ValueError, match=f"config.{key}"):
+            config_validate.validate(c, 1)

@@ -244,7 +244,8 @@ def test_eval_views_cover_every_example_once(tmp_path, monkeypatch, pc):
     ({"task": "pretrain"}, "config.video.train_jitter_scales"),                         # fine-tuning only
     ({"video.test_clips": 2}, "config.video.test_clips"),
     ({"input.dataset": "video_csv", "video.frame_prefix": "/frames"}, "config.video.frame_prefix"),
-    ({"model.name": "vit", "model.variant": "mu/16"}, "config.input.dataset"),
+    ({"model.name": "vit", "model.variant": "mu/16"}, None),                           # the video ViT
+    ({"model.name": "vit", "model.variant": "mu/16", "model.tubelet": 3}, "config.model.tubelet"),
     ({"input.dataset": "ssv2", "video.sampling": "clip", "video.frame_prefix": ""}, "config.video.frame_prefix"),
     ({"input.dataset": "ssv2"}, None),
     ({"video.sampling": "clip", "video.test_clips": 2}, None),
@@ -281,7 +282,10 @@ def test_recipe_values():
     assert tuple(s.input.mean) == (0.45,) * 3 and s.optim.grad_clip == 0
     assert (l_.video.num_frames, tuple(l_.video.train_jitter_scales), l_.model.drop_path, l_.epochs) == (
         40, (356, 446), 0.75, 40)
-    assert (l_.augment.mixup_alpha, l_.augment.cutmix_alpha, l_.optim.grad_clip) == (0.0, 0.0, 2.0)
+    assert (s.augment.mix_prob, l_.augment.mix_prob, l_.optim.grad_clip) == (1.0, 0.0, 2.0)
+    for c, lr, batch, start in ((s, 0.0025, 16, 1e-4), (l_, 0.00125, 8, 1e-6)):   # SOLVER of each yaml
+        assert (c.optim.name, c.optim.momentum, c.optim.weight_decay, c.optim.layer_decay) == ("sgd", 0.9, 1e-4, 1.0)
+        assert (c.optim.base_lr, c.optim.reference_batch, c.optim.warmup_start_lr) == (lr, batch, start)
     named = {"mvit_s_ssv2_ft": "S", "mvit_l_ssv2_ft": "L"}
     for name, arg in named.items():
         assert config_lib.from_file(str(ROOT / "configs" / "x"), f"{name}.py").to_dict() == _recipe(arg).to_dict()

@@ -144,7 +144,7 @@ def test_restore_or_init_starts_fresh_without_a_checkpoint(tmp_path):
     ck.close()
 
 
-def test_restore_or_init_falls_back_to_an_older_checkpoint(tmp_path, monkeypatch, capsys):
+def test_restore_or_init_falls_back_to_an_older_checkpoint(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setattr(checkpoint, "RESTORE_RETRY_S", 0.0)
     _save(tmp_path, [3, 6])
     for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):     # damaged array files
@@ -152,8 +152,10 @@ def test_restore_or_init_falls_back_to_an_older_checkpoint(tmp_path, monkeypatch
             f.write_bytes(f.read_bytes()[:8])
     ck = checkpoint.Checkpointer(str(tmp_path), 1, 5)
     state, it, pos = checkpoint.restore_or_init(ck, _setup(), _make_iter, config_lib.base_config(), TOPOLOGY)
-    out = capsys.readouterr().out
-    assert "checkpoint at step 6 could not be restored" in out and "resuming from step 3" in out
+    assert "resuming from step 3" in capsys.readouterr().out
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("checkpoint at step 6 could not be restored" in m for m in warned), warned
+    assert any("checkpoint at step 6 set aside as" in m for m in warned), warned
     assert int(state.step) == 3 and float(state.params["w"][0]) == 3.0
     assert next(it) == 3                                   # grain's saved position
     assert pos == checkpoint.Position(3, 48, 0, 16) and pos.at(5) == {"examples_read": 80, "start_batch": 0}
@@ -161,12 +163,12 @@ def test_restore_or_init_falls_back_to_an_older_checkpoint(tmp_path, monkeypatch
     ck.close()
 
 
-def test_restore_or_init_on_another_topology_restarts_the_input_at_the_examples_read(tmp_path, capsys):
+def test_restore_or_init_on_another_topology_restarts_the_input_at_the_examples_read(tmp_path, caplog):
     _save(tmp_path, [3])
     ck = checkpoint.Checkpointer(str(tmp_path), 1, 5)
     halved = dict(TOPOLOGY, global_batch_size=8)          # 48 examples read: batch 6 of 8
     state, it, pos = checkpoint.restore_or_init(ck, _setup(), _make_iter, config_lib.base_config(), halved)
-    assert "input topology changed" in capsys.readouterr().out
+    assert any("input topology changed" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert int(state.step) == 3 and next(it) == 6
     assert pos == checkpoint.Position(3, 48, 6, 8) and pos.at(4) == {"examples_read": 56, "start_batch": 6}
     ck.close()

@@ -46,6 +46,11 @@ counts ``num_boxes``, ``boxes_clipped``, ``boxes_outside``, ``boxes_truncated`` 
 ``max_boxes``, dropped). Evaluation adds ``ori_boxes (B, 4)`` (the normalised boxes the
 evaluator writes detections for), ``box_scores (B,)`` (detector scores), ``video_index`` and
 ``second``.
+
+**From the config** (``config.task = "detect"``, ``input.dataset`` ``"ava"`` or ``"ava_demo"``):
+:func:`root`, :func:`train_source`, :func:`eval_source`, :func:`train_map`, :func:`eval_map`
+read ``config.ava``, ``config.video`` (frames, rate, jitter), ``input.image_size`` and
+``augment.flip``; ``config_validate`` checks those keys before anything is read.
 """
 from __future__ import annotations
 
@@ -57,12 +62,12 @@ import grain
 import numpy as np
 
 from maskfeat_jax.data import ava, video_decode
-from maskfeat_jax.data import video_transforms as VT
+from maskfeat_jax.data.ava_geometry import eval_geometry, to_pixels, train_geometry
 from maskfeat_jax.data.pipeline import read_batches
 from maskfeat_jax.evaluators import ava_map
 
-__all__ = ["VIDEO_EXTS", "AvaSource", "groundtruth", "decode_keyframe_clip",
-           "to_pixels", "train_geometry", "eval_geometry", "AvaTrainMap", "AvaEvalMap", "eval_batches"]
+__all__ = ["VIDEO_EXTS", "AvaSource", "groundtruth", "decode_keyframe_clip", "AvaTrainMap", "AvaEvalMap",
+           "eval_batches", "DATASETS", "root", "train_source", "eval_source", "train_map", "eval_map"]
 
 VIDEO_EXTS = ("mp4", "mkv", "webm")
 _warned: set = set()
@@ -188,61 +193,6 @@ def decode_keyframe_clip(path, second: int, num_frames: int, sampling_rate: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Box-aware geometry
-# ---------------------------------------------------------------------------------------------
-
-def to_pixels(boxes_Nx4, height: int, width: int) -> np.ndarray:
-    """Normalised ``x1 y1 x2 y2`` to pixels, clipped to ``[0, W - 1]`` x ``[0, H - 1]`` (official)."""
-    px = np.asarray(boxes_Nx4, np.float32).reshape(-1, 4) * np.float32([width, height, width, height])
-    return _clip(px, height, width)
-
-
-def _clip(boxes, height, width) -> np.ndarray:
-    return np.clip(boxes, 0.0, np.float32([width - 1, height - 1, width - 1, height - 1])).astype(np.float32)
-
-
-def _scale_and_crop(frames, scaled, boxes, y: int, x: int, size: int):
-    """``scaled`` (``frames`` resized) cropped at ``(y, x)``; the boxes scaled per axis and moved with it."""
-    sy, sx = scaled.shape[1] / frames.shape[1], scaled.shape[2] / frames.shape[2]
-    boxes = boxes * np.float32([sx, sy, sx, sy]) - np.float32([x, y, x, y])
-    return np.ascontiguousarray(scaled[:, y:y + size, x:x + size]), boxes.astype(np.float32)
-
-
-def _finish(frames, boxes, size):
-    """``(frames, boxes clipped to the crop, boxes the crop cut, of which left without area)``."""
-    cut = (boxes[:, :2] < 0).any(1) | (boxes[:, 2:] > size - 1).any(1)
-    boxes = _clip(boxes, size, size)
-    empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-    return frames, boxes, int(cut.sum()), int((cut & empty).sum())
-
-
-def train_geometry(frames, boxes_px, rng: np.random.Generator, crop_size: int, jitter_scales=(256, 320), *,
-                   inverse_uniform: bool = True, flip_p: float = 0.5):
-    """``(frames (T, S, S, 3), boxes (N, 4), clipped, outside)``: the training short-side jitter,
-    random crop and flip of ``frames`` and their pixel boxes (module docstring), drawn once per
-    clip from ``rng`` in that order. ``jitter_scales[0] >= crop_size``."""
-    scaled = VT.random_short_side_jitter(frames, rng, *jitter_scales, inverse_uniform=inverse_uniform)
-    h, w = scaled.shape[1:3]
-    y = int(rng.integers(0, h - crop_size)) if h > crop_size else 0
-    x = int(rng.integers(0, w - crop_size)) if w > crop_size else 0
-    frames, boxes = _scale_and_crop(frames, scaled, boxes_px, y, x, crop_size)
-    if rng.random() < flip_p:
-        frames = np.ascontiguousarray(frames[:, :, ::-1])
-        boxes = boxes.copy()
-        boxes[:, [0, 2]] = crop_size - 1 - boxes[:, [2, 0]]          # x1, x2 -> W - 1 - x2, W - 1 - x1
-    return _finish(frames, boxes, crop_size)
-
-
-def eval_geometry(frames, boxes_px, crop_size: int):
-    """``(frames (T, S, S, 3), boxes (N, 4), clipped, outside)``: the ``val`` split's short side
-    to ``crop_size`` and centre crop (offsets ``ceil((L - S) / 2)``)."""
-    scaled = VT.resize_short_side(frames, crop_size)
-    h, w = scaled.shape[1:3]
-    y, x = math.ceil((h - crop_size) / 2), math.ceil((w - crop_size) / 2)
-    return _finish(*_scale_and_crop(frames, scaled, boxes_px, y, x, crop_size), crop_size)
-
-
-# ---------------------------------------------------------------------------------------------
 # Maps
 # ---------------------------------------------------------------------------------------------
 
@@ -262,6 +212,16 @@ class _KeyframeClip:
         frames, ok = decode_keyframe_clip(element["video"], int(element["second"]), self.num_frames,
                                           self.sampling_rate, fps=self.fps, short_side=self.short_side)
         return frames, to_pixels(element["boxes"], *frames.shape[1:3]), ok
+
+    def blank(self, num_classes: int = ava.NUM_CLASSES) -> dict:
+        """One padding row: zeros, ``valid=False``, no valid box (the eval map adds its keys, with
+        ``video_index = second = -1``); also the shapes and dtypes of every row this map gives."""
+        element = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0, num_classes), np.uint8),
+                   "scores": np.zeros((0,), np.float32), "video_index": -1, "second": -1}
+        return self._extras(element, self._pack(element, None, None, False, 0, 0))
+
+    def _extras(self, element, out) -> dict:
+        return out
 
     def _pack(self, element, frames, boxes, ok, clipped, outside) -> dict:
         b, labels = self.max_boxes, np.asarray(element["labels"])
@@ -316,12 +276,6 @@ class AvaEvalMap(_KeyframeClip, grain.transforms.Map):
     """A ``val`` keyframe to a fixed-shape clip: decode, :func:`eval_geometry`, pad; adds
     ``ori_boxes``, ``box_scores``, ``video_index`` and ``second`` (module docstring)."""
 
-    def blank(self, num_classes: int = ava.NUM_CLASSES) -> dict:
-        """One padding row: zeros, ``valid=False``, no valid box, ``video_index = second = -1``."""
-        element = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0, num_classes), np.uint8),
-                   "scores": np.zeros((0,), np.float32), "video_index": -1, "second": -1}
-        return self._extras(element, self._pack(element, None, None, False, 0, 0))
-
     def map(self, element) -> dict:
         frames, boxes, ok = self._decode(element)
         clipped = outside = 0
@@ -359,3 +313,60 @@ def eval_batches(source, eval_map: AvaEvalMap, batch_size: int, *, process_index
             yield batch
     finally:
         read.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# From the config (config.task = "detect")
+# ---------------------------------------------------------------------------------------------
+
+DATASETS = ("ava", "ava_demo")
+DEFAULT_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "ava_demo")
+_NEEDED = ("label_map", "train_groundtruth", "val_groundtruth", "val_detections")
+
+
+def root(config) -> str:
+    """The AVA folder: ``config.ava.root``; for ``input.dataset="ava_demo"`` the embedded demo,
+    written there (default: a cache folder) on first use. A ValueError names the key when a file
+    the run reads is not there."""
+    if config.input.dataset == "ava_demo":
+        from maskfeat_jax.data import make_ava_demo
+        d = make_ava_demo.ensure_ava_demo(config.ava.root or DEFAULT_DEMO_DIR)
+    else:
+        d = config.ava.root
+    needed = _NEEDED + (("train_detections",) if config.ava.train_detections else ())
+    missing = [_annotation(d, name) for name in needed if not os.path.isfile(_annotation(d, name))]
+    if missing:
+        raise ValueError(f"config.ava.root={d!r}: {missing[0]!r} does not exist (the AVA folder holds "
+                         f"{ava.ANNOTATION_DIR}/ with the v2.2 files and {ava.VIDEO_DIR}/ with the videos)")
+    return d
+
+
+def train_source(config) -> AvaSource:
+    """The ``train`` keyframes: ground truth, plus the detected boxes at or above
+    ``config.ava.detection_score_thresh`` when ``config.ava.train_detections``."""
+    return AvaSource("train", root(config), detections=config.ava.train_detections,
+                     score_thresh=config.ava.detection_score_thresh)
+
+
+def eval_source(config) -> AvaSource:
+    """The ``val`` keyframes with their detected boxes (every ``config.ava.eval_second_stride``-th second)."""
+    return AvaSource("val", root(config), score_thresh=config.ava.detection_score_thresh,
+                     second_stride=config.ava.eval_second_stride)
+
+
+def train_map(config) -> AvaTrainMap:
+    """The training map of ``config``: clips of ``video.num_frames`` x ``video.sampling_rate`` on a
+    timeline of ``ava.fps``, the short side jittered in ``video.train_jitter_scales``, an
+    ``input.image_size`` crop, a flip with ``augment.flip``, ``ava.max_boxes`` boxes."""
+    lo, hi = config.video.train_jitter_scales
+    return AvaTrainMap(config.video.num_frames, config.video.sampling_rate, config.input.image_size,
+                       config.ava.max_boxes, jitter_scales=(int(lo), int(hi)),
+                       flip_p=0.5 if config.augment.flip else 0.0, fps=config.ava.fps,
+                       global_batch_size=config.input.global_batch_size)
+
+
+def eval_map(config, max_boxes: int) -> AvaEvalMap:
+    """The evaluation map of ``config`` with room for ``max_boxes`` boxes (the split's most: every
+    box is scored)."""
+    return AvaEvalMap(config.video.num_frames, config.video.sampling_rate, config.input.image_size,
+                      max(int(max_boxes), 1), fps=config.ava.fps)

@@ -97,7 +97,9 @@ class TrainMap(grain.transforms.RandomMap):
     fine-tuning, RandAugmented). Random draws per example, in order: crop,
     flip, then the block mask (pre-training) or RandAugment and the erasing
     box (fine-tuning). An example that cannot be decoded comes back as a blank
-    image with ``valid=False`` (its mask or erasing box is still drawn).
+    image with ``valid=False`` (its mask or erasing box is still drawn). With
+    ``config.mae.enabled`` no block mask is drawn (the step draws MAE's random
+    mask on device): ``mask`` is all False, there only to keep the batch's shapes.
 
     ``jpeg_draft`` (default ``config.input.jpeg_draft``, off): decode JPEGs at DCT scale 1/2, 1/4 or 1/8 when the crop
     stays at least ``image_size`` after it (see ``transforms.resized_crop``);
@@ -117,6 +119,7 @@ class TrainMap(grain.transforms.RandomMap):
         self.draft = bool(config.input.jpeg_draft if jpeg_draft is None else jpeg_draft)
         self.backend = config.input.image_backend
         self.global_batch_size = config.input.global_batch_size
+        self.mae = bool((config.get("mae") or {}).get("enabled", False))   # no block mask to draw
 
     def elements_per_batch(self, process_count: int) -> int:
         """Images in one process's batch: ``global_batch_size / process_count``."""
@@ -151,7 +154,9 @@ class TrainMap(grain.transforms.RandomMap):
             out["image"] = np.asarray(img)
         else:
             out["image"] = np.zeros((self.size, self.size, 3), np.uint8)
-        if pretrain:
+        if pretrain and self.mae:    # MAE draws its mask on device: a placeholder keeps the batch's shapes
+            out["mask"] = np.zeros(self.grid[0] * self.grid[1], bool)
+        elif pretrain:
             out["mask"] = masking.block_mask(rng, self.grid, self.ratio, min_aspect=self.min_aspect,
                                              tries=self.tries).reshape(-1)
         else:

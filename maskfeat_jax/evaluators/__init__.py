@@ -4,6 +4,7 @@ with its ``name``, its schedule (``every_steps``, and always the last step) and 
 runs those that give numbers once.
 
 * ``classification``: top-1/top-5 on the held-out split, for a fine-tuned classifier.
+* ``ava``: frame-mAP@0.5 on AVA's ``val`` split, for a detector (``config.task='detect'``).
 * ``probe``: k-NN and linear probe on frozen image features (``config.evals.probe``), on one
   process only: every training example passes through this process's encoder.
 * ``figures``: HOG target and prediction figures in TensorBoard, while pre-training a ViT on one
@@ -27,6 +28,19 @@ class Classification:
         from maskfeat_jax.evaluators import classification
         self.every_steps = config.evals.every_steps
         self.evaluator = classification.Evaluator(config, mesh, setup.graphdef, setup.state_sharding.params)
+
+    def run(self, state) -> dict:
+        return self.evaluator.run(state.params)
+
+
+class AvaDetection:
+    """AVA frame-mAP (``ava.Evaluator``), its split and ground truth read before any checkpoint."""
+    name = "ava"
+
+    def __init__(self, config, mesh, setup):
+        from maskfeat_jax.evaluators import ava
+        self.every_steps = config.evals.every_steps
+        self.evaluator = ava.Evaluator(config, mesh, setup.graphdef, setup.state_sharding.params)
 
     def run(self, state) -> dict:
         return self.evaluator.run(state.params)
@@ -68,6 +82,8 @@ def from_config(config, mesh, setup, writer=None) -> list:
     evaluators = []
     if config.task == "finetune":
         evaluators.append(Classification(config, mesh, setup))
+    if config.task == "detect":
+        evaluators.append(AvaDetection(config, mesh, setup))
     if config.evals.probe and one_process:
         evaluators.append(Probe(config, setup))
     elif config.evals.probe:

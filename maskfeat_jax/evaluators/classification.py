@@ -10,14 +10,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from maskfeat_jax import sharding, steps
+from maskfeat_jax import config_validate, sharding, steps
 from maskfeat_jax.data import pipeline, sources
 
 
 class Evaluator:
     def __init__(self, config, mesh, graphdef, param_sh):
         self.config, self.mesh = config, mesh
-        self.video = config.model.name == "mvit"
+        self.video = config_validate.is_video(config)
         self.source = sources.make(config, config.input.eval_split)
         sources.check_labels(self.source, config, config.input.eval_split)
         self.batch = config.evals.batch_size // jax.process_count()

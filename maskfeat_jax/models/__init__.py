@@ -6,13 +6,13 @@ import jax
 from flax import nnx
 
 from maskfeat_jax import platform as platform_lib, targets
-from maskfeat_jax.models import heads, mae, mvit, vit
+from maskfeat_jax.models import detection, heads, mae, mvit, vit
 
 
 def build(config, rngs: nnx.Rngs, platform: str | None = None) -> nnx.Module:
-    """The MaskFeat pre-training model (``config.task='pretrain'``) or a classifier, as the
-    program for ``platform`` ('cpu', 'gpu', 'tpu'; default: ``config.platform``, whose 'auto'
-    is the platform of this process's devices)."""
+    """The MaskFeat pre-training model (``config.task='pretrain'``), a classifier (``'finetune'``)
+    or an AVA detector (``'detect'``), as the program for ``platform`` ('cpu', 'gpu', 'tpu';
+    default: ``config.platform``, whose 'auto' is the platform of this process's devices)."""
     m = config.model
     pretrain = config.task == "pretrain"
     platform = platform or platform_lib.target(config, jax.devices())
@@ -22,6 +22,8 @@ def build(config, rngs: nnx.Rngs, platform: str | None = None) -> nnx.Module:
     common = dict(variant=m.variant, image_size=config.input.image_size, drop_path=m.drop_path,
                   mask_token=pretrain and not mae_on, dtype=platform_lib.compute_dtype(m.dtype, platform),
                   attention=m.attention, remat=m.remat, rngs=rngs)
+    if m.name == "vit":
+        common.update(vit_video_args(config))
     if m.name == "vit" and mae_on:
         return _mae(config, common, platform)
     if m.name == "vit":
@@ -31,15 +33,61 @@ def build(config, rngs: nnx.Rngs, platform: str | None = None) -> nnx.Module:
     else:
         raise ValueError(f"config.model.name={m.name!r}: known models are 'vit' and 'mvit'")
     if pretrain:   # one head for all targets: HOG alone keeps the HOG-only parameters
-        active = targets.active(config, encoder.patch, encoder.patch_stride[0] if m.name == "mvit" else None)
+        active = targets.active(config, encoder.patch, temporal_stride(config))
         return heads.MaskFeat(encoder, encoder.size.width, targets.total_dim(active), rngs=rngs,
-                              decoder=_transformer_head(config, platform))
-    return heads.Classifier(encoder, encoder.size.width, m.num_classes, rngs=rngs)
+                              decoder=_transformer_head(config, platform), depths=head_depths(config))
+    dropout = m.get("head_dropout", 0.0)       # absent from configs saved before it existed
+    if config.task == "detect":
+        return detection.Detector(encoder, encoder.size.width, m.num_classes, image_size=config.input.image_size,
+                                  dropout=dropout, rngs=rngs)
+    return heads.Classifier(encoder, encoder.size.width, m.num_classes, rngs=rngs, dropout=dropout)
+
+
+def vit_video_args(config) -> dict:
+    """The ViT's video arguments of ``config``: none for images; for a video dataset the frames,
+    ``config.model.tubelet`` and ``config.model.sep_pos_embed``."""
+    m = config.model
+    if not mae.video_input(config):
+        return dict(sep_pos_embed=bool(m.get("sep_pos_embed", False)))
+    return dict(num_frames=config.video.num_frames, tubelet=m.tubelet, sep_pos_embed=bool(m.sep_pos_embed))
+
+
+def temporal_stride(config) -> int | None:
+    """Frames per token of the model's video input (MViTv2: 2; the video ViT: its tubelet),
+    None for images: the targets' ``temporal_stride``."""
+    if config.model.name == "mvit":
+        return 2
+    return config.model.tubelet if mae.video_input(config) else None
 
 
 def mae_enabled(config) -> bool:
     """``config.mae.enabled`` (False for a config saved before ``config.mae`` existed)."""
     return bool((config.get("mae") or {}).get("enabled", False))
+
+
+def head_depths(config) -> tuple[int, ...]:
+    """``config.head.depths`` as ascending 0-based ViT block indices (default: the last block
+    alone); a ``ValueError`` names the key when an entry is not a block, repeats, leaves the last
+    block out, or asks for several heads where they are not implemented (MViTv2, MAE, the
+    transformer head)."""
+    raw = (config.get("head") or {}).get("depths", (-1,))     # absent from configs saved before it
+    key = f"config.head.depths={raw!r}"
+    if isinstance(raw, int) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw) or not raw:
+        raise ValueError(f"{key}: expected a non-empty tuple of block indices, e.g. (-1,) or (5, -1)")
+    if config.model.name != "vit":
+        if tuple(raw) != (-1,):
+            raise ValueError(f"{key}: heads on other blocks are implemented for the ViT only; set (-1,)")
+        return (-1,)
+    n = vit.parse_variant(config.model.variant)[0].depth
+    if any(not -n <= d < n for d in raw):
+        raise ValueError(f"{key}: the ViT {config.model.variant!r} has blocks 0..{n - 1} (or -{n}..-1)")
+    depths = tuple(sorted(d % n for d in raw))
+    if len(set(depths)) != len(depths) or depths[-1] != n - 1:
+        raise ValueError(f"{key}: each block at most once, and the last block ({n - 1} or -1) listed")
+    if len(depths) > 1 and (mae_enabled(config) or (config.get("head") or {}).get("type", "linear") != "linear"):
+        raise ValueError(f"{key}: several heads are implemented for the dense path's linear head only "
+                         f"(config.mae.enabled=False, config.head.type='linear')")
+    return depths
 
 
 def _transformer_head(config, platform: str) -> dict | None:
@@ -56,13 +104,12 @@ def _transformer_head(config, platform: str) -> dict | None:
 def _mae(config, common: dict, platform: str) -> mae.MAE:
     """The MAE model of ``config.mae``: the ViT's attention chosen for the kept tokens + cls."""
     c = config.mae
-    _, patch = vit.parse_variant(config.model.variant)
-    n = (config.input.image_size // patch) ** 2
-    encoder = vit.ViT(**common, platform=platform, length=mae.keep_count(n, c.mask_ratio) + 1)
-    active = targets.active(config, encoder.patch)
+    encoder = vit.ViT(**common, platform=platform, length=mae.kept_tokens(config) + 1)
+    active = targets.active(config, encoder.patch, temporal_stride(config))
     return mae.MAE(encoder, targets.total_dim(active), decoder_dim=c.decoder_dim, decoder_depth=c.decoder_depth,
                    decoder_heads=c.decoder_heads, platform=platform, attention=config.model.attention,
-                   remat=config.model.remat, rngs=common["rngs"])
+                   remat=config.model.remat, decoder_sep_pos_embed=bool(c.get("decoder_sep_pos_embed", False)),
+                   rngs=common["rngs"])
 
 
 def build_abstract(config, platform: str | None = None) -> nnx.Module:

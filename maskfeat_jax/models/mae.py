@@ -3,12 +3,16 @@
 
 * Masking: per example, a uniformly random subset of exactly ``keep_count(N, ratio)`` patches
   is kept (``random_mask``, drawn on device in the step from the step's key; the data
-  pipeline's block mask is not used). Shapes are static.
+  pipeline's block mask is not used). Shapes are static. Video: over all ``t*h*w`` space-time
+  tokens, or with ``config.mae.per_frame`` (official ``MASK.PER_FRAME_MASKING``) one spatial
+  mask of ``keep_count(h*w, ratio)`` kept patches repeated in every temporal slot.
 * Encoder: the ViT on cls + the kept patches only (``ViT.encode_visible``), then a LayerNorm
   (official ``self.norm``).
 * Decoder: a Linear from the encoder's width to ``decoder_dim`` (``decoder_embed``), the
   encoder's tokens scattered back to their places in a grid of the decoder's mask token, its
-  own learned position table (cls included; official ``DECODER_SEP_POS_EMBED: False``),
+  own learned position table (cls included; official ``DECODER_SEP_POS_EMBED: False``; with
+  ``decoder_sep_pos_embed`` separate spatial, temporal and class tables as the encoder's
+  ``sep_pos_embed``),
   ``decoder_depth`` ViT blocks (``heads.Decoder``), LayerNorm and a Linear to the targets.
 * The loss (``steps``) is the same masked-token MSE as MaskFeat's on the masked patches.
 
@@ -17,6 +21,8 @@ here, which is the same for the ratios in use (e.g. 196 * 0.25 = 49); its kept t
 the random order, here in grid order (attention does not see order; positions travel along).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +38,51 @@ def keep_count(n: int, ratio: float) -> int:
     return int(round(n * (1.0 - ratio)))
 
 
-def random_mask(rng, batch: int, n: int, ratio: float):
+def random_mask(rng, batch: int, n: int, ratio: float, frames: int = 1):
     """``(keep_BxV, mask_BxN)``: per example, ``V = keep_count(n, ratio)`` distinct patch indices
-    drawn uniformly without replacement (ascending), and the mask, True on the other ``n - V``."""
-    v = keep_count(n, ratio)
-    noise_BxN = sharding.constrain(jax.random.uniform(rng, (batch, n)), ("batch", "length"))
-    keep_BxV = jnp.sort(jnp.argsort(noise_BxN, axis=1)[:, :v], axis=1).astype(jnp.int32)
+    drawn uniformly without replacement (ascending), and the mask, True on the other ``n - V``.
+
+    ``frames > 1`` (per-frame masking): the ``n`` tokens are ``frames`` temporal slots of
+    ``n / frames`` patches (row-major); one spatial draw of ``keep_count(n / frames, ratio)``
+    is kept in every slot, ``V = frames * keep_count(n / frames, ratio)``."""
+    s = n // frames
+    v = keep_count(s, ratio)
+    noise_BxS = sharding.constrain(jax.random.uniform(rng, (batch, s)), ("batch", "length"))
+    keep_BxV = jnp.sort(jnp.argsort(noise_BxS, axis=1)[:, :v], axis=1).astype(jnp.int32)
+    keep_BxV = (keep_BxV[:, None, :] + s * jnp.arange(frames, dtype=jnp.int32)[None, :, None]).reshape(batch, -1)
     mask_BxN = jnp.ones((batch, n), bool).at[jnp.arange(batch)[:, None], keep_BxV].set(False)
     return keep_BxV, mask_BxN
+
+
+def mask_layout(config) -> tuple[int, int]:
+    """``(n, frames)`` of ``config``'s MAE masking: the encoder's tokens (``t*h*w`` for video)
+    and the temporal slots a per-frame mask repeats over (1: one draw over all tokens)."""
+    from maskfeat_jax.models import vit      # local: vit imports nothing of this module
+    _, patch = vit.parse_variant(config.model.variant)
+    side = config.input.image_size // patch
+    video = video_input(config)
+    t = config.video.num_frames // config.model.tubelet if video else 1
+    per_frame = video and bool((config.get("mae") or {}).get("per_frame", False))
+    return t * side * side, (t if per_frame else 1)
+
+
+def video_input(config) -> bool:
+    """Whether the ViT of ``config`` reads clips: ``config.input.dataset`` is a video dataset."""
+    from maskfeat_jax.config_validate import VIDEO_DATASETS
+    return config.input.dataset in VIDEO_DATASETS
+
+
+def kept_tokens(config) -> int:
+    """The tokens the MAE encoder sees, cls excluded."""
+    n, frames = mask_layout(config)
+    return frames * keep_count(n // frames, config.mae.mask_ratio)
+
+
+def masker(config):
+    """``draw(rng, batch) -> (keep_BxV, mask_BxN)``: ``random_mask`` for ``config``'s layout."""
+    n, frames = mask_layout(config)
+    ratio = config.mae.mask_ratio
+    return lambda rng, batch: random_mask(rng, batch, n, ratio, frames)
 
 
 class MAE(nnx.Module):
@@ -47,14 +90,23 @@ class MAE(nnx.Module):
     ``pred_BxNxK`` (every patch's prediction, ``(B, N, target_dim)``, float32)."""
 
     def __init__(self, encoder: nnx.Module, target_dim: int, *, decoder_dim: int, decoder_depth: int,
-                 decoder_heads: int, platform: str, attention: str = "auto", remat: str = "none", rngs):
+                 decoder_heads: int, platform: str, attention: str = "auto", remat: str = "none",
+                 decoder_sep_pos_embed: bool = False, rngs):
         width, dt = encoder.size.width, encoder.dtype
-        n = encoder.grid[0] * encoder.grid[1]
+        n = math.prod(encoder.grid)
         self.encoder = encoder
         self.encoder_norm = LayerNorm(width, rngs=rngs, dtype=dt)
         self.decoder_embed = Dense(width, decoder_dim, ("embed", None), rngs=rngs, dtype=dt)
         self.mask_token = param(rngs, layers.normal_02, (1, 1, decoder_dim), (None, None, "embed"))
-        self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, decoder_dim), (None, "length", "embed"))
+        self.sep_pos_embed = decoder_sep_pos_embed
+        if decoder_sep_pos_embed:   # official dec_pos_embed_spatial / _temporal / _class
+            t = encoder.grid[0] if encoder.video else 1
+            self.dec_pos_embed_spatial = param(rngs, layers.normal_02, (1, n // t, decoder_dim),
+                                               (None, "length", "embed"))
+            self.dec_pos_embed_temporal = param(rngs, layers.normal_02, (1, t, decoder_dim), (None, "length", "embed"))
+            self.dec_pos_embed_class = param(rngs, layers.normal_02, (1, 1, decoder_dim), (None, None, "embed"))
+        else:                       # official decoder_pos_embed
+            self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, decoder_dim), (None, "length", "embed"))
         self.decoder = heads.Decoder(decoder_dim, decoder_depth, decoder_heads, n + 1, platform=platform,
                                      attention=attention, remat=remat, dtype=dt, rngs=rngs)
         self.norm = LayerNorm(decoder_dim, rngs=rngs, bias_init=layers.zeros, dtype=dt)
@@ -69,7 +121,15 @@ class MAE(nnx.Module):
         b, e = x_BxVxE.shape[0], x_BxVxE.shape[-1]
         grid_BxNxE = jnp.broadcast_to(self.mask_token[...].astype(dt), (b, self.num_patches, e))
         grid_BxNxE = jax.vmap(lambda g, k, v: g.at[k].set(v))(grid_BxNxE, keep_BxV, x_BxVxE[:, 1:])
-        x = jnp.concatenate([x_BxVxE[:, :1], grid_BxNxE], axis=1) + self.pos_embed[...].astype(dt)
+        x = jnp.concatenate([x_BxVxE[:, :1], grid_BxNxE], axis=1) + self._pos_table().astype(dt)
         x = self.decoder(sharding.constrain(x, ("batch", "length", "act_embed")))
         out["pred_BxNxK"] = self.head(self.norm(x)[:, 1:]).astype(jnp.float32)
         return out
+
+    def _pos_table(self):
+        """The decoder's position embedding ``(1, 1 + N, E)``, as ``ViT.pos_table``."""
+        if not self.sep_pos_embed:
+            return self.pos_embed[...]
+        sp, tm = self.dec_pos_embed_spatial[...], self.dec_pos_embed_temporal[...]
+        grid_1xTxSxE = sp[:, None] + tm[:, :, None]
+        return jnp.concatenate([self.dec_pos_embed_class[...], grid_1xTxSxE.reshape(1, -1, sp.shape[-1])], axis=1)

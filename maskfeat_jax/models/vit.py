@@ -1,6 +1,14 @@
 """ViT as MaskFeat uses it (spec 7.1, 7.2): conv patch embedding, cls token, one learned
 absolute position table (cls included), pre-norm blocks, no final norm in pre-training.
 
+Video (``num_frames`` set; the official ``k400_VIT_*_16x4`` configs): the patch embedding
+is a conv over ``tubelet x p x p`` cubes with the same stride (official ``PATCH_KERNEL`` =
+``PATCH_STRIDE`` = (2, 16, 16)), inputs ``(B, T, H, W, C)``, tokens row-major over the
+``(T / tubelet, H / p, W / p)`` grid; joint space-time attention over all of them.
+``sep_pos_embed`` (official ``SEP_POS_EMBED``, set by those configs) replaces the one table
+by a spatial ``(1, h*w, D)``, a temporal ``(1, t, D)`` and a class ``(1, 1, D)`` table; a
+token's position is its spatial row plus its temporal row (``pos_table``).
+
 The mask token replaces masked patch embeddings after the patch projection and before
 the cls token and position embedding are added (spec 4.3): masked tokens still get
 their position. All tokens go through the encoder (no MAE-style dropping) in ``__call__``;
@@ -141,21 +149,37 @@ class ViT(nnx.Module):
 
     def __init__(self, *, variant="B/16", image_size=224, in_chans=3, drop_path=0.0,
                  mask_token=False, dtype=jnp.float32, attention="auto", remat="none",
-                 platform="cpu", length: int | None = None, rngs: nnx.Rngs):
+                 platform="cpu", length: int | None = None, num_frames: int | None = None,
+                 tubelet: int = 2, sep_pos_embed: bool = False, rngs: nnx.Rngs):
         """``length``: the tokens the blocks attend over, cls included (default: every patch + 1;
-        MAE: the kept patches + 1), which picks the attention implementation's padding."""
+        MAE: the kept patches + 1), which picks the attention implementation's padding.
+        ``num_frames``: video input of that many frames, cut into ``tubelet``-frame cubes
+        (None: images); ``sep_pos_embed``: separate space and time position tables."""
         size, p = parse_variant(variant)
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if h % p or w % p:
             raise ValueError(f"config.input.image_size={image_size} is not a multiple of the patch size {p}")
-        self.size, self.patch, self.grid = size, p, (h // p, w // p)
-        n, d = self.grid[0] * self.grid[1], size.width
-        fan_in = p * p * in_chans  # PyTorch's default conv-bias init: U(+-1/sqrt(fan_in))
-        self.patch_kernel = param(rngs, layers.normal_02, (p, p, in_chans, d),
-                                  ("conv_in", "conv_in", "conv_in", "embed"))
+        self.video = num_frames is not None
+        u = tubelet if self.video else 1
+        if self.video and (u < 1 or num_frames % u):
+            raise ValueError(f"config.video.num_frames={num_frames} is not a multiple of config.model.tubelet={u}")
+        self.size, self.patch, self.tubelet = size, p, u
+        self.grid = (num_frames // u, h // p, w // p) if self.video else (h // p, w // p)
+        self.patch_stride = (u, p, p)
+        n, d = math.prod(self.grid), size.width
+        fan_in = u * p * p * in_chans  # PyTorch's default conv-bias init: U(+-1/sqrt(fan_in))
+        kernel = (u, p, p, in_chans, d) if self.video else (p, p, in_chans, d)
+        self.patch_kernel = param(rngs, layers.normal_02, kernel, ("conv_in",) * (len(kernel) - 1) + ("embed",))
         self.patch_bias = param(rngs, layers.symmetric_uniform(fan_in ** -0.5), (d,), ("embed",))
         self.cls_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed"))
-        self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
+        self.sep_pos_embed = sep_pos_embed
+        if sep_pos_embed:    # official pos_embed_spatial / _temporal / _class
+            t, hw = (self.grid[0], n // self.grid[0]) if self.video else (1, n)
+            self.pos_embed_spatial = param(rngs, layers.normal_02, (1, hw, d), (None, "length", "embed"))
+            self.pos_embed_temporal = param(rngs, layers.normal_02, (1, t, d), (None, "length", "embed"))
+            self.pos_embed_class = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed"))
+        else:
+            self.pos_embed = param(rngs, layers.normal_02, (1, n + 1, d), (None, "length", "embed"))
         self.mask_token = param(rngs, layers.normal_02, (1, 1, d), (None, None, "embed")) if mask_token else None
         self.attention = platform_lib.select_attention(attention, platform, dtype, length or n + 1,
                                                        d // size.heads)
@@ -165,9 +189,26 @@ class ViT(nnx.Module):
                                       choice=self.attention, kernels=self.kernels) for r in rates])
         self.dtype, self.remat = dtype, remat
 
-    def _patches(self, images_BxHxWxC):
-        return einops.rearrange(images_BxHxWxC.astype(self.dtype), "b (h p) (w q) c -> b (h w) (p q c)",
-                                p=self.patch, q=self.patch)
+    def _patches(self, images):
+        """Images ``(B, H, W, C)`` or clips ``(B, T, H, W, C)`` -> ``(B, N, P)``, each token's
+        pixels in the kernel's (frame, row, column, channel) order."""
+        x, p = images.astype(self.dtype), self.patch
+        if not self.video:
+            return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+        if x.ndim != 5 or x.shape[1] != self.grid[0] * self.tubelet:
+            raise ValueError(f"input of shape {images.shape}: the video ViT was built for clips of "
+                             f"{self.grid[0] * self.tubelet} frames (B, T, H, W, C)")
+        return einops.rearrange(x, "b (t u) (h p) (w q) c -> b (t h w) (u p q c)", u=self.tubelet, p=p, q=p)
+
+    def pos_table(self):
+        """The position embedding of every token, ``(1, 1 + N, D)`` (cls first): the one table,
+        or with ``sep_pos_embed`` the class row, then per token (t, s) of the row-major grid
+        ``spatial[s] + temporal[t]`` (official ``repeat`` / ``repeat_interleave``)."""
+        if not self.sep_pos_embed:
+            return self.pos_embed[...]
+        sp, tm = self.pos_embed_spatial[...], self.pos_embed_temporal[...]
+        grid_1xTxSxD = sp[:, None] + tm[:, :, None]
+        return jnp.concatenate([self.pos_embed_class[...], grid_1xTxSxD.reshape(1, -1, sp.shape[-1])], axis=1)
 
     def _project(self, patches_BxNxP):
         dt = self.dtype
@@ -181,17 +222,17 @@ class ViT(nnx.Module):
             m = mask_BxN[..., None].astype(dt)
             x_BxNxD = x_BxNxD * (1 - m) + self.mask_token[...].astype(dt) * m
         cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (x_BxNxD.shape[0], 1, self.size.width))
-        x = jnp.concatenate([cls, x_BxNxD], axis=1) + self.pos_embed[...].astype(dt)
+        x = jnp.concatenate([cls, x_BxNxD], axis=1) + self.pos_table().astype(dt)
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
     def embed_visible(self, images_BxHxWxC, keep_BxV):
-        """cls + the patches at indices ``keep_BxV`` (row-major over the grid), each with its
-        position: ``(B, 1 + V, D)``. The patches are gathered before the projection, so a
-        dropped patch's pixels reach nothing."""
+        """cls + the patches at indices ``keep_BxV`` (row-major over the grid, (t, h, w) for
+        video), each with its position: ``(B, 1 + V, D)``. The patches are gathered before the
+        projection, so a dropped patch's pixels reach nothing."""
         dt = self.dtype
         patches_BxVxP = jnp.take_along_axis(self._patches(images_BxHxWxC), keep_BxV[..., None], axis=1)
         x_BxVxD = self._project(patches_BxVxP)
-        pos = self.pos_embed[...].astype(dt)
+        pos = self.pos_table().astype(dt)
         pos_BxVxD = jnp.take(pos[0, 1:], keep_BxV, axis=0)
         b = x_BxVxD.shape[0]
         cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (b, 1, self.size.width))
@@ -199,14 +240,22 @@ class ViT(nnx.Module):
         x = jnp.concatenate([cls, x_BxVxD], axis=1) + pos
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
-    def _blocks(self, x, rng):
+    def _blocks(self, x, rng, return_blocks: bool = False):
         run = layers.block_runner(self.remat)
+        outs = []
         for i, blk in enumerate(self.blocks):
             x = run(blk, self.kernels.boundary(x), layers.block_rng(rng, i))
-        return {"tokens_BxNxD": self.kernels.boundary(x)}
+            if return_blocks and i < len(self.blocks) - 1:
+                outs.append(self.kernels.boundary(x))
+        out = {"tokens_BxNxD": self.kernels.boundary(x)}
+        if return_blocks:
+            out["blocks"] = (*outs, out["tokens_BxNxD"])
+        return out
 
-    def __call__(self, images_BxHxWxC, mask_BxN=None, *, rng=None):
-        return self._blocks(self.embed(images_BxHxWxC, mask_BxN), rng)
+    def __call__(self, images_BxHxWxC, mask_BxN=None, *, rng=None, return_blocks: bool = False):
+        """``return_blocks``: also ``blocks``, every block's output tokens ``(B, 1 + N, D)`` in
+        order (the last is ``tokens_BxNxD``): multi-depth heads, a teacher's features."""
+        return self._blocks(self.embed(images_BxHxWxC, mask_BxN), rng, return_blocks)
 
     def encode_visible(self, images_BxHxWxC, keep_BxV, *, rng=None):
         """The blocks on cls + the kept patches only (``embed_visible``): ``tokens_BxNxD`` is

@@ -1,0 +1,12 @@
+"""AVA v2.2 action detection with MViTv2-S 16x4 from a Kinetics-400 MaskFeat model.
+
+The setting ``configs/mvit_ava.py:S`` under its own name; the recipe and its notes are there.
+
+    python -m maskfeat_jax.main --config=configs/mvit_s_ava.py --workdir=$WORKDIR/mvit_s_ava \\
+        --config.init_from=$WORKDIR/mvit_s_ft --config.ava.root=/data/ava
+"""
+from maskfeat_jax import config as config_lib
+
+
+def get_config():
+    return config_lib.from_file(__file__, "mvit_ava.py:S")
