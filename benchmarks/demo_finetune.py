@@ -44,9 +44,9 @@ def config_of(args: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    from maskfeat_jax import config as config_lib
+    from maskfeat_jax import config_cli
     file = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
-    argv = ["run", f"--config={config_lib.resolve_config_file(file)}", *[a for a in args if a.startswith("--config.")]]
+    argv = ["run", f"--config={config_cli.resolve_config_file(file)}", *[a for a in args if a.startswith("--config.")]]
     fv = flags.FlagValues()   # the overrides are read from sys_argv when the flag is defined
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
     fv(argv)

@@ -56,7 +56,7 @@ Smoke run on the CPU:
 
     python -m maskfeat_jax.main --config=configs/mvit_ava.py:S,runlocal --workdir=/tmp/mvit_ava_smoke
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 
 # AVA v2.2's training keyframes, at most (235 videos x seconds 902..1798), for the eval and save
 # intervals only: an epoch's steps are counted from the keyframes the run finds
@@ -73,7 +73,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    variant, switches = config_lib.parse_arg(arg, tuple(VARIANTS), switches=("runlocal",))
+    variant, switches = config_cli.parse_arg(arg, tuple(VARIANTS), switches=("runlocal",))
     c = config_lib.base_config()
     c.task = "detect"
     c.init_from = ""                   # a Kinetics MaskFeat workdir (module doc)

@@ -50,7 +50,7 @@ Smoke run on the CPU (pre-training; add ``,ft`` for fine-tuning):
 
     python -m maskfeat_jax.main --config=configs/mvit_k400.py:S,runlocal --workdir=/tmp/mvit_smoke
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 
 # what differs between the variants; everything else is shared by the recipe functions below
 PRETRAIN = {
@@ -67,7 +67,7 @@ FINETUNE = {
 
 
 def get_config(arg=None):
-    variant, switches = config_lib.parse_arg(arg, tuple(PRETRAIN))
+    variant, switches = config_cli.parse_arg(arg, tuple(PRETRAIN))
     c = config_lib.base_config()
     c.model.name = "mvit"
     c.model.variant = variant

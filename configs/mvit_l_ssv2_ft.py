@@ -5,8 +5,8 @@ The setting ``configs/mvit_ssv2.py:L`` under its own name; the recipe and its no
     python -m maskfeat_jax.main --config=configs/mvit_l_ssv2_ft.py --workdir=$WORKDIR/mvit_l_ssv2 \\
         --config.init_from=$WORKDIR/mvit_l_pt --config.video.csv_dir=/data/ssv2
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config_cli
 
 
 def get_config():
-    return config_lib.from_file(__file__, "mvit_ssv2.py:L")
+    return config_cli.from_file(__file__, "mvit_ssv2.py:L")

@@ -5,8 +5,8 @@ The setting ``configs/mvit_ava.py:S`` under its own name; the recipe and its not
     python -m maskfeat_jax.main --config=configs/mvit_s_ava.py --workdir=$WORKDIR/mvit_s_ava \\
         --config.init_from=$WORKDIR/mvit_s_ft --config.ava.root=/data/ava
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config_cli
 
 
 def get_config():
-    return config_lib.from_file(__file__, "mvit_ava.py:S")
+    return config_cli.from_file(__file__, "mvit_ava.py:S")

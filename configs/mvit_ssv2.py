@@ -55,7 +55,7 @@ Smoke run on the CPU:
 
     python -m maskfeat_jax.main --config=configs/mvit_ssv2.py:S,runlocal --workdir=/tmp/mvit_ssv2_smoke
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 
 # what differs between the variants; everything else is the S recipe below
 VARIANTS = {
@@ -72,7 +72,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    variant, switches = config_lib.parse_arg(arg, tuple(VARIANTS), switches=("runlocal",))
+    variant, switches = config_cli.parse_arg(arg, tuple(VARIANTS), switches=("runlocal",))
     c = config_lib.base_config()
     c.task = "finetune"
     c.init_from = ""                   # a Kinetics MaskFeat workdir or converted checkpoint (module doc)

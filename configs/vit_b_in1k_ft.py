@@ -5,8 +5,8 @@ The setting ``configs/vit_in1k.py:B/16,ft`` under its own name; the recipe and i
     python -m maskfeat_jax.main --config=configs/vit_b_in1k_ft.py --workdir=$WORKDIR/ft \\
         --config.init_from=$WORKDIR/pt --config.input.data_dir=$TFDS_DATA_DIR
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config_cli
 
 
 def get_config():
-    return config_lib.from_file(__file__, "vit_in1k.py:B/16,ft")
+    return config_cli.from_file(__file__, "vit_in1k.py:B/16,ft")

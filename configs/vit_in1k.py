@@ -38,7 +38,7 @@ Smoke run on the CPU (pre-training; add ``,ft`` for fine-tuning):
 
     python -m maskfeat_jax.main --config=configs/vit_in1k.py:B/16,runlocal --workdir=/tmp/vit_smoke
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 
 # what differs between the variants; everything else is shared by the recipe functions below
 PRETRAIN = {"B/16": {}, "L/16": {}}
@@ -51,7 +51,7 @@ FINETUNE = {
 
 
 def get_config(arg=None):
-    variant, switches = config_lib.parse_arg(arg, tuple(PRETRAIN))
+    variant, switches = config_cli.parse_arg(arg, tuple(PRETRAIN))
     c = config_lib.base_config()
     c.model.variant = variant
     c.model.dtype = "auto"             # bf16 compute on GPU/TPU, f32 on CPU; official runs: float32 (deviation, see README)

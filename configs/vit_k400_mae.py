@@ -58,7 +58,7 @@ Smoke run on the CPU (pre-training; add ``,ft`` for fine-tuning):
 
     python -m maskfeat_jax.main --config=configs/vit_k400_mae.py:B,runlocal --workdir=/tmp/vit_mae_smoke
 """
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 
 # what differs between the variants; everything else is shared by the recipe functions below
 PRETRAIN = {
@@ -82,7 +82,7 @@ FINETUNE = {
 
 
 def get_config(arg=None):
-    variant, switches = config_lib.parse_arg(arg, tuple(PRETRAIN), switches=("pt", "ft", "runlocal"))
+    variant, switches = config_cli.parse_arg(arg, tuple(PRETRAIN), switches=("pt", "ft", "runlocal"))
     if {"pt", "ft"} <= switches:
         raise ValueError(f"config argument {arg!r}: choose one of pt (pre-training) and ft (fine-tuning)")
     c = config_lib.base_config()
@@ -118,6 +118,7 @@ def _pretrain(c):
     c.mae.enabled = True               # MAE_ON, MAE_RND_MASK
     c.mae.mask_ratio = 0.9             # AUG.MASK_RATIO
     c.mae.per_frame = False            # PER_FRAME_MASKING default
+    c.mae.tube = False                 # AUG.MASK_TUBE default
     c.mae.decoder_dim = 512            # DECODER_EMBED_DIM
     c.mae.decoder_depth = 4            # DECODER_DEPTH
     c.mae.decoder_heads = 8            # MSSeparateHead: DECODER_EMBED_DIM // 64

@@ -52,7 +52,8 @@ def mix(rng, images, labels, num_classes, a, valid=None):
     lam = jnp.where(partner_ok, jnp.where(use_cutmix, lam_cut, lam), 1.0)        # (B,)
     per_example = (-1,) + (1,) * (images.ndim - 1)
     flipped, lam_x, ok_x = partners(images), lam.reshape(per_example), partner_ok.reshape(per_example)
-    mixed = jnp.where(use_cutmix, jnp.where(box[..., None] & ok_x, flipped, images),
+    box_x = box.reshape((1,) * (images.ndim - 3) + box.shape + (1,))        # (1, [1,] H, W, 1)
+    mixed = jnp.where(use_cutmix, jnp.where(box_x & ok_x, flipped, images),
                       lam_x * images + (1 - lam_x) * flipped)
     return mixed, lam[:, None] * onehot + (1 - lam[:, None]) * partners(onehot)
 

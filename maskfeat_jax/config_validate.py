@@ -9,8 +9,11 @@ import difflib
 import math
 import os
 
-AVA_DATASETS = ("ava", "ava_demo")   # clips with person boxes (config.task = "detect")
-VIDEO_DATASETS = ("video_csv", "video_demo", "ssv2", "ssv2_demo") + AVA_DATASETS   # clips, read by MViTv2
+# The dataset names, here only (this module imports nothing heavy; the data modules import these).
+SSV2_DATASETS = ("ssv2", "ssv2_demo")  # Something-Something v2 (data.ssv2)
+CLASSIFICATION_VIDEO_DATASETS = ("video_csv", "video_demo") + SSV2_DATASETS  # one label per video: data.sources
+AVA_DATASETS = ("ava", "ava_demo")   # clips with person boxes (config.task = "detect"): data.ava_maps
+VIDEO_DATASETS = CLASSIFICATION_VIDEO_DATASETS + AVA_DATASETS   # every clip dataset (MViTv2, the video ViT)
 KNOWN_DATASETS = ("digits", "synthetic") + VIDEO_DATASETS  # plus TFDS names, "folder:<root>"
 
 
@@ -41,7 +44,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     rate = config.model.get("head_dropout", 0.0)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ValueError(f"config.model.head_dropout={rate!r}: a dropout rate in [0, 1)")
-    if config.model.name == "mvit" or config.input.dataset in VIDEO_DATASETS:
+    if is_video(config):
         _validate_video(config)
     _validate_shapes(config, num_devices)
     if not 0.0 < config.mask.ratio < 1.0:
@@ -116,7 +119,7 @@ def _validate_mae_and_head(config, num_devices: int) -> None:
     """``config.mae`` (ViT only; a ratio that keeps and masks at least one patch) and
     ``config.head`` (type; decoder widths, heads and MLPs against the mesh's fsdp and tensor axes)."""
     from maskfeat_jax import models, sharding
-    models.head_depths(config)        # config.head.depths: blocks of the encoder, several on the ViT's linear head
+    models.head_depths(config)        # config.head.depths: blocks of the encoder, several on the linear head
     mae, head = config.get("mae") or {}, config.get("head") or {}
     decoders = []
     if mae.get("enabled", False):
@@ -125,7 +128,10 @@ def _validate_mae_and_head(config, num_devices: int) -> None:
                              f"config.model.name={config.model.name!r}; set config.mae.enabled=False")
         from maskfeat_jax.models import mae as mae_lib
         n, frames = mae_lib.mask_layout(config)
-        n, what = n // frames, "patches" if frames == 1 else "patches of each frame (config.mae.per_frame=True)"
+        if mae.get("per_frame", False) and mae.get("tube", False):
+            raise ValueError("config.mae.per_frame=True and config.mae.tube=True: choose one (per_frame draws "
+                             "each temporal slot's mask on its own, tube repeats one spatial mask)")
+        n, what = n // frames, "patches" if frames == 1 else "patches of each frame (config.mae.per_frame/tube)"
         keep = mae_lib.keep_count(n, mae.mask_ratio)
         if not 0.0 < mae.mask_ratio < 1.0 or not 0 < keep < n:
             raise ValueError(f"config.mae.mask_ratio={mae.mask_ratio}: must be in (0, 1) and keep between 1 and "

@@ -187,7 +187,7 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     """Converts ``src`` for ``config`` and saves step 0 under ``out/checkpoints``."""
     import jax
     import ml_collections
-    from maskfeat_jax import checkpoint, sharding, storage, train
+    from maskfeat_jax import checkpoint, saved as saved_lib, sharding, storage, train
 
     try:
         storage.check_url(out, "--out")
@@ -200,14 +200,14 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
 
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
     st = train.setup(config, mesh, steps_per_epoch=1, total_steps=1)
-    target = checkpoint.flat_params(st.abstract_state.params)
+    target = saved_lib.flat_params(st.abstract_state.params)
     converted = convert_state_dict(state_dict, {k: v.shape for k, v in target.items()},
                                    official_names.family(config.model.name), config.task)
     check_official_cfg(cfg_yaml, config)       # the checkpoint is of config.task's kind by now
 
     state = st.init()
     leaves, treedef = jax.tree_util.tree_flatten(state.params)
-    flat_keys = list(checkpoint.flat_params(state.params))
+    flat_keys = list(saved_lib.flat_params(state.params))
     new_leaves = [jax.device_put(converted[k].astype(x.dtype), x.sharding) for k, x in zip(flat_keys, leaves)]
     state = state.replace(params=jax.tree_util.tree_unflatten(treedef, new_leaves))
 
@@ -217,7 +217,7 @@ def convert(src: str, config, out: str, *, allow_pickle: bool = False) -> dict:
     ckpt.close()
 
     # read back through the path fine-tuning uses, and check every tensor
-    saved = checkpoint.flat_params(checkpoint.read_params(out))
+    saved = saved_lib.flat_params(saved_lib.read_params(out))
     if set(saved) != set(converted):
         raise RuntimeError(f"saved parameters differ from the converted ones: {sorted(set(saved) ^ set(converted))}")
     for k, v in converted.items():
@@ -271,6 +271,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app
-    from maskfeat_jax import config as config_lib
+    from maskfeat_jax import config_cli
     FLAGS = _define_flags()
-    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))
+    app.run(main, flags_parser=config_cli.flags_parser(FLAGS))

@@ -202,11 +202,11 @@ def _baselines(workdir: str, key: str, num_batches: int) -> dict[str, float]:
         return {}
     from absl import logging
 
-    from maskfeat_jax import checkpoint
+    from maskfeat_jax import saved as saved_lib
     logging.set_verbosity(logging.WARNING)      # Orbax's per-item INFO logs off, as in the other tools
     try:
-        directory, step = checkpoint.resolve(workdir)
-        config = checkpoint.saved_config(f"{directory}/{step}")
+        directory, step = saved_lib.resolve(workdir)
+        config = saved_lib.saved_config(f"{directory}/{step}")
     except ValueError as e:
         print(f"note: the mean-target baseline is not drawn: {e}", file=sys.stderr)
         return {}
@@ -251,6 +251,6 @@ def main(argv: Sequence[str]) -> str:
 if __name__ == "__main__":
     from absl import app
 
-    from maskfeat_jax import config as config_lib
+    from maskfeat_jax import config_cli
     # app.run exits with main's return value: the path is printed, the status is 0
-    app.run(lambda argv: main(argv) and None, flags_parser=config_lib.flags_parser(_define_flags(flags.FLAGS)))
+    app.run(lambda argv: main(argv) and None, flags_parser=config_cli.flags_parser(_define_flags(flags.FLAGS)))

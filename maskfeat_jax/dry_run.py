@@ -54,7 +54,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 # Importing jax starts no backend; --devices/--topology still take effect in main().
-from maskfeat_jax import config as config_lib, config_validate, perf, sharding, train
+from maskfeat_jax import config as config_lib, config_cli, config_validate, perf, sharding, train
 
 config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:ARG] (see configs/).", lock_config=True)
 flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: the real devices).")
@@ -316,4 +316,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))
+    app.run(main, flags_parser=config_cli.flags_parser(FLAGS))

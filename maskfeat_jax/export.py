@@ -126,17 +126,17 @@ def _write(state_dict: dict, out: str, ext: str) -> None:
 
 def export(workdir: str, out: str, *, step: int | None = None, encoder_only: bool = False) -> dict:
     """Exports step ``step`` (default: the latest) of ``workdir`` to the file ``out``."""
-    from maskfeat_jax import checkpoint
+    from maskfeat_jax import saved as saved_lib
     ext = _check_out(out)
     if ext == ".pyth":
         _torch(out)                               # before reading a large checkpoint
     try:
-        saved = checkpoint.load(workdir, step)
+        saved = saved_lib.load(workdir, step)
     except ValueError as e:
         raise ExportError(str(e)) from None
     step_dir, step, config = saved.path, saved.step, saved.config
     family, task = config.model.name, config.task
-    params = checkpoint.flat_params(saved.params)
+    params = saved_lib.flat_params(saved.params)
     state_dict = to_official(params, family, task, encoder_only=encoder_only)
     _write(state_dict, out, ext)
     n = sum(v.size for v in state_dict.values())
@@ -167,6 +167,6 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app
 
-    from maskfeat_jax import config as config_lib
+    from maskfeat_jax import config_cli
     FLAGS = _define_flags()
-    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))   # --help exits 0; a flag error is one line
+    app.run(main, flags_parser=config_cli.flags_parser(FLAGS))   # --help exits 0; a flag error is one line

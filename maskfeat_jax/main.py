@@ -100,5 +100,5 @@ def _fail(e):
 
 
 if __name__ == "__main__":
-    from maskfeat_jax import config as config_lib
-    app.run(main, flags_parser=config_lib.flags_parser(FLAGS))
+    from maskfeat_jax import config_cli
+    app.run(main, flags_parser=config_cli.flags_parser(FLAGS))

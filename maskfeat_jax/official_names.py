@@ -13,7 +13,9 @@ Official names (read from facebookresearch/SlowFast, ``slowfast/models/``):
 * pre-training (``masked.MaskMViT``): ``mask_token``; the final ``norm`` and ``head`` are
   deleted and the HOG head is ``pred_head`` (``head_helper.MSSeparateHead``):
   ``pred_head.transforms.0.0`` (its LayerNorm, in an ``nn.Sequential``) and
-  ``pred_head.projections.0`` (Linear to 108); ``hogs.0.weight_x/weight_y`` are the HOG
+  ``pred_head.projections.0`` (Linear to 108); with several ``MASK.PRETRAIN_DEPTH`` blocks one
+  pair per block in ascending order, ``pred_head.transforms.{i}.0`` and
+  ``pred_head.projections.{i}`` (our ``norms/i``, ``heads/i``); ``hogs.0.weight_x/weight_y`` are the HOG
   layer's Sobel buffers (``operators.HOGLayerC``);
 * video ViT (``SEP_POS_EMBED``): ``pos_embed_spatial``, ``pos_embed_temporal``,
   ``pos_embed_class`` instead of ``pos_embed``; ``patch_embed.proj`` a Conv3d over tubelets;
@@ -118,7 +120,11 @@ ENCODER_RULES = {
 }
 
 HEAD_RULES = {
-    "pretrain": _norm("norm", "pred_head.transforms.0.0") + _linear("head", "pred_head.projections.0"),
+    # one head (the last block); several (config.head.depths, MASK.PRETRAIN_DEPTH): ours i-th of the
+    # sorted depths is MSSeparateHead's i-th transform and projection
+    "pretrain": _norm("norm", "pred_head.transforms.0.0") + _linear("head", "pred_head.projections.0")
+                + _norm(r"norms/(\d+)", r"pred_head.transforms.\1.0")
+                + _linear(r"heads/(\d+)", r"pred_head.projections.\1"),
     "finetune": _norm("fc_norm", "norm") + _linear("head", "head.projection"),
 }
 # the AVA detector (``models/detection.py``): the final norm and the RoI head's Linear carry the
@@ -157,6 +163,9 @@ IGNORED = {
 
 # Hints for unmapped keys that point at a config mismatch rather than a broken file.
 HINTS = [
+    (r"pred_head\.(transforms\.[1-9]\d*\.0\.|projections\.[1-9])",
+     "a multi-depth head (MASK.PRETRAIN_DEPTH with several blocks): list those blocks in "
+     "--config.head.depths"),
     (r"pred_head\.", "a pre-training (MaskMViT) checkpoint: use --config.task=pretrain, then "
                      "fine-tune from it with --config.init_from"),
     (r"head\.projection\.|^norm\.", "a fine-tuned checkpoint: use --config.task=finetune and the "

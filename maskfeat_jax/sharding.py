@@ -110,8 +110,8 @@ def abstract_batch(config, mesh, grid) -> dict:
 
     ``grid``: the mask's token grid (``encoder.grid`` for ViT, ``encoder.mask_grid`` for MViT)."""
     b, s = config.input.global_batch_size, config.input.image_size
-    from maskfeat_jax.config_validate import VIDEO_DATASETS
-    video = config.model.name == "mvit" or config.input.dataset in VIDEO_DATASETS
+    from maskfeat_jax.config_validate import is_video
+    video = is_video(config)
     frames = (config.video.num_frames,) if video else ()
     shapes = {"image": ((b, *frames, s, s, 3), np.uint8), "label": ((b,), np.int32), "valid": ((b,), np.bool_)}
     if config.task == "pretrain":

@@ -40,7 +40,8 @@ class TrainState:
 def normalize(images_u8, mean, std):
     """uint8 images to float32 ``(x / 255 - mean) / std`` (on device)."""
     x = images_u8.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    mean, std = (jnp.asarray(v, jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,)) for v in (mean, std))
+    return (x - mean) / std
 
 
 def micro_batches(x, k: int):
@@ -120,7 +121,7 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
     need one (``targets.load_frozen``: the teacher encoder's parameters of ``features``), an
     input of the step like the batch, never differentiated nor updated.
 
-    With several ``config.head.depths`` (ViT) each head predicts every target and the losses are
+    With several ``config.head.depths`` (ViT, MViTv2) each head predicts every target and the losses are
     summed over the heads, as the official code does; ``train/loss_<name>`` is then the sum of
     that target's losses over the heads and ``train/loss_block<i>`` the weighted loss of block i's.
 

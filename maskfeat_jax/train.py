@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from maskfeat_jax import checkpoint, config as config_lib, evaluators, metrics as metrics_lib, models, optim, perf
-from maskfeat_jax import platform as platform_lib, sharding, steps, steps_detection
+from maskfeat_jax import platform as platform_lib, saved as saved_lib, sharding, steps, steps_detection
 from maskfeat_jax.data import ava_maps, pipeline, sources
 from maskfeat_jax.targets import hog, load_frozen
 
@@ -220,7 +220,7 @@ def _train_input(config):
         return source, 1, max(len(source) // config.input.global_batch_size, 1)
     source = sources.make(config, config.input.train_split)
     sources.check_labels(source, config, config.input.train_split)
-    if sources.is_video(config):    # repeated augmentation: several clips per video
+    if sources.serves_clips(config):    # repeated augmentation: several clips per video
         from maskfeat_jax.data import video
         return source, video.num_sample(config), video.steps_per_epoch(config, len(source))
     return source, 1, max(len(source) // config.input.global_batch_size, 1)
@@ -322,7 +322,7 @@ def evaluate(config, workdir: str) -> dict:
     second run adds nothing)."""
     config_lib.validate_workdir(workdir, config.get("init_from", ""))
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    finished = checkpoint.finished_steps(workdir)            # reads only: an empty workdir stays empty
+    finished = saved_lib.finished_steps(workdir)            # reads only: an empty workdir stays empty
     if not finished:
         raise ValueError(f"--mode=eval: --workdir={workdir} holds no finished checkpoint (train first: the "
                          f"same command without --mode=eval)")

@@ -335,12 +335,12 @@ def main(argv: Sequence[str]) -> list[str]:
     if argv and argv[0].startswith("--"):
         fv = _define_flags(flags.FlagValues())
         fv(["visualize", *argv])
-    from maskfeat_jax import checkpoint, storage
+    from maskfeat_jax import saved as saved_lib, storage
 
     try:
         with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
             warnings.simplefilter("ignore", UserWarning)
-            saved = checkpoint.load(fv.workdir, fv.step)
+            saved = saved_lib.load(fv.workdir, fv.step)
         figs = make_figures(saved.config, saved.params, num_images=fv.num_images, seed=fv.seed, split=fv.split,
                             start=fv.start, cell_px=fv.cell_px)
     except ValueError as e:
@@ -368,7 +368,7 @@ def main(argv: Sequence[str]) -> list[str]:
 if __name__ == "__main__":
     from absl import app, logging
 
-    from maskfeat_jax import config as config_lib
+    from maskfeat_jax import config_cli
     logging.set_verbosity(logging.ERROR)  # orbax's read-only notices
     # app.run exits with main's return value: the paths are printed, the status is 0
-    app.run(lambda argv: main(argv) and None, flags_parser=config_lib.flags_parser(_define_flags(flags.FLAGS)))
+    app.run(lambda argv: main(argv) and None, flags_parser=config_cli.flags_parser(_define_flags(flags.FLAGS)))

@@ -1,6 +1,7 @@
 """Tests run on 8 fake CPU devices compiled at XLA CPU's optimisation level 1 (``xla_flags``);
-absl flags are marked parsed for grain. ``bucket`` gives a
-test a fresh bucket on a local GCS emulator.
+absl flags are marked parsed for grain. jax.numpy runs with ``jax_numpy_rank_promotion="raise"``
+(subprocesses inherit it): an op on arrays of different ranks raises instead of broadcasting.
+``bucket`` gives a test a fresh bucket on a local GCS emulator.
 
 The ``python -m maskfeat_jax.main`` subprocesses that many tests start share one persistent
 compilation cache per test session: the same programs compile once, the small ones too (a
@@ -34,6 +35,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # gcsfs's default filesystem asks GCS's control API for each bucket's layout (hierarchical or
 # not); the emulator has no such API, so the tests use gcsfs's plain filesystem.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 _CACHE = os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
 
@@ -52,6 +54,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 if os.environ.get("MASKFEAT_TEST_INPROCESS_CACHE", "1") == "1":
     jax.config.update("jax_compilation_cache_dir", _CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_sessionfinish(session, exitstatus):

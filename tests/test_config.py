@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -207,8 +207,8 @@ def test_unknown_override_message_uses_ml_collections_suggestion():
                       ("xyzzy", "unknown config key config.xyzzy")):
         with pytest.raises((AttributeError, KeyError)) as e:
             config_path.get_type(key, c)
-        assert config_lib.unknown_override_message(e.value, ["--config=x.py", f"--config.{key}=3"]) == want
-    assert config_lib.unknown_override_message(ValueError("config.x"), ["--config.x=1"]) is None
+        assert config_cli.unknown_override_message(e.value, ["--config=x.py", f"--config.{key}=3"]) == want
+    assert config_cli.unknown_override_message(ValueError("config.x"), ["--config.x=1"]) is None
 
 
 DISTRIBUTED_CASES = [

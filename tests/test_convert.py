@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from maskfeat_jax import checkpoint, convert, export, models  # noqa: E402
+from maskfeat_jax import checkpoint, convert, export, models, saved as saved_lib  # noqa: E402
 from conftest import xla_flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +194,7 @@ def _with_params(build, flat_params):
         model = nnx.eval_shape(build)
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
-    ours = checkpoint.flat_params(pure)
+    ours = saved_lib.flat_params(pure)
     assert set(flat_params) == set(ours)
     treedef = jax.tree_util.tree_structure(pure)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(
@@ -204,7 +204,7 @@ def _with_params(build, flat_params):
 
 def _jax_model(task, ckpt_dir):
     """Our model with the converted parameters, loaded back as the trainer reads them."""
-    saved = checkpoint.flat_params(checkpoint.read_params(ckpt_dir))
+    saved = saved_lib.flat_params(saved_lib.read_params(ckpt_dir))
     return _with_params(lambda: models.build(_config(task), nnx.Rngs(0)), saved)
 
 
@@ -250,8 +250,8 @@ def test_pretrain_conversion_feeds_init_from_and_resume(pretrain_ckpt):
     st = train.setup(c, mesh, 1, 1)
     state = st.init()
     with jax.set_mesh(mesh):
-        params = checkpoint.init_from(str(out), state.params, mesh)
-    flat = checkpoint.flat_params(params)
+        params = saved_lib.init_from(str(out), state.params, mesh)
+    flat = saved_lib.flat_params(params)
     np.testing.assert_array_equal(np.asarray(flat["encoder/blocks/1/mlp/fc2/kernel"]),
                                   torch_model.state_dict()["blocks.1.mlp.fc2.weight"].numpy().T)
     np.testing.assert_array_equal(np.asarray(flat["encoder/pos_embed"]),
@@ -266,7 +266,7 @@ def test_pretrain_conversion_feeds_init_from_and_resume(pretrain_ckpt):
         state = ckpt.restore(0, st.abstract_state, it)
     ckpt.close()
     assert int(state.step) == 0
-    np.testing.assert_array_equal(np.asarray(checkpoint.flat_params(state.params)["head/bias"]),
+    np.testing.assert_array_equal(np.asarray(saved_lib.flat_params(state.params)["head/bias"]),
                                   torch_model.state_dict()["pred_head.projections.0.bias"].numpy())
     assert next(it)["image"].shape == (c.input.global_batch_size, SIZE, SIZE, 3)
 
@@ -318,7 +318,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
 def _targets(task):
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: models.build(_config(task), nnx.Rngs(0)))
-    return {k: v.shape for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model))).items()}
+    return {k: v.shape for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
 def _numpy_sd(pretrain):
@@ -549,7 +549,7 @@ def test_mvit_outputs_match_official(pretrain):
 
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(build)
-    targets = {k: v.shape for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(abstract))).items()}
+    targets = {k: v.shape for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(abstract))).items()}
     converted = convert.convert_state_dict(sd, targets, "mvit", "pretrain" if pretrain else "finetune")
     model = _with_params(build, converted)
 
@@ -581,7 +581,7 @@ def test_mvit_pretraining_checkpoint_converts_through_the_command(tmp_path):
     _run(tmp_path / "m.pyth", tmp_path / "out", "--config.model.name=mvit", "--config.model.variant=mu",
          f"--config.video.num_frames={MV_FRAMES}", f"--config.input.image_size={MV_SIZE}",
          "--config.input.dataset=video_demo", f"--config.video.csv_dir={tmp_path / 'videos'}")
-    got = checkpoint.read_params(str(tmp_path / "out"))
+    got = saved_lib.read_params(str(tmp_path / "out"))
     np.testing.assert_array_equal(got["encoder"]["cls_token"], sd["cls_token"].numpy())
     np.testing.assert_array_equal(got["head"]["kernel"], sd["pred_head.projections.0.weight"].numpy().T)
     _export_loads_strictly(tmp_path / "out", OfficialMViT(True), sd, tmp_path / "mvit.pyth")

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, convert, models, official_names
+from maskfeat_jax import convert, models, official_names, saved as saved_lib
 from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,7 @@ def _config(name, *overrides):
 def _targets(config):
     from flax import nnx
     model = models.build_abstract(config)
-    return {k: v.shape for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model))).items()}
+    return {k: v.shape for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(model))).items()}
 
 
 def _error(sd, config):

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import tiny
-from maskfeat_jax import config as config_lib, evaluators, models, steps_detection, train
+from maskfeat_jax import config as config_lib, config_cli, evaluators, models, steps_detection, train
 from maskfeat_jax.data import ava, ava_maps, make_ava_demo
 from maskfeat_jax.evaluators import ava as ava_eval
 from maskfeat_jax.models import detection, heads
@@ -60,11 +60,11 @@ def test_detector_shapes_on_a_tiny_model():
 def test_every_detector_parameter_has_an_official_name_and_they_are_distinct():
     """export / convert of a detector: each parameter maps to one PySlowFast name (the final
     ``norm`` and ``head.projection`` for the head) and no two share one."""
-    from maskfeat_jax import checkpoint, official_names
+    from maskfeat_jax import official_names, saved as saved_lib
     c = _config()
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0)))
-    keys = checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    keys = saved_lib.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     rules = official_names.rules_for("mvit", "detect")
     names = {k: official_names.torch_name(rules, k)[0] for k in keys}
     assert None not in names.values() and len(set(names.values())) == len(names)
@@ -188,9 +188,9 @@ def test_classifier_head_dropout_defaults_to_off_and_ssv2_sets_the_official_rate
     assert c.model.head_dropout == 0.0
     with nnx.use_eager_sharding(False):
         assert nnx.eval_shape(lambda: models.build(c, nnx.Rngs(0))).dropout_rate == 0.0
-    ssv2 = config_lib.from_file(str(ROOT / "configs" / "x"), "mvit_ssv2.py:S")
+    ssv2 = config_cli.from_file(str(ROOT / "configs" / "x"), "mvit_ssv2.py:S")
     assert ssv2.model.head_dropout == 0.5
-    ava_cfg = config_lib.from_file(str(ROOT / "configs" / "x"), "mvit_ava.py:L")
+    ava_cfg = config_cli.from_file(str(ROOT / "configs" / "x"), "mvit_ava.py:L")
     assert (ava_cfg.model.head_dropout, ava_cfg.task, ava_cfg.model.num_classes) == (0.5, "detect", 80)
 
 
@@ -263,9 +263,9 @@ def test_a_vit_detector_and_a_missing_ava_folder_name_their_keys(tmp_path):
 
 def test_shipped_configs_are_the_named_settings():
     for name, arg in (("mvit_s_ava", "S"), ("mvit_l_ava", "L")):
-        named = config_lib.from_file(str(ROOT / "configs" / "x"), f"{name}.py")
-        assert named.to_dict() == config_lib.from_file(str(ROOT / "configs" / "x"), f"mvit_ava.py:{arg}").to_dict()
-    local = config_lib.from_file(str(ROOT / "configs" / "x"), "mvit_ava.py:S,runlocal")
+        named = config_cli.from_file(str(ROOT / "configs" / "x"), f"{name}.py")
+        assert named.to_dict() == config_cli.from_file(str(ROOT / "configs" / "x"), f"mvit_ava.py:{arg}").to_dict()
+    local = config_cli.from_file(str(ROOT / "configs" / "x"), "mvit_ava.py:S,runlocal")
     assert (local.input.dataset, local.model.variant, local.total_steps, local.ava.fps) == ("ava_demo", "mu", 3, 6)
     config_lib.validate(local, 8)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskfeat_jax import checkpoint, convert, export, models, official_names
+from maskfeat_jax import convert, export, models, official_names, saved as saved_lib
 
 import tiny
 
@@ -28,7 +28,7 @@ CLASSIFIER = {"norm.weight", "norm.bias", "head.projection.weight", "head.projec
 def _shapes(family, task):
     config = tiny.config(task, family, {"input.global_batch_size": 2048})   # base_config's batch, never read here
     model = models.build_abstract(config)
-    return {k: tuple(v.shape) for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {k: tuple(v.shape) for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 def _random(shapes, seed=0):
@@ -221,9 +221,9 @@ def test_command_writes_npz_that_converts_back_to_the_same_checkpoint(official_a
     for k, v in sd.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
     # back through the import command's path, with the config saved in the workdir
-    convert.convert(str(tmp_path / "out" / "a.npz"), checkpoint.saved_config(str(tmp / "a")), str(tmp_path / "b"))
-    a = checkpoint.flat_params(checkpoint.read_params(str(tmp / "a")))
-    b = checkpoint.flat_params(checkpoint.read_params(str(tmp_path / "b")))
+    convert.convert(str(tmp_path / "out" / "a.npz"), saved_lib.saved_config(str(tmp / "a")), str(tmp_path / "b"))
+    a = saved_lib.flat_params(saved_lib.read_params(str(tmp / "a")))
+    b = saved_lib.flat_params(saved_lib.read_params(str(tmp_path / "b")))
     assert set(a) == set(b) and len(a) == 33
     for k in a:
         assert a[k].dtype == b[k].dtype

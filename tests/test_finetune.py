@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maskfeat_jax import augment, checkpoint
+from maskfeat_jax import augment, saved as saved_lib
 from maskfeat_jax.evaluators import probe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,8 +115,8 @@ def test_pretrain_then_finetune_from_it_then_eval(tmp_path, pretrained):
     ev = [r for r in rows if "eval/top1" in r]
     assert ev and ev[-1]["eval/examples"] == 360 and 0.0 <= ev[-1]["eval/top1"] <= ev[-1]["eval/top5"] <= 1.0
     # with every lr 0 the encoder is still the pre-trained one after 4 steps; the head is new
-    pt_params = checkpoint.read_params(str(pt))
-    ft0 = checkpoint.read_params(str(ft))
+    pt_params = saved_lib.read_params(str(pt))
+    ft0 = saved_lib.read_params(str(ft))
     assert set(pt_params["encoder"]) == set(ft0["encoder"]) | {"mask_token"}
     for key in ft0["encoder"]:
         jax.tree.map(np.testing.assert_array_equal, ft0["encoder"][key], pt_params["encoder"][key])
@@ -136,8 +136,8 @@ def test_init_from_copies_the_encoder_and_reinitialises_the_head(pretrained):
     c.input.global_batch_size = 8
     mesh = sharding.make_mesh(c.mesh)
     fresh = train.setup(c, mesh, 10, 10).init().params
-    loaded = checkpoint.init_from(str(pt), fresh)
-    src = checkpoint.read_params(str(pt))
+    loaded = saved_lib.init_from(str(pt), fresh)
+    src = saved_lib.read_params(str(pt))
     np.testing.assert_array_equal(loaded["encoder"]["pos_embed"], src["encoder"]["pos_embed"])
     np.testing.assert_array_equal(loaded["encoder"]["blocks"][1]["mlp"]["fc2"]["kernel"],
                                   src["encoder"]["blocks"]["1"]["mlp"]["fc2"]["kernel"])
@@ -146,7 +146,7 @@ def test_init_from_copies_the_encoder_and_reinitialises_the_head(pretrained):
     c.model.variant = "Ti/16"
     other = train.setup(c, sharding.make_mesh(c.mesh), 10, 10).init().params
     with pytest.raises(ValueError, match="encoder/"):
-        checkpoint.init_from(str(pt), other)
+        saved_lib.init_from(str(pt), other)
 
 
 def test_erase_box_draws_timm_random_erasing_rectangles():
@@ -257,8 +257,8 @@ def test_init_from_resizes_the_position_table_for_another_image_size(pretrained)
     c.task, c.model.variant, c.input.image_size, c.model.num_classes = "finetune", "mu/16", 48, 10  # 2x2 -> 3x3
     c.input.global_batch_size = 8
     fresh = train.setup(c, sharding.make_mesh(c.mesh), 10, 10).init().params
-    loaded = checkpoint.init_from(str(pretrained), fresh)
-    src = checkpoint.read_params(str(pretrained))["encoder"]["pos_embed"]
+    loaded = saved_lib.init_from(str(pretrained), fresh)
+    src = saved_lib.read_params(str(pretrained))["encoder"]["pos_embed"]
     assert src.shape[1] == 5 and loaded["encoder"]["pos_embed"].shape[1] == 10
     np.testing.assert_allclose(loaded["encoder"]["pos_embed"], resize_pos_embed(src, 10), rtol=1e-6)
 

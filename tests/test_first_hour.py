@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, config as config_lib, curves, metrics, storage, visualize
+from maskfeat_jax import config as config_lib, curves, metrics, saved as saved_lib, storage, visualize
 
 import tiny
 
@@ -216,7 +216,7 @@ def test_sigint_is_named_and_says_how_to_resume(tmp_path):
                              "--config.total_steps=100000", "--config.checkpoint.every_steps=2"],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not checkpoint.finished_steps(str(tmp_path)):
+    while not saved_lib.finished_steps(str(tmp_path)):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -282,11 +282,11 @@ def test_a_full_disk_stops_with_one_line_leaves_no_temporary_checkpoint_and_resu
                     "last complete checkpoint: step 2", "rerun the same command to resume")
     assert len((p.stdout + p.stderr).splitlines()) < 30, p.stdout + p.stderr
     assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
-    assert checkpoint.finished_steps(str(tmp_path)) == [2]
+    assert saved_lib.finished_steps(str(tmp_path)) == [2]
     p = _main(tmp_path, "--config.total_steps=6", "--config.checkpoint.every_steps=2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resuming from step 2" in p.stdout
-    assert checkpoint.finished_steps(str(tmp_path))[-1] == 6
+    assert saved_lib.finished_steps(str(tmp_path))[-1] == 6
 
 
 def test_disk_full_is_recognised_through_the_exception_chain():

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint
+from maskfeat_jax import saved as saved_lib
 from conftest import xla_flags
 
 pytestmark = pytest.mark.e2e      # every test here runs python -m maskfeat_jax.main
@@ -45,7 +45,7 @@ def _metrics(workdir):
 
 def _params(workdir):
     import jax
-    return jax.tree.leaves(checkpoint.read_params(str(workdir)))
+    return jax.tree.leaves(saved_lib.read_params(str(workdir)))
 
 
 def test_pretraining_logs_learns_and_checkpoints(tmp_path):

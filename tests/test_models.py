@@ -50,7 +50,7 @@ def test_mask_token_replaces_masked_patches_before_position_embedding():
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     mask = jnp.array([[True, False, False, True], [False, False, False, False]])
     x = enc.embed(images, mask)
-    pos = enc.pos_embed[...][0]
+    pos = enc.pos_embed[...]
     tokens = x - pos                                   # undo the position embedding
     np.testing.assert_allclose(tokens[0, 1], enc.mask_token[...][0, 0], atol=1e-6)
     np.testing.assert_allclose(tokens[0, 4], enc.mask_token[...][0, 0], atol=1e-6)

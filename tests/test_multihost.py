@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint
+from maskfeat_jax import saved as saved_lib
 from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_losses_match_one_process(runs):
 def test_final_parameters_match_one_process(runs):
     d, _, _ = runs
     import jax
-    a, b = checkpoint.read_params(str(d / "one")), checkpoint.read_params(str(d / "two"))
+    a, b = saved_lib.read_params(str(d / "one")), saved_lib.read_params(str(d / "two"))
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert jax.tree.structure(a) == jax.tree.structure(b) and len(la) > 4
     for x, y in zip(la, lb):

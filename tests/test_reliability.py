@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from maskfeat_jax import checkpoint, steps, train
+from maskfeat_jax import checkpoint, saved as saved_lib, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
@@ -154,7 +154,7 @@ def test_throughput_restart_leaves_evaluation_time_out_of_the_step_time(monkeypa
 
 
 def _final_params(workdir, step):
-    return jax.tree.leaves(checkpoint.read_params(str(pathlib.Path(workdir) / "checkpoints" / str(step))))
+    return jax.tree.leaves(saved_lib.read_params(str(pathlib.Path(workdir) / "checkpoints" / str(step))))
 
 
 def test_resume_on_another_input_topology_restarts_the_input_at_the_step(tmp_path):

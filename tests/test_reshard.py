@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, sharding, train
+from maskfeat_jax import checkpoint, saved as saved_lib, sharding, train
 
 import tiny
 
@@ -135,7 +135,7 @@ def test_main_resumes_a_workdir_on_another_mesh(tmp_path):
     straight, moved = _losses(tmp_path / "straight"), _losses(tmp_path / "moved")
     assert sorted(moved) == [1, 2, 3, 4]
     np.testing.assert_allclose([moved[s] for s in (1, 2, 3, 4)], [straight[s] for s in (1, 2, 3, 4)], rtol=1e-5)
-    a = jax.tree.leaves(checkpoint.read_params(str(tmp_path / "straight")))
-    b = jax.tree.leaves(checkpoint.read_params(str(tmp_path / "moved")))
+    a = jax.tree.leaves(saved_lib.read_params(str(tmp_path / "straight")))
+    b = jax.tree.leaves(saved_lib.read_params(str(tmp_path / "moved")))
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)

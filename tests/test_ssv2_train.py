@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
 from maskfeat_jax.data import make_ssv2_demo, pipeline, sources, ssv2, video_maps
 from maskfeat_jax.data import video_transforms as VT
 from test_ssv2 import _encode, _frame_ids, _index_clip
@@ -23,7 +23,7 @@ DEMO = dict(num_train=16, num_val=8, min_frames=10, max_frames=20, size=64, seed
 
 def _recipe(arg="S,runlocal"):
     """The shipped config (``configs/mvit_ssv2.py:ARG``)."""
-    return config_lib.from_file(str(ROOT / "configs" / "mvit_ssv2.py"), f"mvit_ssv2.py:{arg}")
+    return config_cli.from_file(str(ROOT / "configs" / "mvit_ssv2.py"), f"mvit_ssv2.py:{arg}")
 
 
 def _segments(n, t):
@@ -288,7 +288,7 @@ def test_recipe_values():
         assert (c.optim.base_lr, c.optim.reference_batch, c.optim.warmup_start_lr) == (lr, batch, start)
     named = {"mvit_s_ssv2_ft": "S", "mvit_l_ssv2_ft": "L"}
     for name, arg in named.items():
-        assert config_lib.from_file(str(ROOT / "configs" / "x"), f"{name}.py").to_dict() == _recipe(arg).to_dict()
+        assert config_cli.from_file(str(ROOT / "configs" / "x"), f"{name}.py").to_dict() == _recipe(arg).to_dict()
     with pytest.raises(ValueError, match="SWITCH one of runlocal"):
         _recipe("S,ft")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskfeat_jax import checkpoint, config as config_lib, curves, storage
+from maskfeat_jax import checkpoint, config as config_lib, curves, saved as saved_lib, storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.input.image_size=32",
@@ -113,15 +113,15 @@ def test_pretraining_on_a_gcs_workdir_saves_resumes_and_logs(bucket):
     commit = [f for f in gcs.find(f"{run}/checkpoints/8") if f.endswith("commit_success.txt")]
     assert commit
     gcs.rm(commit)
-    assert checkpoint.finished_steps(run) == [4, 6]
+    assert saved_lib.finished_steps(run) == [4, 6]
     with pytest.raises(ValueError, match="checkpoints/8 is not a finished checkpoint"):
-        checkpoint.read_params(f"{run}/checkpoints/8")
+        saved_lib.read_params(f"{run}/checkpoints/8")
     gcs.rm(f"{run}/checkpoints/8", recursive=True)
 
     # the tools read a gs:// run too
-    params = checkpoint.read_params(run)
+    params = saved_lib.read_params(run)
     assert params["head"]["kernel"].shape == (32, 108)
-    assert checkpoint.saved_config(run).total_steps == 6
+    assert saved_lib.saved_config(run).total_steps == 6
     png = curves.main([f"--workdir={run}"])
     assert png == f"{run}/train_loss.png"
     with storage.path(png).open("rb") as f:

@@ -10,7 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from maskfeat_jax import checkpoint, config as config_lib, convert, models, sharding, steps, train
+from maskfeat_jax import checkpoint, config as config_lib, convert, models, saved as saved_lib, sharding, steps, train
+from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.targets import features
 from test_steps import MASK, MEAN, STD, VALID, _config, pt_batch  # noqa: F401 - pt_batch is a fixture
 import tiny
@@ -20,8 +21,21 @@ import tiny
 def teacher(tmp_path_factory):
     """The workdir of a tiny ViT-mu/16 pre-training model at 32 px (2 x 2 tokens, 2 blocks,
     width 32), seed 7, saved as step 0."""
-    workdir = str(tmp_path_factory.mktemp("teacher") / "run")
-    c = tiny.config(overrides={"seed": 7})
+    return _save_teacher(str(tmp_path_factory.mktemp("teacher") / "run"), tiny.config(overrides={"seed": 7}))
+
+
+@pytest.fixture(scope="module")
+def video_teacher(tmp_path_factory):
+    """A tiny video ViT-mu/16 (4 frames of 64 px in 2x16x16 tubelets: a (2, 4, 4) token grid,
+    the tiny MViTv2's prediction grid), seed 7, saved as step 0."""
+    return _save_teacher(str(tmp_path_factory.mktemp("video_teacher") / "run"), tiny.config(overrides={
+        "seed": 7, **VIDEO_64}))
+
+
+VIDEO_64 = {"input.dataset": "video_demo", "video.num_frames": 4, "input.image_size": 64, "model.sep_pos_embed": True}
+
+
+def _save_teacher(workdir, c):
     with nnx.use_eager_sharding(False):
         model = models.build(c, nnx.Rngs(7))
     params = nnx.to_pure_dict(nnx.state(model))
@@ -48,9 +62,9 @@ def _images(seed=0, n=8):
 
 
 def _separate_forward(teacher, images, block):
-    """Block ``block``'s output tokens (cls dropped) of the teacher read by ``checkpoint.load``,
+    """Block ``block``'s output tokens (cls dropped) of the teacher read by ``saved.load``,
     its blocks called one by one."""
-    saved = checkpoint.load(teacher)
+    saved = saved_lib.load(teacher)
     enc = nnx.merge(saved.graphdef, saved.params).encoder
     x = enc.embed(images)
     for blk in list(enc.blocks)[:block + 1]:
@@ -195,7 +209,7 @@ def test_bad_teacher_keys_are_named_in_validation(teacher, kw, match):
         config_lib.validate(c, num_devices=8)
 
 
-def test_mvit_teacher_and_video_student_are_not_supported_yet(teacher, monkeypatch):
+def test_an_mvit_teacher_and_an_image_teacher_for_a_video_student_are_refused(teacher, monkeypatch):
     step_dir, tc = features._resolved(teacher)
     mvit_cfg = ml_collections.ConfigDict(tc.to_dict())
     mvit_cfg.model.name = "mvit"
@@ -203,8 +217,31 @@ def test_mvit_teacher_and_video_student_are_not_supported_yet(teacher, monkeypat
     with pytest.raises(ValueError, match=r"config\.target\.teacher=.*'mvit' teacher is not supported yet"):
         features.check(_student(teacher), 16)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"config\.target\.features=1\.0: .*image students only"):
+    with pytest.raises(ValueError, match=r"config\.target\.teacher=.*an image teacher .* for a video student"):
         features.check(_student(teacher), 16, temporal_stride=2)
+
+
+def _mvit_student(video_teacher, **kw):
+    return tiny.config("pretrain", "mvit", overrides={"target.hog": 0.0, "target.features": 1.0,
+                                                      "target.teacher": video_teacher, **kw})
+
+
+def test_a_video_vit_teacher_gives_each_space_time_token_of_a_video_student_its_feature(video_teacher):
+    (target,) = targets_lib.active(_mvit_student(video_teacher), 16, temporal_stride=2)
+    params = features.load(_mvit_student(video_teacher))
+    clips = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 64, 64, 3)).astype(np.float32))
+    got = np.asarray(jax.jit(target.fn)(clips, params))
+    saved = saved_lib.load(video_teacher)
+    want = np.asarray(nnx.merge(saved.graphdef, saved.params).encoder(clips)["tokens_BxNxD"][:, 1:])
+    assert target.dim == 32 and got.shape == (2, 2 * 4 * 4, 32)          # one feature per (t, h, w) token
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the MViTv2 student's head predicts them, one per token of its prediction grid
+    model = models.build_abstract(_mvit_student(video_teacher), "cpu")
+    assert model.head.kernel.shape[-1] == 32
+    with pytest.raises(ValueError, match=r"config\.target\.teacher=.*a video teacher .* for an image student"):
+        features.check(_student(video_teacher), 16)
+    with pytest.raises(ValueError, match=r"config\.target\.teacher=.*token grid in time \(4 frames"):
+        features.check(_mvit_student(video_teacher, **{"video.num_frames": 8}), 16, temporal_stride=2)
 
 
 def test_resuming_with_the_features_target_switched_is_refused_naming_it(teacher):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskfeat_jax import checkpoint, config as config_lib, evaluators, metrics, steps
+from maskfeat_jax import checkpoint, config as config_lib, evaluators, metrics, saved as saved_lib, steps
 from maskfeat_jax.evaluators import classification
 
 
@@ -177,11 +177,11 @@ def test_restore_or_init_on_another_topology_restarts_the_input_at_the_examples_
 def test_one_resolver_for_workdirs_checkpoint_folders_and_steps(tmp_path):
     _save(tmp_path, [3, 6])
     d = str(tmp_path / "checkpoints")
-    assert checkpoint.resolve(str(tmp_path)) == (d, 6)
-    assert checkpoint.resolve(d, 3) == (d, 3)
-    assert checkpoint.resolve(f"{d}/3") == (d, 3)
+    assert saved_lib.resolve(str(tmp_path)) == (d, 6)
+    assert saved_lib.resolve(d, 3) == (d, 3)
+    assert saved_lib.resolve(f"{d}/3") == (d, 3)
     with pytest.raises(ValueError, match=r"--step=4: .* holds steps \[3, 6\]"):
-        checkpoint.resolve(str(tmp_path), 4)
+        saved_lib.resolve(str(tmp_path), 4)
     with pytest.raises(ValueError, match="config.init_from=.*: no checkpoint found"):
-        checkpoint.resolve(str(tmp_path / "empty"), key="config.init_from")
-    np.testing.assert_array_equal(checkpoint.read_params(f"{d}/3")["w"], np.full((4,), 3.0))
+        saved_lib.resolve(str(tmp_path / "empty"), key="config.init_from")
+    np.testing.assert_array_equal(saved_lib.read_params(f"{d}/3")["w"], np.full((4,), 3.0))

@@ -409,6 +409,10 @@ def test_cube_mask_grid_and_upsampling_order(demo_dir):
     np.testing.assert_array_equal(masking.upsample_mask(m[:, ::2, ::2], (2, 8, 8)), m)
     with pytest.raises(ValueError, match="even"):
         video.VideoTrainMap(c, grid=(4, 3, 3))
+    # MAE draws its own mask in the step: the map leaves an all-False placeholder, on any grid
+    c.mae.enabled = True
+    out = video.VideoTrainMap(c, grid=(4, 3, 3)).random_map(element, np.random.default_rng(0))
+    assert out["mask"].shape == (36,) and not out["mask"].any()
 
 
 # ----------------------------------------------------------------------------
@@ -451,9 +455,9 @@ def test_one_pipeline_for_images_and_clips(demo_dir):
     c = _config(demo_dir, task="finetune", image_size=32, short_side=40, batch=4, num_frames=4)
     c.video.num_sample, c.augment.erase_prob = 2, 1.0
     src = video.make_source(c, "train")
-    assert not sources.is_video(c) and isinstance(pipeline.train_map(c, (2, 2)), pipeline.TrainMap)
+    assert not sources.serves_clips(c) and isinstance(pipeline.train_map(c, (2, 2)), pipeline.TrainMap)
     c.input.dataset = "video_csv"
-    assert sources.is_video(c) and isinstance(pipeline.train_map(c), video.VideoTrainMap)
+    assert sources.serves_clips(c) and isinstance(pipeline.train_map(c), video.VideoTrainMap)
     for start in (0, 3):
         a = _take(pipeline.train_dataset(c, src, (2, 2, 2), start_batch=start), 2)
         b = _take(video.train_dataset(c, src, (2, 2, 2), start_batch=start), 2)

@@ -80,7 +80,7 @@ def test_video_finetune_steps_and_multiview_eval(video_dir, monkeypatch, tmp_pat
 
 
 def test_init_from_interpolates_relative_position_tables(monkeypatch):
-    from maskfeat_jax import checkpoint
+    from maskfeat_jax import saved as saved_lib
     from maskfeat_jax.models.mvit import interpolate_rel_pos
     c = config_lib.base_config()
     c.task, c.model.name, c.model.variant, c.input.image_size = "finetune", "mvit", "mu", 64
@@ -94,8 +94,8 @@ def test_init_from_interpolates_relative_position_tables(monkeypatch):
     longer = np.random.default_rng(0).normal(size=(table.shape[0] + 6,) + table.shape[1:]).astype(np.float32)
     src["encoder"]["blocks"][last]["attn"]["rel_pos_h"] = longer
     src["encoder"]["mask_token"] = np.zeros((1, 1, 16), np.float32)
-    monkeypatch.setattr(checkpoint, "read_params", lambda path: src)
-    loaded = checkpoint.init_from("unused", ft)
+    monkeypatch.setattr(saved_lib, "read_params", lambda path: src)
+    loaded = saved_lib.init_from("unused", ft)
     got = np.asarray(loaded["encoder"]["blocks"][last]["attn"]["rel_pos_h"])
     np.testing.assert_allclose(got, np.asarray(interpolate_rel_pos(longer, table.shape[0])), rtol=1e-6)
     np.testing.assert_array_equal(loaded["encoder"]["patch_kernel"], src["encoder"]["patch_kernel"])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maskfeat_jax import checkpoint, config as config_lib, convert, export, models, official_names, steps
+from maskfeat_jax import config as config_lib, config_cli, convert, export, models, official_names, saved as saved_lib, steps
 from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.models import mae
 
@@ -53,7 +53,7 @@ def _clips(b=2, t=4, size=32, seed=0):
 
 
 def _flat(model):
-    return {k: v for k, v in checkpoint.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    return {k: v for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 def test_video_vit_forward_shapes():
@@ -118,20 +118,29 @@ def test_mae_encoder_with_nothing_dropped_equals_the_dense_video_encoder():
     assert np.abs(np.asarray(visible_fn(clips, perm[:, :4])["tokens_BxNxD"]) - want[:, :5]).max() > 1e-3
 
 
-def test_per_frame_masking_repeats_one_spatial_mask_in_every_temporal_slot():
+def test_per_frame_masking_draws_each_slot_and_tube_masking_repeats_one_spatial_mask():
     c = tiny.config(overrides={**MAE, "input.image_size": 64, "video.num_frames": 8, "mae.mask_ratio": 0.75})
     spatial = 16                                                       # 4 x 4 patches, 4 temporal slots
     _, mask = mae.masker(c)(jax.random.key(0), 64)
     slots = np.asarray(mask).reshape(64, 4, spatial)
     assert np.all(slots.sum((1, 2)) == 48)                             # exact ratio over all tokens...
-    assert not np.all(slots == slots[:, :1])                           # ...slots differ: not per frame
-    c.mae.per_frame = True
+    assert not np.all(slots.sum(-1) == 12)                             # ...not the same count per slot
+    c.mae.per_frame = True                                             # official PER_FRAME_MASKING
+    keep, mask = mae.masker(c)(jax.random.key(0), 64)
+    slots = np.asarray(mask).reshape(64, 4, spatial)
+    assert keep.shape == (64, 16) and mae.kept_tokens(c) == 16
+    assert np.all(slots.sum(-1) == 12)                                 # 12 of 16 masked in every slot...
+    assert np.mean(np.all(slots == slots[:, :1], axis=(1, 2))) < 0.05  # ...each slot its own draw
+    assert np.all(np.asarray(keep).reshape(64, 4, 4) // spatial == np.arange(4)[None, :, None])
+    assert models.build_abstract(c, "cpu").encoder.attention.length == 17   # sized for 16 kept + cls
+    c.mae.per_frame, c.mae.tube = False, True                          # official AUG.MASK_TUBE
     keep, mask = mae.masker(c)(jax.random.key(0), 64)
     slots = np.asarray(mask).reshape(64, 4, spatial)
     assert keep.shape == (64, 16) and mae.kept_tokens(c) == 16
     assert np.all(slots == slots[:, :1]) and np.all(slots.sum(-1) == 12)
     assert len({tuple(s) for s in slots[:, 0]}) > 1                    # the spatial draw differs per example
-    assert models.build_abstract(c, "cpu").encoder.attention.length == 17   # sized for 16 kept + cls
+    counts = slots[:, 0].sum(0)                                        # every position masked about 3/4 of the time
+    assert counts.min() > 30 and counts.max() < 64
 
 
 def _official_count(width, depth, mlp, task, *, frames=16, size=224, patch=16, tubelet=2, decoder_dim=512,
@@ -154,7 +163,7 @@ def _official_count(width, depth, mlp, task, *, frames=16, size=224, patch=16, t
 @pytest.mark.parametrize("variant,task", [("B", "pretrain"), ("B", "finetune"), ("L", "pretrain"),
                                           ("L", "finetune")])
 def test_parameter_counts_equal_the_official_models(variant, task):
-    c = config_lib.from_file(str(ROOT / "configs" / "x.py"), f"vit_k400_mae.py:{variant}{',ft' * (task == 'finetune')}")
+    c = config_cli.from_file(str(ROOT / "configs" / "x.py"), f"vit_k400_mae.py:{variant}{',ft' * (task == 'finetune')}")
     shapes = jax.tree.leaves(nnx.state(models.build_abstract(c, "cpu"), nnx.Param))
     ours = sum(int(np.prod(x.shape)) for x in shapes)
     width, depth, mlp = {"B": (768, 12, 3072), "L": (1024, 24, 4096)}[variant]
@@ -215,6 +224,8 @@ def test_validation_names_the_video_keys():
         config_lib.validate(tiny.config(overrides={**VIDEO, "model.tubelet": 3}), 1)
     with pytest.raises(ValueError, match=r"config.mae.mask_ratio=0.9.*of each frame"):      # keeps 0 of 4
         config_lib.validate(tiny.config(overrides={**MAE, "mae.per_frame": True, "mae.mask_ratio": 0.9}), 1)
+    with pytest.raises(ValueError, match="config.mae.per_frame=True and config.mae.tube=True"):
+        config_lib.validate(tiny.config(overrides={**MAE, "mae.per_frame": True, "mae.tube": True}), 1)
     config_lib.validate(tiny.config(overrides=MAE), 1)
 
 

@@ -67,7 +67,7 @@ from maskfeat_jax.data.pipeline import read_batches
 from maskfeat_jax.evaluators import ava_map
 
 __all__ = ["VIDEO_EXTS", "AvaSource", "groundtruth", "decode_keyframe_clip", "AvaTrainMap", "AvaEvalMap",
-           "eval_batches", "DATASETS", "root", "train_source", "eval_source", "train_map", "eval_map"]
+           "eval_batches", "root", "train_source", "eval_source", "train_map", "eval_map"]
 
 VIDEO_EXTS = ("mp4", "mkv", "webm")
 _warned: set = set()
@@ -319,7 +319,6 @@ def eval_batches(source, eval_map: AvaEvalMap, batch_size: int, *, process_index
 # From the config (config.task = "detect")
 # ---------------------------------------------------------------------------------------------
 
-DATASETS = ("ava", "ava_demo")
 DEFAULT_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "ava_demo")
 _NEEDED = ("label_map", "train_groundtruth", "val_groundtruth", "val_detections")
 

@@ -13,7 +13,7 @@ process's slice, in batches padded to the full size with ``valid=False`` rows.
 
 What differs between images and video is the map: ``image_maps.TrainMap`` /
 ``EvalMap`` for images, ``video_maps.VideoTrainMap`` / ``VideoEvalMap`` for clips
-(``config.input.dataset`` says which, :func:`sources.is_video`).
+(``config.input.dataset`` says which, :func:`sources.serves_clips`).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def read_batches(ds: grain.MapDataset, workers: int):
 # ----------------------------------------------------------------------------
 
 def _video(config, video: bool | None) -> bool:
-    return sources.is_video(config) if video is None else bool(video)
+    return sources.serves_clips(config) if video is None else bool(video)
 
 
 def train_map(config, mask_grid=None, *, video: bool | None = None) -> TrainMap | video_maps.VideoTrainMap:

@@ -21,6 +21,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from maskfeat_jax.config_validate import CLASSIFICATION_VIDEO_DATASETS, SSV2_DATASETS
+
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
@@ -110,8 +112,6 @@ class TfdsSource:
         return {"image": ex["image"], "label": int(ex["label"])}
 
 
-SSV2_DATASETS = ("ssv2", "ssv2_demo")
-VIDEO_DATASETS = ("video_csv", "video_demo") + SSV2_DATASETS
 DEFAULT_VIDEO_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "video_demo")
 DEFAULT_SSV2_DEMO_DIR = os.path.join(os.path.expanduser("~"), ".cache", "maskfeat_jax", "ssv2_demo")
 
@@ -147,9 +147,11 @@ def ssv2_source(config, split: str):
                            frame_prefix=config.video.get("frame_prefix", None))
 
 
-def is_video(config) -> bool:
-    """Whether ``config.input.dataset`` is a video dataset (clips ``(T, H, W, 3)``, read by MViTv2)."""
-    return config.input.dataset in VIDEO_DATASETS
+def serves_clips(config) -> bool:
+    """Whether ``make`` serves videos (clips ``(T, H, W, 3)``) for ``config.input.dataset``: a video
+    dataset with one label per video. The dataset alone decides (``config_validate.is_video``, whether
+    a run trains on clips, also counts MViTv2 and AVA, whose keyframes ``ava_maps`` reads)."""
+    return config.input.dataset in CLASSIFICATION_VIDEO_DATASETS
 
 
 def check_labels(source, config, split: str) -> None:
@@ -167,7 +169,7 @@ def make(config, split: str):
     inp = config.input
     if inp.dataset in SSV2_DATASETS:
         return ssv2_source(config, split)
-    if is_video(config):
+    if serves_clips(config):
         import ml_collections
 
         from maskfeat_jax.data import video_source

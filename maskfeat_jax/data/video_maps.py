@@ -111,7 +111,8 @@ class VideoTrainMap(grain.transforms.RandomMap):
       ``train_jitter_scales``), one random temporal start or one random frame per segment
       (``config.video.sampling``), shared by all the video's clips;
     * pre-training: random resized crop scale (0.5, 1), ratio (3/4, 4/3), bilinear, to
-      ``config.input.image_size``, h-flip 0.5; cube mask on the grid
+      ``config.input.image_size``, h-flip 0.5; cube mask (none under ``config.mae.enabled``:
+      the step draws MAE's, the batch holds an all-False placeholder) on the grid
       ``(t, h / 2, w / 2)`` of ``grid = (t, h, w)`` (the stride-16 prediction grid,
       default :func:`prediction_grid`; one mask unit = 2x2 tokens = 32x32 pixels),
       upsampled to ``grid`` and flattened in (t, h, w) order as ``mask``;
@@ -136,7 +137,8 @@ class VideoTrainMap(grain.transforms.RandomMap):
         self.num_sample = num_sample(config)
         self.global_batch_size = config.input.global_batch_size
         self.grid = tuple(int(g) for g in (prediction_grid(config) if grid is None else grid))
-        if len(self.grid) != 3 or self.grid[1] % 2 or self.grid[2] % 2 or min(self.grid) < 1:
+        self.mae = bool((config.get("mae") or {}).get("enabled", False))   # the step draws MAE's mask
+        if len(self.grid) != 3 or min(self.grid) < 1 or (not self.mae and (self.grid[1] % 2 or self.grid[2] % 2)):
             raise ValueError(f"grid must be (t, h, w) with even h and w (one mask unit is 2x2 tokens), "
                              f"got {grid!r} (config.input.image_size={self.size}: use a multiple of 32)")
         self.ratio, self.min_aspect = config.mask.ratio, config.mask.min_aspect
@@ -155,8 +157,11 @@ class VideoTrainMap(grain.transforms.RandomMap):
             clip = VT.random_resized_crop(frames, rng, self.size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
             clip = VT.random_flip(clip, rng, self.flip_p)
             t, h, w = self.grid
-            coarse = masking.cube_mask(rng, (t, h // 2, w // 2), self.ratio, min_aspect=self.min_aspect)
-            out["mask"] = masking.upsample_mask(coarse, self.grid).reshape(-1)
+            if self.mae:                  # MAE draws its mask on device: a placeholder keeps the batch's shapes
+                out["mask"] = np.zeros(t * h * w, bool)
+            else:
+                coarse = masking.cube_mask(rng, (t, h // 2, w // 2), self.ratio, min_aspect=self.min_aspect)
+                out["mask"] = masking.upsample_mask(coarse, self.grid).reshape(-1)
         else:
             if self.randaug_ops > 0:
                 frames = VT.rand_augment_clip(frames, rng, num_ops=self.randaug_ops, magnitude=self.randaug_mag,

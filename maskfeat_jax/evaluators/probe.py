@@ -71,7 +71,7 @@ def linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes: int, st
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps_), weight_decay=weight_decay)
 
     def loss(p):
-        logits = tr @ p["w"] + p["b"]
+        logits = tr @ p["w"] + p["b"][None]
         return optax.softmax_cross_entropy_with_integer_labels(logits, train_y).mean()
 
     @jax.jit
@@ -84,7 +84,7 @@ def linear_probe_accuracy(train_f, train_y, test_f, test_y, num_classes: int, st
         return jax.lax.scan(body, (p, tx.init(p)), None, length=steps_)[0][0]
 
     p = fit(params)
-    return float(((te @ p["w"] + p["b"]).argmax(1) == test_y).mean())
+    return float(((te @ p["w"] + p["b"][None]).argmax(1) == test_y).mean())
 
 
 def evaluate(config, graphdef, params, split: str | None = None) -> dict:
@@ -118,10 +118,10 @@ def main(argv) -> dict:
     """``python -m maskfeat_jax.evaluators.probe``: prints the probe's accuracies as JSON."""
     from absl import flags
 
-    from maskfeat_jax import checkpoint
+    from maskfeat_jax import saved as saved_lib
     fv = flags.FLAGS
     try:
-        saved = checkpoint.load(fv.workdir, fv.step)
+        saved = saved_lib.load(fv.workdir, fv.step)
         result = evaluate(saved.config, saved.graphdef, saved.params, fv.split)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -133,5 +133,5 @@ def main(argv) -> dict:
 if __name__ == "__main__":
     from absl import app, flags
 
-    from maskfeat_jax import config as config_lib
-    app.run(lambda argv: main(argv) and None, flags_parser=config_lib.flags_parser(_define_flags(flags.FLAGS)))
+    from maskfeat_jax import config_cli
+    app.run(lambda argv: main(argv) and None, flags_parser=config_cli.flags_parser(_define_flags(flags.FLAGS)))

@@ -3,6 +3,7 @@ checkpoint arrays fitted to a model's parameters: ``load(key, value, shape)``.""
 from __future__ import annotations
 
 import jax
+import numpy as np
 from flax import nnx
 
 from maskfeat_jax import platform as platform_lib, targets
@@ -66,27 +67,41 @@ def mae_enabled(config) -> bool:
 
 
 def head_depths(config) -> tuple[int, ...]:
-    """``config.head.depths`` as ascending 0-based ViT block indices (default: the last block
+    """``config.head.depths`` as ascending 0-based encoder block indices (default: the last block
     alone); a ``ValueError`` names the key when an entry is not a block, repeats, leaves the last
-    block out, or asks for several heads where they are not implemented (MViTv2, MAE, the
-    transformer head)."""
+    block out, asks for several heads where they are not implemented (MAE, the transformer head),
+    or names an MViTv2 block whose token grid is finer than the prediction grid (a block before
+    the last q-pooling: the official code resizes the targets to its grid, we do not)."""
     raw = (config.get("head") or {}).get("depths", (-1,))     # absent from configs saved before it
     key = f"config.head.depths={raw!r}"
     if isinstance(raw, int) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw) or not raw:
         raise ValueError(f"{key}: expected a non-empty tuple of block indices, e.g. (-1,) or (5, -1)")
-    if config.model.name != "vit":
+    name, variant = config.model.name, config.model.variant
+    if name == "vit":
+        n, what = vit.parse_variant(variant)[0].depth, f"the ViT {variant!r}"
+    elif name == "mvit":
+        n, what = mvit.parse_variant(variant).depth, f"the MViTv2 {variant!r}"
+    else:
         if tuple(raw) != (-1,):
-            raise ValueError(f"{key}: heads on other blocks are implemented for the ViT only; set (-1,)")
+            raise ValueError(f"{key}: heads on other blocks are implemented for the ViT and MViTv2 only; set (-1,)")
         return (-1,)
-    n = vit.parse_variant(config.model.variant)[0].depth
     if any(not -n <= d < n for d in raw):
-        raise ValueError(f"{key}: the ViT {config.model.variant!r} has blocks 0..{n - 1} (or -{n}..-1)")
+        raise ValueError(f"{key}: {what} has blocks 0..{n - 1} (or -{n}..-1)")
     depths = tuple(sorted(d % n for d in raw))
     if len(set(depths)) != len(depths) or depths[-1] != n - 1:
         raise ValueError(f"{key}: each block at most once, and the last block ({n - 1} or -1) listed")
     if len(depths) > 1 and (mae_enabled(config) or (config.get("head") or {}).get("type", "linear") != "linear"):
         raise ValueError(f"{key}: several heads are implemented for the dense path's linear head only "
                          f"(config.mae.enabled=False, config.head.type='linear')")
+    if name == "mvit":        # pre-training's blocks: the last q-pooling sets the prediction grid
+        strides = np.cumprod([4] + [q[1] for *_, q, _ in mvit.block_configs(mvit.parse_variant(variant), True)])[1:]
+        first = min(i for i in range(n) if strides[i] == strides[-1])
+        for d in depths:
+            if strides[d] != strides[-1]:
+                raise ValueError(f"{key}: block {d} of {what} outputs a finer token grid (stride {strides[d]} px) "
+                                 f"than the prediction grid (stride {strides[-1]} px, blocks {first}..{n - 1}); "
+                                 f"heads on finer stages (official: targets resized to their grid) are not "
+                                 f"implemented")
     return depths
 
 

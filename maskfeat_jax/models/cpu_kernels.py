@@ -152,7 +152,7 @@ def tap_sum(x_BxTxHxWxC, kernel_TxHxWxC, stride):
     for tap in _taps(kernel):
         end = [o + (n - 1) * s + 1 for o, n, s in zip(tap, out, stride)]
         window = jax.lax.slice(x, (0, *tap, 0), (b, *end, c), (1, *stride, 1))
-        acc = acc + window.astype(f32) * kernel_TxHxWxC[tap].astype(f32)
+        acc = acc + window.astype(f32) * layers.to_rank(kernel_TxHxWxC[tap].astype(f32), window.ndim)
     return acc.astype(x.dtype)
 
 

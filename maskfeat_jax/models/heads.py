@@ -6,8 +6,9 @@
   (official ``HEAD_TYPE: separate_xformer``) puts a ``Decoder`` (a Linear to its width when it
   differs from the encoder's, then ViT blocks) between the encoder and the LayerNorm.
   ``depths`` (official ``MASK.PRETRAIN_DEPTH``, ``config.head.depths``) with more than one
-  block: one LayerNorm + Linear per listed ViT block output (``norms``, ``heads``), each
-  predicting every target; one block (the last) keeps the single ``norm`` / ``head``.
+  block: one LayerNorm + Linear per listed block output (``norms``, ``heads``, of that block's
+  width, ``encoder.block_widths``), each predicting every target; one block (the last) keeps the
+  single ``norm`` / ``head``. MViTv2: blocks on the prediction grid only (``models.head_depths``).
 * ``Decoder``: pre-norm ViT blocks of their own width (also the MAE decoder's, ``mae.py``).
 * ``Classifier``: encoder, mean-pool of the patch tokens (cls excluded), LayerNorm, dropout
   (``dropout``, official ``MODEL.DROPOUT_RATE``; 0 by default), Linear to the classes, the Linear
@@ -71,9 +72,10 @@ class MaskFeat(nnx.Module):
                 raise ValueError(f"config.head.depths={tuple(depths)}: several depths need the linear head "
                                  f"(config.head.type='linear')")
             self.depths = tuple(depths)
-            self.norms = nnx.List([LayerNorm(width, rngs=rngs, bias_init=layers.zeros, dtype=dt) for _ in depths])
-            self.heads = nnx.List([Dense(width, target_dim, ("embed", "classes"), rngs=rngs, bias_init=layers.zeros,
-                                         dtype=dt) for _ in depths])
+            widths = [encoder.block_widths[d] for d in depths]     # MViTv2: a block's width is its stage's
+            self.norms = nnx.List([LayerNorm(w, rngs=rngs, bias_init=layers.zeros, dtype=dt) for w in widths])
+            self.heads = nnx.List([Dense(w, target_dim, ("embed", "classes"), rngs=rngs, bias_init=layers.zeros,
+                                         dtype=dt) for w in widths])
             return
         self.norm = LayerNorm(width, rngs=rngs, bias_init=layers.zeros, dtype=dt)
         self.head = Dense(width, target_dim, ("embed", "classes"), rngs=rngs, bias_init=layers.zeros,

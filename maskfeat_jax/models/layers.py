@@ -74,6 +74,13 @@ def _lowp_einsum_bwd(spec, dtype, x_dtype, w_dtype, res, ct):
 _lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
 
 
+def to_rank(a, ndim: int):
+    """``a`` with unit axes prepended up to rank ``ndim``: NumPy's rank promotion, written out
+    (jax.numpy may run with ``jax_numpy_rank_promotion="raise"``), e.g. a ``(C,)`` bias for a
+    ``(B, N, C)`` activation."""
+    return jnp.reshape(a, (1,) * (ndim - jnp.ndim(a)) + jnp.shape(a))
+
+
 def gelu(x):
     """Exact GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` (PyTorch's formula;
     ``jax.nn.gelu(x, approximate=False)`` to float32 rounding)."""
@@ -91,7 +98,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x, out_dtype=None):
         """``out_dtype`` (default: the compute dtype) lets a float32 consumer skip a rounding."""
-        y = einsum("nd,de->ne", x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype) + self.bias[...]
+        y = einsum("nd,de->ne", x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype) + self.bias[...][None]
         return y.astype(out_dtype or self.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -107,7 +114,8 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-6) * self.scale[...] + self.bias[...]
+        scale, bias = (to_rank(p[...], x.ndim) for p in (self.scale, self.bias))
+        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-6) * scale + bias
         return y.astype(self.dtype)
 
 

@@ -4,8 +4,9 @@
 * Masking: per example, a uniformly random subset of exactly ``keep_count(N, ratio)`` patches
   is kept (``random_mask``, drawn on device in the step from the step's key; the data
   pipeline's block mask is not used). Shapes are static. Video: over all ``t*h*w`` space-time
-  tokens, or with ``config.mae.per_frame`` (official ``MASK.PER_FRAME_MASKING``) one spatial
-  mask of ``keep_count(h*w, ratio)`` kept patches repeated in every temporal slot.
+  tokens; with ``config.mae.per_frame`` (official ``MASK.PER_FRAME_MASKING``) every temporal
+  slot draws its own ``keep_count(h*w, ratio)`` patches; with ``config.mae.tube`` (official
+  ``AUG.MASK_TUBE``) one such spatial draw is repeated in every slot (tubes through time).
 * Encoder: the ViT on cls + the kept patches only (``ViT.encode_visible``), then a LayerNorm
   (official ``self.norm``).
 * Decoder: a Linear from the encoder's width to ``decoder_dim`` (``decoder_embed``), the
@@ -38,32 +39,37 @@ def keep_count(n: int, ratio: float) -> int:
     return int(round(n * (1.0 - ratio)))
 
 
-def random_mask(rng, batch: int, n: int, ratio: float, frames: int = 1):
+def random_mask(rng, batch: int, n: int, ratio: float, frames: int = 1, tube: bool = False):
     """``(keep_BxV, mask_BxN)``: per example, ``V = keep_count(n, ratio)`` distinct patch indices
     drawn uniformly without replacement (ascending), and the mask, True on the other ``n - V``.
 
-    ``frames > 1`` (per-frame masking): the ``n`` tokens are ``frames`` temporal slots of
-    ``n / frames`` patches (row-major); one spatial draw of ``keep_count(n / frames, ratio)``
-    is kept in every slot, ``V = frames * keep_count(n / frames, ratio)``."""
+    ``frames > 1``: the ``n`` tokens are ``frames`` temporal slots of ``n / frames`` patches
+    (row-major), each keeping ``keep_count(n / frames, ratio)`` of its own patches,
+    ``V = frames * keep_count(n / frames, ratio)``: drawn independently per slot (per-frame
+    masking), or with ``tube`` one spatial draw repeated in every slot."""
     s = n // frames
     v = keep_count(s, ratio)
-    noise_BxS = sharding.constrain(jax.random.uniform(rng, (batch, s)), ("batch", "length"))
-    keep_BxV = jnp.sort(jnp.argsort(noise_BxS, axis=1)[:, :v], axis=1).astype(jnp.int32)
-    keep_BxV = (keep_BxV[:, None, :] + s * jnp.arange(frames, dtype=jnp.int32)[None, :, None]).reshape(batch, -1)
+    noise_BxFxS = jax.random.uniform(rng, (batch, 1 if tube else frames, s))
+    noise_BxFxS = sharding.constrain(noise_BxFxS, ("batch", None, "length"))
+    keep_BxFxV = jnp.sort(jnp.argsort(noise_BxFxS, axis=-1)[..., :v], axis=-1).astype(jnp.int32)
+    keep_BxFxV = jnp.broadcast_to(keep_BxFxV, (batch, frames, v))
+    keep_BxV = (keep_BxFxV + s * jnp.arange(frames, dtype=jnp.int32)[None, :, None]).reshape(batch, -1)
     mask_BxN = jnp.ones((batch, n), bool).at[jnp.arange(batch)[:, None], keep_BxV].set(False)
     return keep_BxV, mask_BxN
 
 
 def mask_layout(config) -> tuple[int, int]:
     """``(n, frames)`` of ``config``'s MAE masking: the encoder's tokens (``t*h*w`` for video)
-    and the temporal slots a per-frame mask repeats over (1: one draw over all tokens)."""
+    and the temporal slots that each keep the same count (per-frame or tube masking; 1: one
+    draw over all tokens)."""
     from maskfeat_jax.models import vit      # local: vit imports nothing of this module
     _, patch = vit.parse_variant(config.model.variant)
     side = config.input.image_size // patch
     video = video_input(config)
     t = config.video.num_frames // config.model.tubelet if video else 1
-    per_frame = video and bool((config.get("mae") or {}).get("per_frame", False))
-    return t * side * side, (t if per_frame else 1)
+    m = config.get("mae") or {}
+    per_slot = video and (bool(m.get("per_frame", False)) or bool(m.get("tube", False)))
+    return t * side * side, (t if per_slot else 1)
 
 
 def video_input(config) -> bool:
@@ -81,8 +87,8 @@ def kept_tokens(config) -> int:
 def masker(config):
     """``draw(rng, batch) -> (keep_BxV, mask_BxN)``: ``random_mask`` for ``config``'s layout."""
     n, frames = mask_layout(config)
-    ratio = config.mae.mask_ratio
-    return lambda rng, batch: random_mask(rng, batch, n, ratio, frames)
+    ratio, tube = config.mae.mask_ratio, frames > 1 and bool(config.mae.get("tube", False))
+    return lambda rng, batch: random_mask(rng, batch, n, ratio, frames, tube)
 
 
 class MAE(nnx.Module):

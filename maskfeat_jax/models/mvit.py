@@ -135,7 +135,8 @@ class MultiScaleBlock(nnx.Module):
 
 class MViT(nnx.Module):
     """The encoder. ``__call__`` returns ``tokens_BxNxD`` (cls first, on ``grid``) and each
-    stage's output ``stage{1..4}_BxNxD`` (the output of its last block).
+    stage's output ``stage{1..4}_BxNxD`` (the output of its last block); ``block_widths`` is
+    each block's output width.
 
     ``platform`` ('cpu', 'gpu', 'tpu') is the one the program is built for: it picks the kernel
     set (``cpu_kernels``) of the patch embedding and the pooling convolutions."""
@@ -177,6 +178,7 @@ class MViT(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.stage_ends = tuple(stage_ends)
         self.stage_grids = tuple(self.blocks[i].out_thw for i in stage_ends)
+        self.block_widths = tuple(c[1] for c in block_configs(size, pretrain))   # each block's output width
         self.grid = thw
 
     def embed(self, inputs, mask_BxN=None):
@@ -187,7 +189,7 @@ class MViT(nnx.Module):
         if x.shape[1:4] != self.patch_grid:
             raise ValueError(f"input of shape {inputs.shape} gives a {x.shape[1:4]} token grid; the model "
                              f"was built for {self.patch_grid} (config.input sizes)")
-        x_BxNxD = x.reshape(x.shape[0], -1, x.shape[-1]) + self.patch_bias[...].astype(dt)
+        x_BxNxD = x.reshape(x.shape[0], -1, x.shape[-1]) + self.patch_bias[...].astype(dt)[None, None]
         if mask_BxN is not None:
             if self.mask_token is None:
                 raise ValueError("a mask was given to an MViT built with mask_token=False")
@@ -197,14 +199,20 @@ class MViT(nnx.Module):
         x = jnp.concatenate([cls, x_BxNxD], axis=1)
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
-    def __call__(self, inputs, mask_BxN=None, *, rng=None):
+    def __call__(self, inputs, mask_BxN=None, *, rng=None, return_blocks: bool = False):
+        """``return_blocks``: also ``blocks``, every block's output tokens ``(B, 1 + N_i, D_i)``
+        (``block_widths``) in order (the last is ``tokens_BxNxD``): multi-depth heads."""
         x = self.embed(inputs, mask_BxN)
-        run, out = layers.block_runner(self.remat), {}
+        run, out, outs = layers.block_runner(self.remat), {}, []
         for i, blk in enumerate(self.blocks):
             x = run(blk, x, layers.block_rng(rng, i))
+            if return_blocks:
+                outs.append(x)
             if i in self.stage_ends:
                 out[f"stage{self.stage_ends.index(i) + 1}_BxNxD"] = x
         out["tokens_BxNxD"] = x
+        if return_blocks:
+            out["blocks"] = tuple(outs)
         return out
 
 

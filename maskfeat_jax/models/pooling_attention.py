@@ -169,4 +169,4 @@ class PoolingAttention(nnx.Module):
         out_BxNxHxD = (out_BxNxHxD + jnp.pad(q[:, 1:], ((0, 0), (1, 0), (0, 0), (0, 0)))).astype(dt)  # residual pooling
         out_BxNxHxD = sharding.constrain(out_BxNxHxD, ("batch", "length", "act_heads", "kv"))
         y = layers.einsum("bnhk,hkd->bnd", out_BxNxHxD, self.proj_kernel[...], dt)
-        return (y + self.proj_bias[...]).astype(dt)
+        return (y + self.proj_bias[...][None, None]).astype(dt)

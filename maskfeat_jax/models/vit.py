@@ -117,11 +117,11 @@ class Attention(nnx.Module):
         dt = self.dtype
         # (3, H, K) stay the kernel's minor axes: one (B*N, D) x (D, 3*H*K) matmul (3 = q, k, v)
         qkv = self.kernels.project_in(x_BxNxD, self.qkv_kernel[...], dt)
-        qkv = (qkv + self.qkv_bias[...]).astype(dt)
+        qkv = (qkv + layers.to_rank(self.qkv_bias[...], qkv.ndim)).astype(dt)
         out_BxNxHxK = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.choice)
         out_BxNxHxK = sharding.constrain(out_BxNxHxK, ("batch", "length", "act_heads", "kv"))
         y = self.kernels.project_out(out_BxNxHxK, self.proj_kernel[...], dt)
-        return (y + self.proj_bias[...]).astype(dt)
+        return (y + layers.to_rank(self.proj_bias[...], y.ndim)).astype(dt)
 
 
 class Block(nnx.Module):
@@ -187,6 +187,7 @@ class ViT(nnx.Module):
         rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]
         self.blocks = nnx.List([Block(d, size.heads, size.mlp, r, rngs=rngs, dtype=dtype,
                                       choice=self.attention, kernels=self.kernels) for r in rates])
+        self.block_widths = (d,) * size.depth      # each block's output width (multi-depth heads)
         self.dtype, self.remat = dtype, remat
 
     def _patches(self, images):
@@ -213,7 +214,7 @@ class ViT(nnx.Module):
     def _project(self, patches_BxNxP):
         dt = self.dtype
         kernel = self.patch_kernel[...].reshape(-1, self.size.width)
-        return (layers.einsum("bnp,pd->bnd", patches_BxNxP, kernel, dt) + self.patch_bias[...]).astype(dt)
+        return (layers.einsum("bnp,pd->bnd", patches_BxNxP, kernel, dt) + self.patch_bias[...][None, None]).astype(dt)
 
     def embed(self, images_BxHxWxC, mask_BxN=None):
         dt = self.dtype

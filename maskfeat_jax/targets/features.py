@@ -1,8 +1,8 @@
 """Deep-feature targets: each token's feature from a frozen ViT teacher (the paper's "deep
-features" target, here from any ViT checkpoint this codebase reads).
+features" target, here from any ViT checkpoint this codebase reads, image or video).
 
 * ``config.target.teacher``: a workdir, its ``checkpoints`` folder or one step folder that
-  ``checkpoint.load`` reads (a pre-training or fine-tuning run of this codebase, or an official
+  ``saved.load`` reads (a pre-training or fine-tuning run of this codebase, or an official
   checkpoint converted by ``python -m maskfeat_jax.convert``); its latest finished step when a
   workdir is given, resolved once per process. Only the teacher's encoder runs, in inference
   (no mask, no drop path), on the intact normalised images the student sees (re-normalised
@@ -16,9 +16,13 @@ features" target, here from any ViT checkpoint this codebase reads).
 * ``config.target.teacher_l2norm``: each token's feature divided by its L2 norm
   (``max(||f||, 1e-6)``).
 
+Video: a video ViT teacher (2x16x16 tubelets) gives one feature per space-time token of a
+video student, the video ViT or MViTv2 (whose prediction grid, ``(T/2, H/16, W/16)``, is
+the same), when frames, tubelet, patch and image size agree. MViTv2 teachers are not
+supported yet (their tokens are pooled to another grid); a ``ValueError`` names the key.
+
 The teacher's parameters are a frozen input of the step (``load``), never part of the train
-state: no gradient reaches them and the optimizer never sees them. MViTv2 teachers and video
-students are not supported yet (a ``ValueError`` names the key).
+state: no gradient reaches them and the optimizer never sees them.
 """
 from __future__ import annotations
 
@@ -36,10 +40,10 @@ L2_EPS = 1e-6   # floor of a feature's norm under teacher_l2norm
 @functools.lru_cache(maxsize=8)
 def _resolved(path: str):
     """``(step folder, saved config)`` of the teacher ``path``, read once per process."""
-    from maskfeat_jax import checkpoint, storage
-    directory, step = checkpoint.resolve(path, key="config.target.teacher")
+    from maskfeat_jax import saved as saved_lib, storage
+    directory, step = saved_lib.resolve(path, key="config.target.teacher")
     step_dir = str(storage.path(directory) / str(step))
-    return step_dir, checkpoint.saved_config(step_dir)
+    return step_dir, saved_lib.saved_config(step_dir)
 
 
 def check(config, patch: int, temporal_stride: int | None = None):
@@ -52,9 +56,6 @@ def check(config, patch: int, temporal_stride: int | None = None):
     if not path:
         raise ValueError(f"config.target.features={t.features}: the features target needs a teacher, "
                          f"config.target.teacher (a workdir or checkpoint step folder)")
-    if temporal_stride is not None:
-        raise ValueError(f"config.target.features={t.features}: teacher features are implemented for image "
-                         f"students only, not video ones yet; set config.target.features=0")
     try:
         step_dir, tc = _resolved(str(path))
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -62,9 +63,15 @@ def check(config, patch: int, temporal_stride: int | None = None):
     if tc.model.name != "vit":
         raise ValueError(f"config.target.teacher={path!r}: a {tc.model.name!r} teacher is not supported yet; "
                          f"the teacher must be a ViT")
-    if mae.video_input(tc):
-        raise ValueError(f"config.target.teacher={path!r}: a video ViT teacher "
-                         f"(input.dataset={tc.input.dataset!r}) is not supported yet; the teacher must read images")
+    t_video, t_tubelet = mae.video_input(tc), tc.model.get("tubelet", 2)
+    if t_video != (temporal_stride is not None):
+        raise ValueError(f"config.target.teacher={path!r}: {'a video' if t_video else 'an image'} teacher "
+                         f"(input.dataset={tc.input.dataset!r}) for {'a video' if temporal_stride else 'an image'} "
+                         f"student; the teacher must read what the student reads")
+    if t_video and (t_tubelet != temporal_stride or tc.video.num_frames != config.video.num_frames):
+        raise ValueError(f"config.target.teacher={path!r}: its token grid in time ({tc.video.num_frames} frames "
+                         f"in tubelets of {t_tubelet}) differs from the student's ({config.video.num_frames} "
+                         f"frames, {temporal_stride} per token); the teacher must give one feature per student token")
     size, t_patch = vit.parse_variant(tc.model.variant)
     if t_patch != patch or tc.input.image_size != config.input.image_size:
         raise ValueError(f"config.target.teacher={path!r}: its token grid (patch {t_patch}, image size "
@@ -100,7 +107,8 @@ def teacher_features(graphdef, params, images, *, block: int, l2norm: bool, reno
     normalisation first (``x * scale + shift``). No gradient flows out."""
     params = jax.lax.stop_gradient(params)
     if renorm is not None:
-        images = images * jnp.asarray(renorm[0], jnp.float32) + jnp.asarray(renorm[1], jnp.float32)
+        scale, shift = (jnp.asarray(r, jnp.float32).reshape((1,) * (images.ndim - 1) + (-1,)) for r in renorm)
+        images = images * scale + shift
     out = nnx.merge(graphdef, params)(images, return_blocks=True)
     x = out["blocks"][block][:, 1:].astype(jnp.float32)
     if l2norm:
@@ -140,7 +148,7 @@ def load(config, mesh=None, platform: str | None = None):
     """The teacher encoder's parameters, read once from ``config.target.teacher``: on ``mesh``
     sharded as a model's parameters are (the same logical-axis rules), else on the default
     device. The step's frozen input for the features target."""
-    from maskfeat_jax import checkpoint, models, platform as platform_lib, sharding
+    from maskfeat_jax import models, platform as platform_lib, saved as saved_lib, sharding
     path = str(config.target.teacher)
     step_dir, tc = _resolved(path)
     ec = _encoder_config(tc)
@@ -151,9 +159,9 @@ def load(config, mesh=None, platform: str | None = None):
     else:
         abstract = nnx.split(models.build_abstract(ec, platform))[1]
     like = nnx.to_pure_dict(abstract)["encoder"]
-    src = checkpoint.flat_params(checkpoint.read_params(step_dir))
+    src = saved_lib.flat_params(saved_lib.read_params(step_dir))
     leaves = []
-    for key, x in checkpoint.flat_params(like).items():
+    for key, x in saved_lib.flat_params(like).items():
         value = src.get(f"encoder/{key}")
         if value is None or tuple(value.shape) != tuple(x.shape):
             raise ValueError(f"config.target.teacher={path!r}: {step_dir} has no encoder parameter {key} of shape "

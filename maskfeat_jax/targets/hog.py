@@ -102,7 +102,7 @@ def _histogram_scatter(mag_BxCxHxW: jax.Array, bins_BxCxHxW: jax.Array, nbins: i
     bsz, chans, height, width = mag_BxCxHxW.shape
     nh, nw = height // cell_size, width // cell_size
     cell_HxW = (jnp.arange(height) // cell_size)[:, None] * nw + (jnp.arange(width) // cell_size)[None, :]
-    slot_BxCxHxW = ((jnp.arange(bsz)[:, None, None, None] * (nh * nw) + cell_HxW) * chans
+    slot_BxCxHxW = ((jnp.arange(bsz)[:, None, None, None] * (nh * nw) + cell_HxW[None, None]) * chans
                     + jnp.arange(chans)[None, :, None, None])
     seg_BxCxHxW = slot_BxCxHxW * nbins + bins_BxCxHxW
     hist = jax.ops.segment_sum(mag_BxCxHxW.reshape(-1), seg_BxCxHxW.reshape(-1),
@@ -120,7 +120,7 @@ def _histogram_onehot(mag_BxCxHxW: jax.Array, bins_BxCxHxW: jax.Array, nbins: in
     """
     bsz, chans, height, width = mag_BxCxHxW.shape
     nh, nw = height // cell_size, width // cell_size
-    onehot_BxCxKxHxW = bins_BxCxHxW[:, :, None] == jnp.arange(nbins)[:, None, None]
+    onehot_BxCxKxHxW = bins_BxCxHxW[:, :, None] == jnp.arange(nbins)[None, None, :, None, None]
     votes_BxCxKxHxW = jnp.where(onehot_BxCxKxHxW, mag_BxCxHxW[:, :, None], 0.0)
     hist_BxCxKxNhxNw = votes_BxCxKxHxW.reshape(
         bsz, chans, nbins, nh, cell_size, nw, cell_size).sum((4, 6))
@@ -167,7 +167,7 @@ def hog_cells(images: jax.Array, *, nbins: int = 9, cell_size: int = 8,
         g = gaussian_window
         if height % g or width % g:
             raise ValueError(f"gaussian_window={g} must divide H and W, got {height}x{width}")
-        mag = mag * _gaussian_window(g, height, width)
+        mag = mag * _gaussian_window(g, height, width)[None, None]
     bins = _orientation_bin(gx, gy, nbins)
 
     hc, wc = nh * cell_size, nw * cell_size  # drop the remainder, like unfold
