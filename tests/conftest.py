@@ -1,7 +1,10 @@
 """Tests run on 8 fake CPU devices compiled at XLA CPU's optimisation level 1 (``xla_flags``);
 absl flags are marked parsed for grain. jax.numpy runs with ``jax_numpy_rank_promotion="raise"``
 (subprocesses inherit it): an op on arrays of different ranks raises instead of broadcasting.
-``bucket`` gives a test a fresh bucket on a local GCS emulator.
+``bucket`` gives a test a fresh bucket on a local GCS emulator. ``pt_batch`` (module scope) is
+the pre-training step tests' batch, its normalised images and their loop-reference HOG targets
+(``references.pretrain_batch``). The shared helper modules ``references`` and ``official_torch``
+get pytest's assertion rewriting, as the test modules they came from.
 
 The ``python -m maskfeat_jax.main`` subprocesses that many tests start share one persistent
 compilation cache per test session: the same programs compile once, the small ones too (a
@@ -43,6 +46,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
+pytest.register_assert_rewrite("references", "official_torch")
 flags.FLAGS.mark_as_parsed()
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set before jax import)"
 
@@ -60,6 +64,15 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pt_batch():
+    """The pre-training batch, its normalised images (float32, as the step sees them) and the
+    reference HOG targets of those images (float64, loop-level reference, official layout):
+    ``references.pretrain_batch()``, built once per module."""
+    import references
+    return references.pretrain_batch()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """AVA building blocks: the file readers and keyframe records, the clip frame indices, RoIAlign
-against a loop-level numpy reference written from torchvision's definition, and frame-mAP
-against hand-computed values and a loop-level transcription of the official algorithm."""
+against a loop-level numpy reference written from torchvision's definition
+(``references.ref_roi_align``), and frame-mAP against hand-computed values and a loop-level
+transcription of the official algorithm."""
 import functools
 import math
 
@@ -12,6 +13,7 @@ import pytest
 from maskfeat_jax.data import ava
 from maskfeat_jax.evaluators import ava_map
 from maskfeat_jax.models.roi_align import roi_align
+from references import ref_roi_align
 
 
 def _write(tmp_path, name, text):
@@ -197,51 +199,6 @@ def test_clip_indices_refuse_a_short_window():
 # RoIAlign
 # ---------------------------------------------------------------------------------------------
 
-def _bilinear(fmap, y, x):
-    height, width = fmap.shape[:2]
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return np.zeros(fmap.shape[2])
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(y), int(x)
-    if y0 >= height - 1:
-        y0 = y1 = height - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= width - 1:
-        x0 = x1 = width - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    return ((1 - ly) * (1 - lx) * fmap[y0, x0] + (1 - ly) * lx * fmap[y0, x1]
-            + ly * (1 - lx) * fmap[y1, x0] + ly * lx * fmap[y1, x1])
-
-
-def _reference_roi_align(features, rois, out_h, out_w, scale, sampling_ratio, aligned):
-    """torchvision.ops.roi_align, one sample at a time, in float64."""
-    features = features.astype(np.float64)
-    out = np.zeros((len(rois), out_h, out_w, features.shape[3]))
-    offset = 0.5 if aligned else 0.0
-    for r, (b, x1, y1, x2, y2) in enumerate(rois.astype(np.float64)):
-        sx, sy = x1 * scale - offset, y1 * scale - offset
-        rw, rh = x2 * scale - offset - sx, y2 * scale - offset - sy
-        if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / out_h)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / out_w)
-        for ph in range(out_h):
-            for pw in range(out_w):
-                acc = np.zeros(features.shape[3])
-                for iy in range(gh):
-                    y = sy + ph * rh / out_h + (iy + 0.5) * rh / out_h / gh
-                    for ix in range(gw):
-                        x = sx + pw * rw / out_w + (ix + 0.5) * rw / out_w / gw
-                        acc += _bilinear(features[int(b)], y, x)
-                out[r, ph, pw] = acc / max(gh * gw, 1)
-    return out
-
-
 def _boxes(height, width, scale):
     """Boxes in input pixels: inside, whole map, crossing each border, far outside, tiny, empty,
     inverted, and random ones."""
@@ -271,7 +228,7 @@ def test_roi_align_matches_loop_reference(shape, out, scale, sampling_ratio, ali
     fn = jax.jit(functools.partial(roi_align, output_size=out, spatial_scale=scale,
                                    sampling_ratio=sampling_ratio, aligned=aligned))
     got = np.asarray(fn(jnp.asarray(features), jnp.asarray(rois)))
-    want = _reference_roi_align(features, rois, *out, scale, sampling_ratio, aligned)
+    want = ref_roi_align(features, rois, *out, scale, sampling_ratio, aligned)
     assert got.shape == (len(rois), *out, shape[3]) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     assert np.abs(want).max() > 0.5                                  # the reference is not all zeros
@@ -294,7 +251,7 @@ def test_roi_align_grid_cap_is_what_limits_huge_boxes():
     the result is exact again."""
     features = np.random.default_rng(1).normal(size=(1, 4, 4, 2)).astype(np.float32)
     rois = np.array([[0, -20, -20, 30, 30]], np.float32)
-    want = _reference_roi_align(features, rois, 2, 2, 1.0, 0, True)
+    want = ref_roi_align(features, rois, 2, 2, 1.0, 0, True)
     fn = jax.jit(roi_align, static_argnames=("output_size", "spatial_scale", "max_grid"))
     capped = np.asarray(fn(jnp.asarray(features), jnp.asarray(rois), (2, 2), spatial_scale=1.0))
     exact = np.asarray(fn(jnp.asarray(features), jnp.asarray(rois), (2, 2), spatial_scale=1.0, max_grid=25))

@@ -1,7 +1,8 @@
 """Official checkpoint conversion: a small PyTorch re-implementation of the official ViT
-(PySlowFast names and layouts, written here from the spec), saved as a ``.pyth``-like
-dict, converted with the command, and compared with our model on the same input and mask; the
-checkpoints exported back (``maskfeat_jax.export``) load into it with ``strict=True``."""
+(PySlowFast names and layouts, written here from the spec; its transformer block in
+``official_torch``), saved as a ``.pyth``-like dict, converted with the command, and compared
+with our model on the same input and mask; the checkpoints exported back
+(``maskfeat_jax.export``) load into it with ``strict=True``."""
 import importlib.util
 import os
 import subprocess
@@ -19,52 +20,16 @@ from flax import nnx  # noqa: E402
 
 from maskfeat_jax import checkpoint, convert, export, models, saved as saved_lib  # noqa: E402
 from conftest import xla_flags  # noqa: E402
+from official_torch import REPO, Block, export_loads_strictly, ln, with_params  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE, CLASSES, HOG_DIM = 32, 2, 2, 64, 16, 32, 10, 108
 TINY = ["--config.model.variant=mu/16", f"--config.input.image_size={SIZE}"]
 FT = ["--config.task=finetune", f"--config.model.num_classes={CLASSES}"]
 
 
 # ---------------------------------------------------------------------------------------
-# The official ViT forward pass (spec 0, 4.3, 6, 7.1, 7.2), with the official module names.
-
-def _ln(dim):
-    return nn.LayerNorm(dim, eps=1e-6)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = ((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, hidden):
-        super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = _ln(dim), Attention(dim, heads), _ln(dim), Mlp(dim, hidden)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
+# The official ViT forward pass (spec 0, 4.3, 6, 7.1, 7.2), with the official module names
+# (its Block and LayerNorm from official_torch).
 
 class PatchEmbed(nn.Module):
     def __init__(self, dim, patch):
@@ -78,7 +43,7 @@ class PatchEmbed(nn.Module):
 class SeparateHead(nn.Module):          # MSSeparateHead with one pretrain depth
     def __init__(self, dim, out):
         super().__init__()
-        self.transforms = nn.ModuleList([nn.Sequential(_ln(dim))])
+        self.transforms = nn.ModuleList([nn.Sequential(ln(dim))])
         self.projections = nn.ModuleList([nn.Linear(dim, out)])
 
     def forward(self, x):
@@ -118,7 +83,7 @@ class OfficialViT(nn.Module):
             self.pred_head = SeparateHead(WIDTH, HOG_DIM)
             self.hogs = nn.ModuleList([HOGBuffers()])
         else:
-            self.norm = _ln(WIDTH)
+            self.norm = ln(WIDTH)
             self.head = BasicHead(WIDTH, CLASSES)
 
     def forward(self, x, mask=None):
@@ -151,19 +116,6 @@ def _save(model, path, wrap="model_state", prefix=""):
     return sd
 
 
-def _export_loads_strictly(workdir, fresh, expected, path):
-    """``workdir`` exported to the ``.pyth`` ``path`` loads into the reference model ``fresh``
-    with ``strict=True`` (every tensor present, none extra), each equal to ``expected``."""
-    export.export(str(workdir), str(path))
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert list(ckpt) == ["model_state"]
-    fresh.load_state_dict(ckpt["model_state"], strict=True)
-    got = fresh.state_dict()
-    assert set(got) == set(expected)
-    for k, v in expected.items():
-        assert torch.equal(got[k], v), k
-
-
 # ---------------------------------------------------------------------------------------
 
 def _run(src, out, *extra, check=True):
@@ -187,25 +139,10 @@ def _config(task):
     return c
 
 
-def _with_params(build, flat_params):
-    """``build()``'s model (built abstractly) holding ``flat_params`` (our flattened paths),
-    as a jitted function of its inputs."""
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(build)
-    graphdef, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
-    ours = saved_lib.flat_params(pure)
-    assert set(flat_params) == set(ours)
-    treedef = jax.tree_util.tree_structure(pure)
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(flat_params[k]) for k in ours]))
-    return jax.jit(lambda *args: nnx.merge(graphdef, state)(*args))
-
-
 def _jax_model(task, ckpt_dir):
     """Our model with the converted parameters, loaded back as the trainer reads them."""
     saved = saved_lib.flat_params(saved_lib.read_params(ckpt_dir))
-    return _with_params(lambda: models.build(_config(task), nnx.Rngs(0)), saved)
+    return with_params(lambda: models.build(_config(task), nnx.Rngs(0)), saved)
 
 
 def _inputs(seed=0):
@@ -273,7 +210,7 @@ def test_pretrain_conversion_feeds_init_from_and_resume(pretrain_ckpt):
 
 def test_export_loads_into_the_official_models(pretrain_ckpt, tmp_path):
     torch_model, out, _ = pretrain_ckpt
-    _export_loads_strictly(out, OfficialViT(pretrain=True), torch_model.state_dict(), tmp_path / "pt.pyth")
+    export_loads_strictly(out, OfficialViT(pretrain=True), torch_model.state_dict(), tmp_path / "pt.pyth")
     # the backbone alone is what the official fine-tuning model loads: only its head is missing
     export.export(str(out), str(tmp_path / "enc.pyth"), encoder_only=True)
     missing, unexpected = OfficialViT(pretrain=False).load_state_dict(
@@ -293,7 +230,7 @@ def test_finetune_logits_match_official_and_evaluate(tmp_path):
     got = np.asarray(model(jnp.asarray(images.transpose(0, 2, 3, 1)))["logits_BxC"])
     assert got.shape == expected.shape == (3, CLASSES)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
-    _export_loads_strictly(tmp_path / "out", OfficialViT(pretrain=False), torch_model.state_dict(),
+    export_loads_strictly(tmp_path / "out", OfficialViT(pretrain=False), torch_model.state_dict(),
                            tmp_path / "ft.pyth")
     from maskfeat_jax import train
     if not hasattr(train, "evaluate"):
@@ -435,7 +372,7 @@ class MVAttention(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         conv = lambda s: nn.Conv3d(hd, hd, 3, stride=s, padding=1, groups=hd, bias=False)  # noqa: E731
         self.pool_q, self.pool_k, self.pool_v = conv(q_stride), conv(kv_stride), conv(kv_stride)
-        self.norm_q, self.norm_k, self.norm_v = _ln(hd), _ln(hd), _ln(hd)
+        self.norm_q, self.norm_k, self.norm_v = ln(hd), ln(hd), ln(hd)
         t, h, w = thw
         n_sp = 2 * max(h // q_stride[1], h // kv_stride[1]) - 1
         self.rel_pos_h = nn.Parameter(torch.zeros(n_sp, hd))
@@ -463,7 +400,7 @@ class MVAttention(nn.Module):
 class MVBlock(nn.Module):
     def __init__(self, dim, dim_out, heads, thw, q_stride, kv_stride):
         super().__init__()
-        self.norm1, self.norm2 = _ln(dim), _ln(dim)
+        self.norm1, self.norm2 = ln(dim), ln(dim)
         self.attn = MVAttention(dim, heads, thw, q_stride, kv_stride)
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim_out)
@@ -501,7 +438,7 @@ class OfficialMViT(nn.Module):
             self.pred_head = SeparateHead(width, HOG_DIM)
             self.hogs = nn.ModuleList([HOGBuffers()])
         else:
-            self.norm, self.head = _ln(width), BasicHead(width, CLASSES)
+            self.norm, self.head = ln(width), BasicHead(width, CLASSES)
 
     def forward(self, x, mask=None):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
@@ -551,7 +488,7 @@ def test_mvit_outputs_match_official(pretrain):
         abstract = nnx.eval_shape(build)
     targets = {k: v.shape for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(abstract))).items()}
     converted = convert.convert_state_dict(sd, targets, "mvit", "pretrain" if pretrain else "finetune")
-    model = _with_params(build, converted)
+    model = with_params(build, converted)
 
     rng = np.random.default_rng(3)
     video = rng.normal(size=(2, 3, MV_FRAMES, MV_SIZE, MV_SIZE)).astype(np.float32)
@@ -584,4 +521,4 @@ def test_mvit_pretraining_checkpoint_converts_through_the_command(tmp_path):
     got = saved_lib.read_params(str(tmp_path / "out"))
     np.testing.assert_array_equal(got["encoder"]["cls_token"], sd["cls_token"].numpy())
     np.testing.assert_array_equal(got["head"]["kernel"], sd["pred_head.projections.0.weight"].numpy().T)
-    _export_loads_strictly(tmp_path / "out", OfficialMViT(True), sd, tmp_path / "mvit.pyth")
+    export_loads_strictly(tmp_path / "out", OfficialMViT(True), sd, tmp_path / "mvit.pyth")

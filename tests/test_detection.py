@@ -17,7 +17,7 @@ from maskfeat_jax import config as config_lib, config_cli, evaluators, models, s
 from maskfeat_jax.data import ava, ava_maps, make_ava_demo
 from maskfeat_jax.evaluators import ava as ava_eval
 from maskfeat_jax.models import detection, heads
-from test_ava import _reference_roi_align
+from references import ref_roi_align
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = dict(num_train=8, num_val=4, seconds=10, size=64, seed=0)
@@ -92,7 +92,7 @@ def test_boxes_map_onto_the_feature_map_as_the_numpy_reference():
     for b in range(2):
         for r in range(4):
             rois = np.concatenate([[0.0], boxes[b, r]])[None]
-            want = _reference_roi_align(maps[b:b + 1], rois, 7, 7, 1 / 32, 0, True).max(axis=(1, 2))[0]
+            want = ref_roi_align(maps[b:b + 1], rois, 7, 7, 1 / 32, 0, True).max(axis=(1, 2))[0]
             np.testing.assert_allclose(got[b, r], want, atol=1e-5, rtol=1e-5)
     # a map that is one only at cell (2, 1) of example 1: the box over that cell's pixels peaks at 1,
     # the same box on example 0 and a box over another cell stay 0

@@ -1,7 +1,7 @@
-"""Tests of maskfeat_jax.targets.hog against an independent loop-level float64 reference.
+"""Tests of maskfeat_jax.targets.hog against an independent loop-level float64 reference
+(``references.ref_hog_cells`` and ``references.ref_tokens``).
 
 The numeric tests run both histogram forms ('scatter' and 'onehot') against the reference."""
-import math
 from functools import partial
 
 import jax
@@ -10,71 +10,7 @@ import numpy as np
 import pytest
 
 from maskfeat_jax.targets.hog import HISTOGRAMS, histogram_impl, hog_cells, hog_dim, hog_targets
-
-KX = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
-KY = [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]
-
-
-def _reflect(i, n):
-    """Index into a length-n axis after torch/numpy 'reflect' padding (edge not repeated)."""
-    if i < 0:
-        return -i
-    if i > n - 1:
-        return 2 * (n - 1) - i
-    return i
-
-
-def ref_hog_cells(img, nbins=9, cell=8, gaussian_window=0, normalize=True):
-    """HOGLayerC, written with explicit pixel loops. img (H, W, C) -> (H//cell, W//cell, C, nbins).
-    ``normalize=False``: the histograms before the per-cell L2 normalisation."""
-    img = np.asarray(img, np.float64)
-    height, width, chans = img.shape
-    nh, nw = height // cell, width // cell
-    if gaussian_window:
-        g = gaussian_window
-        sigma = g // 2
-        w1 = [math.exp(-0.5 * ((n - (g - 1) / 2.0) / sigma) ** 2) for n in range(g)]
-        tot = sum(a * b for a in w1 for b in w1)
-        gauss = [[a * b / tot for b in w1] for a in w1]
-    hist = np.zeros((nh, nw, chans, nbins))
-    for c in range(chans):
-        for r in range(nh * cell):
-            for col in range(nw * cell):
-                gx = gy = 0.0
-                for di in range(3):
-                    for dj in range(3):
-                        v = img[_reflect(r + di - 1, height), _reflect(col + dj - 1, width), c]
-                        gx += KX[di][dj] * v
-                        gy += KY[di][dj] * v
-                mag = math.sqrt(gx * gx + gy * gy)
-                if gaussian_window:
-                    mag *= gauss[r % g][col % g]
-                k = math.floor(math.atan2(gx, gy) / math.pi * nbins) % nbins
-                hist[r // cell, col // cell, c, k] += mag
-    if not normalize:
-        return hist
-    for i in range(nh):
-        for j in range(nw):
-            for c in range(chans):
-                n = math.sqrt(sum(v * v for v in hist[i, j, c]))
-                hist[i, j, c] /= max(n, 1e-12)
-    return hist
-
-
-def ref_tokens(cells, q):
-    """Official per-token layout from reference cells (nh, nw, C, nbins), with explicit loops."""
-    nh, nw, chans, nbins = cells.shape
-    th, tw = nh // q, nw // q
-    out = np.zeros((th * tw, chans * nbins * q * q))
-    for ty in range(th):
-        for tx in range(tw):
-            for c in range(chans):
-                for k in range(nbins):
-                    for i in range(q):
-                        for j in range(q):
-                            out[ty * tw + tx, c * nbins * q * q + k * q * q + i * q + j] = \
-                                cells[ty * q + i, tx * q + j, c, k]
-    return out
+from references import ref_hog_cells, ref_tokens
 
 
 def _rand(shape, seed=0):

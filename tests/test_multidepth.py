@@ -9,40 +9,39 @@ from flax import nnx
 from maskfeat_jax import config as config_lib, convert, export, models, official_names, saved as saved_lib
 from maskfeat_jax.models import mvit
 import tiny
-from test_steps import MASK, VALID, _config, pt_batch  # noqa: F401 - pt_batch is a fixture
-from test_targets import _model, _old_pretrain_step, _run
+from references import MASK, VALID, init_model, old_pretrain_step, run_step, step_config
 
 
 def _paths(p):
     return sorted(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p))
 
 
-def test_the_last_block_alone_keeps_todays_model_and_step_bit_identical(pt_batch):  # noqa: F811
+def test_the_last_block_alone_keeps_todays_model_and_step_bit_identical(pt_batch):
     """(1,) names the last of ViT-mu's 2 blocks, as the default (-1,) does: the same parameters
     (``norm``, ``head``) and the step of the HOG-only code before depths existed, bit for bit."""
     batch = pt_batch[0]
-    c = _config()
+    c = step_config()
     assert tuple(c.head.depths) == (-1,) and models.head_depths(c) == (1,)
     c.head.depths = (1,)
-    graphdef, params = _model(c)
-    assert _paths(params) == _paths(_model(_config())[1])
+    graphdef, params = init_model(c)
+    assert _paths(params) == _paths(init_model(step_config())[1])
     assert "norms" not in params and params["head"]["kernel"].shape == (32, 108)
-    new_grads, m = _run(c, graphdef, params, batch)
-    old_grads, m_old = _run(c, graphdef, params, batch, step_fn=_old_pretrain_step)
+    new_grads, m = run_step(c, graphdef, params, batch)
+    old_grads, m_old = run_step(c, graphdef, params, batch, step_fn=old_pretrain_step)
     assert m["train/loss"] == m_old["train/loss"] and "train/loss_block1" not in m
     jax.tree.map(np.testing.assert_array_equal, new_grads, old_grads)
 
 
-def test_two_depths_give_two_heads_whose_losses_are_summed(pt_batch):  # noqa: F811
+def test_two_depths_give_two_heads_whose_losses_are_summed(pt_batch):
     """(0, -1): a LayerNorm + Linear on each block's output, each predicting HOG; the step's loss
     is the sum of the two heads' masked MSEs (float64, from a block-by-block forward)."""
     batch, norm, hog_ref = pt_batch
-    c = _config()
+    c = step_config()
     c.head.depths = (0, -1)
-    graphdef, params = _model(c)
+    graphdef, params = init_model(c)
     assert "head" not in params and "norm" not in params
     assert [h["kernel"].shape for h in params["heads"].values()] == [(32, 108)] * 2
-    grads, m = _run(c, graphdef, params, batch)
+    grads, m = run_step(c, graphdef, params, batch)
 
     model = nnx.merge(graphdef, params)
     enc = model.encoder
@@ -64,7 +63,7 @@ def test_two_depths_give_two_heads_whose_losses_are_summed(pt_batch):  # noqa: F
 
 
 def test_new_head_parameters_carry_logical_axis_names():
-    c = _config()
+    c = step_config()
     c.head.depths = (0, 1)
     abstract = models.build_abstract(c)
     assert abstract.heads[0].kernel.get_metadata()["out_sharding"] == ("embed", "classes")
@@ -95,7 +94,7 @@ MVIT_MU = {"model.name": "mvit", "model.variant": "mu", "input.dataset": "video_
     ({"head.depths": (2, -1), **MVIT_MU}, None),
 ])
 def test_bad_depths_are_named_in_validation(overrides, match):
-    c = _config()
+    c = step_config()
     c.input.dataset, c.model.num_classes = "digits", 1000
     for key, value in overrides.items():
         group, leaf = key.split(".")
@@ -108,13 +107,13 @@ def test_bad_depths_are_named_in_validation(overrides, match):
 
 
 def test_resuming_with_another_number_of_heads_is_refused_naming_the_key():
-    saved = _config().to_dict()
+    saved = step_config().to_dict()
     del saved["head"]["depths"]                     # a config saved before the key existed
-    c = _config()
+    c = step_config()
     c.head.depths = (0, -1)
     diffs = config_lib.shape_differences(saved, c)
     assert len(diffs) == 1 and diffs[0].startswith("head.depths: saved (-1,), now (0, -1)")
-    same = _config()
+    same = step_config()
     same.head.depths = (1,)                         # the last block by its index: the same single head
     assert config_lib.shape_differences(saved, same) == []
 
@@ -137,7 +136,7 @@ def test_mvit_heads_have_their_blocks_widths():
 
 def test_mvit_default_head_keeps_its_parameters():
     """(-1,) and the last block by its index (3) build the same single head as before depths."""
-    one, last = (_model(_mvit_config(d))[1] for d in ((-1,), (3,)))
+    one, last = (init_model(_mvit_config(d))[1] for d in ((-1,), (3,)))
     assert _paths(one) == _paths(last) and "norms" not in one and one["head"]["kernel"].shape == (128, 108)
     jax.tree.map(np.testing.assert_array_equal, one, last)
 
@@ -148,7 +147,7 @@ def test_mvit_two_depths_on_the_prediction_grid_give_two_heads_on_their_blocks()
     sum over the heads' losses is the model-independent code the ViT test above checks; an MViT
     train step's compile would add ~40 s here.)"""
     c = _mvit_config((2, -1))
-    graphdef, params = _model(c)
+    graphdef, params = init_model(c)
     assert "head" not in params and "norm" not in params
     assert [h["kernel"].shape for h in params["heads"].values()] == [(128, 108)] * 2
     rng = np.random.default_rng(3)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskfeat_jax.data import make_ssv2_demo, make_video_demo, ssv2
+from maskfeat_jax.data import make_ssv2_demo, ssv2
+from references import encode_clip, frame_ids, index_clip
 
 av = pytest.importorskip("av")
 
@@ -31,25 +32,6 @@ def _data_dir(tmp_path, train, validation=()):
     _write_json(tmp_path / ssv2.ANNOTATION_FILES["train"], list(train))
     _write_json(tmp_path / ssv2.ANNOTATION_FILES["validation"], list(validation))
     return str(tmp_path)
-
-
-def _encode(path, clip, codec="libvpx-vp9", rate=12):
-    make_video_demo.encode(str(path), clip, codec, {"crf": "4", "b": "0"}, fps=rate)
-    return str(path)
-
-
-def _index_clip(n, h=32, w=48):
-    """Frame ``i`` shows ``i`` in gray levels (top half ``i % 16``, bottom ``i // 16``, each ``16 k + 8``)."""
-    clip = np.zeros((n, h, w, 3), np.uint8)
-    for i in range(n):
-        clip[i, : h // 2], clip[i, h // 2:] = (i % 16) * 16 + 8, (i // 16) * 16 + 8
-    return clip
-
-
-def _frame_ids(clip):
-    h = clip.shape[1]
-    lo, hi = clip[:, h // 4].mean(axis=(1, 2)), clip[:, 3 * h // 4].mean(axis=(1, 2))
-    return (np.floor(lo / 16) + 16 * np.floor(hi / 16)).astype(int).tolist()
 
 
 # ----------------------------------------------------------------------------
@@ -215,20 +197,20 @@ def test_segment_indices_reject_bad_arguments():
 # ----------------------------------------------------------------------------
 
 def test_decode_segments_webm_and_frame_list(tmp_path):
-    clip = _index_clip(21)
-    path = _encode(tmp_path / "7.webm", clip)
+    clip = index_clip(21)
+    path = encode_clip(tmp_path / "7.webm", clip)
     frames, ok = ssv2.decode_segments(path, 8, training=False)
     assert ok and frames.shape == (8, 32, 48, 3)
-    assert _frame_ids(frames) == ssv2.segment_indices(21, 8, training=False).tolist()
+    assert frame_ids(frames) == ssv2.segment_indices(21, 8, training=False).tolist()
     frames, ok = ssv2.decode_segments(path, 8, training=True, rng=np.random.default_rng(5), short_side=16)
     assert ok and frames.shape == (8, 16, 24, 3)
-    assert _frame_ids(frames) == ssv2.segment_indices(21, 8, training=True, rng=np.random.default_rng(5)).tolist()
+    assert frame_ids(frames) == ssv2.segment_indices(21, 8, training=True, rng=np.random.default_rng(5)).tolist()
     paths = []
     for i, image in enumerate(clip[:13]):
         paths.append(str(tmp_path / f"{i:06d}.png"))
         Image.fromarray(image).save(paths[-1])
     frames, ok = ssv2.decode_segments(paths, 4, training=False)
-    assert ok and _frame_ids(frames) == ssv2.segment_indices(13, 4, training=False).tolist() == [1, 4, 7, 10]
+    assert ok and frame_ids(frames) == ssv2.segment_indices(13, 4, training=False).tolist() == [1, 4, 7, 10]
 
 
 def test_decode_segments_bad_video_is_blank_and_invalid(tmp_path, caplog):

@@ -14,7 +14,7 @@ import pytest
 from maskfeat_jax import config as config_lib, config_cli
 from maskfeat_jax.data import make_ssv2_demo, pipeline, sources, ssv2, video_maps
 from maskfeat_jax.data import video_transforms as VT
-from test_ssv2 import _encode, _frame_ids, _index_clip
+from references import encode_clip, frame_ids, index_clip
 
 av = pytest.importorskip("av")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def _index_dataset(tmp_path, lengths):
         (tmp_path / ssv2.ANNOTATION_FILES[split]).write_text(json.dumps(entries))
     (tmp_path / ssv2.VIDEO_DIR).mkdir()
     for k, n in enumerate(lengths):
-        _encode(tmp_path / ssv2.VIDEO_DIR / f"{k + 1}.webm", _index_clip(n))
+        encode_clip(tmp_path / ssv2.VIDEO_DIR / f"{k + 1}.webm", index_clip(n))
     return str(tmp_path)
 
 
@@ -77,13 +77,13 @@ def test_segment_sampling_through_the_maps_gives_the_official_indices(tmp_path):
             for spatial in (0, 1, 2, None):
                 out = video_maps.VideoEvalMap(c, clip_index, 2, spatial_index=spatial).map(element)
                 assert out["valid"] and out["image"].shape == (t, 32, 32, 3)
-                assert _frame_ids(out["image"]) == middles, (n, clip_index, spatial)
+                assert frame_ids(out["image"]) == middles, (n, clip_index, spatial)
         # training: one random frame in each segment, both ends included, drawn from the element's rng
         draws = []
         for seed in range(6):
             out = video_maps.VideoTrainMap(c).random_map(element, np.random.default_rng(seed))
             assert out["valid"] and out["image"].shape == (t, 32, 32, 3) and out["label"] == k
-            ids = _frame_ids(out["image"])
+            ids = frame_ids(out["image"])
             assert all(a <= i <= b for i, (a, b) in zip(ids, _segments(n, t))), (n, ids)
             assert ids == ssv2.segment_indices(n, t, training=True, rng=np.random.default_rng(seed)).tolist()
             draws.append(tuple(ids))
@@ -221,7 +221,7 @@ def test_eval_views_cover_every_example_once(tmp_path, monkeypatch, pc):
             assert (b["video_index"][~v] == -1).all() and not b["image"][~v].any()
             for img, vi, view, label in zip(b["image"][v], b["video_index"][v], b["view"][v], b["label"][v]):
                 assert vi % pc == i and label == vi
-                assert _frame_ids(img) == [(a + e) // 2 for a, e in _segments(lengths[vi], 8)]
+                assert frame_ids(img) == [(a + e) // 2 for a, e in _segments(lengths[vi], 8)]
                 seen.append((int(vi), int(view)))
     assert sorted(seen) == [(k, v) for k in range(len(lengths)) for v in range(3)]
     assert len(decodes) == len(lengths)                       # the 3 crops of a video share one decode
@@ -229,7 +229,7 @@ def test_eval_views_cover_every_example_once(tmp_path, monkeypatch, pc):
     ids = {}
     for b in pipeline.eval_batches(c, source, bs, num_clips=2, num_crops=3):
         for img, vi, view in zip(b["image"][b["valid"]], b["video_index"][b["valid"]], b["view"][b["valid"]]):
-            ids.setdefault(int(vi), set()).add(tuple(_frame_ids(img)))
+            ids.setdefault(int(vi), set()).add(tuple(frame_ids(img)))
     assert all(len(s) == 1 for s in ids.values()) and len(ids) == len(lengths)
 
 

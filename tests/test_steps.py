@@ -1,8 +1,9 @@
 """The train/eval steps against numpy: MaskFeat loss and its gradient, eval counts, input
 normalisation, and the video evaluation's aggregation of views.
 
-Expected values are computed here in numpy (HOG targets with test_hog's loop-level reference);
-the model is called only for its predictions.
+Expected values are computed here in numpy (HOG targets with the loop-level reference of
+``references``); the model is called only for its predictions. The batch is conftest's
+``pt_batch`` fixture (``references.pretrain_batch``).
 """
 import jax
 import jax.numpy as jnp
@@ -11,46 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from maskfeat_jax import config as config_lib, models, sharding, steps, train
+from maskfeat_jax import models, sharding, steps, train
 from maskfeat_jax.evaluators import classification
-from test_hog import ref_hog_cells, ref_tokens
-
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
-
-
-def _config(task="pretrain"):
-    c = config_lib.base_config()
-    c.task, c.model.variant, c.input.image_size = task, "mu/16", 32
-    c.input.global_batch_size, c.model.num_classes = 8, 10
-    c.augment.mixup_alpha, c.augment.cutmix_alpha = 0.0, 0.0
-    c.optim.warmup_epochs, c.optim.base_lr = 0.0, 1e-2
-    return c
-
-
-# 8 images of 32 px: 2x2 tokens each. Every row mixes masked and visible tokens; row 3 is padding
-# (valid False) and has masked tokens, so that dropping `valid` from the weight changes the loss.
-MASK = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0],
-                 [0, 0, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 1, 0]], bool)
-VALID = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
-
-
-@pytest.fixture(scope="module")
-def pt_batch():
-    """The pre-training batch, its normalised images (float32, as the step sees them) and the
-    reference HOG targets of those images (float64, loop-level reference, official layout)."""
-    # Random uint8 images often have pixels whose horizontal gradient cancels to exactly 0 in
-    # integers, where float rounding then picks orientation bin 0 or 8 (a tie of the official
-    # formula, not an error). A horizontal ramp of slope 3 (+-24 in gx) over noise in 0..5 (at most
-    # +-20) keeps gx away from 0 inside the image; gy, noise only, still spreads the bins.
-    rng = np.random.default_rng(0)
-    cols = np.arange(32)[None, None, :, None]
-    sign = np.where(np.arange(8) % 2, 1, -1)[:, None, None, None]
-    image = (120 + sign * 3 * (cols - 16) + rng.integers(0, 6, (8, 32, 32, 3))).astype(np.uint8)
-    norm = ((image / 255.0 - MEAN) / STD).astype(np.float32)
-    targets = np.stack([ref_tokens(ref_hog_cells(norm[b]), 2) for b in range(8)])     # (8, 4, 108)
-    batch = {"image": image, "mask": MASK, "valid": VALID, "label": np.zeros(8, np.int32)}
-    return batch, norm, targets
+from references import MASK, MEAN, STD, VALID, ref_hog_cells, ref_tokens, step_config
 
 
 def _predictions(graphdef, params, norm):
@@ -62,7 +26,7 @@ def test_pretrain_loss_is_mse_over_masked_valid_tokens_only(pt_batch, nbins, cel
     """Also with other ``config.hog`` settings: the targets and the head's width follow them.
     (5 bins: like 9, no bin edge at 90 degrees, where gy = 0 pixels would tie; see pt_batch.)"""
     batch, norm, targets = pt_batch
-    c = _config()
+    c = step_config()
     c.hog.nbins, c.hog.cell_size = nbins, cell
     if (nbins, cell) != (9, 8):
         targets = np.stack([ref_tokens(ref_hog_cells(norm[b], nbins=nbins, cell=cell), 16 // cell)
@@ -101,7 +65,7 @@ class _PredProbe(nnx.Module):
 
 def test_pretrain_gradient_wrt_predictions_is_zero_off_masked_valid_tokens(pt_batch):
     batch, norm, targets = pt_batch
-    c = _config()
+    c = step_config()
     with nnx.use_eager_sharding(False):
         inner = models.build(c, nnx.Rngs(0))
     graphdef, st = nnx.split(_PredProbe(inner, targets.shape))
@@ -124,7 +88,7 @@ def test_pretrain_gradient_wrt_predictions_is_zero_off_masked_valid_tokens(pt_ba
 
 
 def test_eval_step_counts_top1_top5_over_valid_rows_only():
-    c = _config("finetune")
+    c = step_config("finetune")
     with nnx.use_eager_sharding(False):
         model = models.build(c, nnx.Rngs(0))
     graphdef, st = nnx.split(model)
@@ -183,7 +147,7 @@ def test_video_scores_sum_softmax_over_views():
     batches = [{k: v[i:i + 8] for k, v in arrays.items()} for i in (0, 8)]
 
     ev = classification.Evaluator.__new__(classification.Evaluator)
-    c = _config("finetune")
+    c = step_config("finetune")
     ev.config, ev.video, ev.source = c, True, [None] * 3
     ev.mesh = sharding.make_mesh(c.mesh, jax.devices())
     ev._batches = lambda: iter([dict(b) for b in batches])

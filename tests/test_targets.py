@@ -1,70 +1,26 @@
-"""Prediction targets beyond HOG: pixel targets against a loop-level float64 reference, the
-target registry, the multi-target loss of the pre-training step, the HOG-only default (same
-parameters, bit-identical step) and the validation of ``config.target``."""
+"""Prediction targets beyond HOG: pixel targets against a loop-level float64 reference
+(``references.ref_pixel_image`` and ``ref_pixel_video``), the target registry, the multi-target
+loss of the pre-training step, the HOG-only default (same parameters, bit-identical step) and
+the validation of ``config.target``."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from maskfeat_jax import config as config_lib, models, steps, targets
+from maskfeat_jax import config as config_lib, models, targets
 from maskfeat_jax.targets import hog, pixel
-from test_steps import MASK, MEAN, STD, VALID, _config, pt_batch  # noqa: F401 - pt_batch is a fixture
+from references import (MASK, MEAN, STD, VALID, init_model, old_pretrain_step, ref_pixel_image, ref_pixel_video,
+                        run_step, step_config)
 import tiny
 
 
 # ---------------------------------------------------------------------------
-# loop-level reference of the official pixel targets
+# pixel targets against the loop-level reference
 # ---------------------------------------------------------------------------
-
-def _ref_standardise(row, eps=1e-6):
-    """(x - mean) / sqrt(unbiased var + eps) of one token's vector, with explicit sums."""
-    k = len(row)
-    mean = sum(row) / k
-    var = sum((v - mean) ** 2 for v in row) / (k - 1)
-    return [(v - mean) / (var + eps) ** 0.5 for v in row]
-
-
-def ref_pixel_image(img, p, norm_pix, eps=1e-6):
-    """img (H, W, C) -> (N, C*p*p), token vector index c*p*p + i*p + j, tokens row-major."""
-    img = np.asarray(img, np.float64)
-    height, width, chans = img.shape
-    th, tw = height // p, width // p
-    out = []
-    for ty in range(th):
-        for tx in range(tw):
-            row = [0.0] * (chans * p * p)
-            for c in range(chans):
-                for i in range(p):
-                    for j in range(p):
-                        row[c * p * p + i * p + j] = img[ty * p + i, tx * p + j, c]
-            out.append(_ref_standardise(row, eps) if norm_pix else row)
-    return np.array(out)
-
-
-def ref_pixel_video(vid, p, s, norm_pix, all_frames):
-    """vid (T, H, W, C) -> tokens in (t, h, w) order. Strided: frame t*s only, index (i*p + j)*C + c;
-    all frames: frames t*s + u of the tubelet, index ((u*p + i)*p + j)*C + c."""
-    vid = np.asarray(vid, np.float64)
-    frames, height, width, chans = vid.shape
-    nt, th, tw, u_n = frames // s, height // p, width // p, (s if all_frames else 1)
-    out = []
-    for t in range(nt):
-        for ty in range(th):
-            for tx in range(tw):
-                row = [0.0] * (u_n * p * p * chans)
-                for u in range(u_n):
-                    for i in range(p):
-                        for j in range(p):
-                            for c in range(chans):
-                                row[((u * p + i) * p + j) * chans + c] = vid[t * s + u, ty * p + i, tx * p + j, c]
-                out.append(_ref_standardise(row) if norm_pix else row)
-    return np.array(out)
-
 
 def _low_contrast_image(shape, seed):
     """Random pixels in [-1, 1] with patch (0, 0) of each image scaled by 1e-3: that token's
@@ -132,7 +88,7 @@ def test_pixel_targets_errors():
 # ---------------------------------------------------------------------------
 
 def test_active_targets_follow_the_weights_in_a_fixed_order():
-    c = _config()
+    c = step_config()
     assert [(t.name, t.weight, t.dim) for t in targets.active(c, 16)] == [("hog", 1.0, 108)]
     c.target.pixel = 0.25
     got = targets.active(c, 16)
@@ -148,7 +104,7 @@ def test_active_targets_follow_the_weights_in_a_fixed_order():
 
 
 def test_target_functions_are_the_configured_ones():
-    c = _config()
+    c = step_config()
     c.target.pixel, c.target.norm_pix, c.hog.normalize = 0.5, False, False
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
     fns = {t.name: t.fn for t in targets.active(c, 16)}
@@ -158,7 +114,7 @@ def test_target_functions_are_the_configured_ones():
 
 
 def test_split_cuts_the_head_output_in_order():
-    c = _config()
+    c = step_config()
     c.target.pixel = 1.0
     active = targets.active(c, 16)
     pred = jnp.arange(2 * 876, dtype=jnp.float32).reshape(1, 2, 876)
@@ -171,7 +127,7 @@ def test_split_cuts_the_head_output_in_order():
 
 def test_a_config_saved_before_targets_existed_builds_the_hog_only_model():
     """Older checkpoints' saved configs have no config.target and no config.hog.normalize."""
-    d = _config().to_dict()
+    d = step_config().to_dict()
     del d["target"], d["hog"]["normalize"]
     old = ml_collections.ConfigDict(d)
     assert [(t.name, t.dim) for t in targets.active(old, 16)] == [("hog", 108)]
@@ -179,85 +135,43 @@ def test_a_config_saved_before_targets_existed_builds_the_hog_only_model():
 
 
 # ---------------------------------------------------------------------------
-# the pre-training step
+# the pre-training step (references: init_model, run_step, old_pretrain_step)
 # ---------------------------------------------------------------------------
 
-def _model(c):
-    with nnx.use_eager_sharding(False):
-        graphdef, st = nnx.split(models.build(c, nnx.Rngs(0)))
-    return graphdef, nnx.to_pure_dict(st)
-
-
-# updates = gradients - params, so the step's new parameters are the gradients
-GRADS = optax.GradientTransformation(lambda p: optax.EmptyState(),
-                                     lambda g, s, p: (jax.tree.map(lambda gi, pi: gi - pi, g, p), s))
-
-
-def _run(c, graphdef, params, batch, tx=GRADS, step_fn=None, **kw):
-    step = (step_fn or steps.make_pretrain_step)(graphdef, tx, lambda _: 0.0, c, patch=16, **kw)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             nonfinite=jnp.zeros((), jnp.int32))
-    new, m = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
-    return jax.device_get(new.params), jax.device_get(m)
-
-
-def _old_pretrain_step(graphdef, tx, schedule, config, patch, temporal_stride=None, histogram="scatter"):
-    """The HOG-only step as it was before config.target: one HOG target over the whole head."""
-    base_key, h = jax.random.key(config.seed), config.hog
-
-    def step(state, batch):
-        images = steps.normalize(batch["image"], config.input.mean, config.input.std)
-        t = jax.lax.stop_gradient(hog.hog_targets(images, patch_size=patch, nbins=h.nbins, cell_size=h.cell_size,
-                                                  gaussian_window=h.gaussian_window, histogram=histogram))
-        weight = (batch["mask"] & batch["valid"][:, None]).astype(jnp.float32)
-        denom = jnp.maximum(weight.sum(), 1.0)
-        inputs = {"images": images, "mask": batch["mask"], "targets": t, "weight": weight,
-                  "rng": jax.random.fold_in(base_key, state.step)}
-
-        def loss_fn(params, x):
-            out = nnx.merge(graphdef, params)(x["images"], x["mask"], rng=x["rng"])
-            return (jnp.square(out["pred_BxNxK"] - x["targets"]).mean(-1) * x["weight"]).sum() / denom
-
-        loss, grads = steps.value_and_grad(loss_fn, state.params, inputs, config.optim.grad_accum_steps)
-        return steps._apply(tx, state, loss, grads, {})
-
-    return step
-
-
-def test_default_config_keeps_the_hog_only_model_and_step_bit_identical(pt_batch):  # noqa: F811
+def test_default_config_keeps_the_hog_only_model_and_step_bit_identical(pt_batch):
     batch = pt_batch[0]
-    c = _config()
-    graphdef, params = _model(c)
+    c = step_config()
+    graphdef, params = init_model(c)
     assert params["head"]["kernel"].shape == (32, 108) and params["head"]["bias"].shape == (108,)
-    c_pix = _config()
+    c_pix = step_config()
     c_pix.target.pixel = 1.0
-    _, params_pix = _model(c_pix)
+    _, params_pix = init_model(c_pix)
     paths = lambda p: sorted(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p))  # noqa: E731
     assert paths(params) == paths(params_pix)                   # no new parameter, one wider head
-    new_grads, m = _run(c, graphdef, params, batch)
-    old_grads, m_old = _run(c, graphdef, params, batch, step_fn=_old_pretrain_step)
+    new_grads, m = run_step(c, graphdef, params, batch)
+    old_grads, m_old = run_step(c, graphdef, params, batch, step_fn=old_pretrain_step)
     assert m["train/loss"] == m_old["train/loss"] == m["train/loss_hog"]
     jax.tree.map(np.testing.assert_array_equal, new_grads, old_grads)
     assert np.abs(new_grads["head"]["bias"]).max() > 0         # the step did reach the head
 
 
-def test_multi_target_loss_is_the_weighted_sum_of_single_target_losses(pt_batch):  # noqa: F811
+def test_multi_target_loss_is_the_weighted_sum_of_single_target_losses(pt_batch):
     """HOG 0.7 + pixels 0.3: each logged loss equals the single-target step's loss with the
     matching slice of the head, and the loss reference in float64; loss and gradient are the
     weighted sums."""
     batch, norm, hog_ref = pt_batch
-    c = _config()
+    c = step_config()
     c.target.hog, c.target.pixel = 0.7, 0.3
-    graphdef, params = _model(c)
-    grads, m = _run(c, graphdef, params, batch)
+    graphdef, params = init_model(c)
+    grads, m = run_step(c, graphdef, params, batch)
 
     singles = {}
     for name, sl in (("hog", slice(0, 108)), ("pixel", slice(108, None))):
-        ci = _config()
+        ci = step_config()
         ci.target.hog, ci.target.pixel = (1.0, 0.0) if name == "hog" else (0.0, 1.0)
-        gi, _ = _model(ci)
+        gi, _ = init_model(ci)
         pi = dict(params, head={k: v[..., sl] for k, v in params["head"].items()})
-        singles[name] = _run(ci, gi, pi, batch)
+        singles[name] = run_step(ci, gi, pi, batch)
         np.testing.assert_allclose(m[f"train/loss_{name}"], singles[name][1]["train/loss"], rtol=1e-6)
     l_hog, l_pix = (float(singles[n][1]["train/loss"]) for n in ("hog", "pixel"))
     np.testing.assert_allclose(m["train/loss"], 0.7 * l_hog + 0.3 * l_pix, rtol=1e-6)
@@ -279,20 +193,20 @@ def test_multi_target_loss_is_the_weighted_sum_of_single_target_losses(pt_batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, want)
 
 
-def test_per_target_losses_add_up_over_micro_batches(pt_batch):  # noqa: F811
-    c = _config()
+def test_per_target_losses_add_up_over_micro_batches(pt_batch):
+    c = step_config()
     c.target.pixel = 0.5
-    graphdef, params = _model(c)
-    _, m1 = _run(c, graphdef, params, pt_batch[0])
+    graphdef, params = init_model(c)
+    _, m1 = run_step(c, graphdef, params, pt_batch[0])
     c.optim.grad_accum_steps = 2
-    _, m2 = _run(c, graphdef, params, pt_batch[0])
+    _, m2 = run_step(c, graphdef, params, pt_batch[0])
     for key in ("train/loss", "train/loss_hog", "train/loss_pixel"):
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5)
     assert m1["train/loss_pixel"] > 2 * m1["train/loss_hog"]    # different numbers per key
 
 
 def _video_config(frames=4, size=32, variant="mu"):
-    c = _config()
+    c = step_config()
     c.model.name, c.model.variant, c.input.dataset = "mvit", variant, "video_demo"
     c.video.num_frames, c.input.image_size = frames, size
     return c
@@ -323,7 +237,7 @@ def test_video_step_pixel_loss_matches_reference(all_frames):
     video = rng.integers(0, 256, (8, 4, 32, 32, 3), dtype=np.uint8)
     mask = rng.random((8, 8)) < 0.5
     batch = {"image": video, "mask": mask, "valid": VALID, "label": np.zeros(8, np.int32)}
-    _, m = _run(c, graphdef, params, batch, temporal_stride=2)
+    _, m = run_step(c, graphdef, params, batch, temporal_stride=2)
     norm = ((video / 255.0 - MEAN) / STD).astype(np.float32)
     ref = np.stack([ref_pixel_video(norm[b], 16, 2, True, all_frames) for b in range(8)])
     assert ref.shape == (8, 8, dim)
@@ -371,7 +285,7 @@ def test_figures_draw_the_hog_slice_of_a_multi_target_head():
     from maskfeat_jax import visualize
     c = _cfg(**{"input.image_size": 64})
     c_pix = _cfg(**{"input.image_size": 64, "target.pixel": 1.0})
-    _, params = _model(c)
+    _, params = init_model(c)
     bias = np.zeros((3, 9, 2, 2), np.float32)
     bias[:, 4] = 1.0
     params["head"] = {"kernel": np.zeros_like(params["head"]["kernel"]), "bias": bias.reshape(-1)}

@@ -13,7 +13,7 @@ from flax import nnx
 from maskfeat_jax import checkpoint, config as config_lib, convert, models, saved as saved_lib, sharding, steps, train
 from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.targets import features
-from test_steps import MASK, MEAN, STD, VALID, _config, pt_batch  # noqa: F401 - pt_batch is a fixture
+from references import MASK, MEAN, STD, VALID, init_model, run_step, step_config
 import tiny
 
 
@@ -48,8 +48,8 @@ def _save_teacher(workdir, c):
 
 
 def _student(teacher, **kw):
-    """The tiny student (test_steps' config) with the features target of ``teacher``, then ``kw``."""
-    c = _config()
+    """The tiny student (``references.step_config``) with the features target of ``teacher``, then ``kw``."""
+    c = step_config()
     c.target.features, c.target.teacher = 1.0, teacher
     for key, value in kw.items():
         group, leaf = key.split(".")
@@ -113,7 +113,7 @@ def test_no_gradient_reaches_the_teacher(teacher):
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
-def test_teacher_is_a_frozen_step_input_unchanged_over_two_steps(teacher, pt_batch):  # noqa: F811
+def test_teacher_is_a_frozen_step_input_unchanged_over_two_steps(teacher, pt_batch):
     """``train.setup`` loads the teacher once, sharded on the mesh, as the step's frozen input,
     outside the train state; two SGD steps (state donated) change every student parameter and
     leave the teacher's arrays as they were."""
@@ -123,10 +123,10 @@ def test_teacher_is_a_frozen_step_input_unchanged_over_two_steps(teacher, pt_bat
     assert len(s.frozen) == 1 and set(s.frozen[0]) == {"features"}
     assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(s.frozen[0]))
     assert "features" not in jax.tree_util.keystr(jax.tree_util.tree_leaves_with_path(s.abstract_state)[0][0])
-    assert len(jax.tree.leaves(s.abstract_state.params)) == len(jax.tree.leaves(_model(c)[1]))
+    assert len(jax.tree.leaves(s.abstract_state.params)) == len(jax.tree.leaves(init_model(c)[1]))
     frozen = jax.device_put(s.frozen[0], jax.devices()[0])
     before = jax.device_get(frozen)
-    graphdef, params = _model(c)
+    graphdef, params = init_model(c)
     start = jax.device_get(params)
     tx = optax.sgd(0.1)
     step = jax.jit(steps.make_pretrain_step(graphdef, tx, lambda _: 1e-2, c, patch=16), donate_argnums=(0,))
@@ -143,34 +143,15 @@ def test_teacher_is_a_frozen_step_input_unchanged_over_two_steps(teacher, pt_bat
     assert min(jax.tree.leaves(moved)) > 0                      # every student parameter moved
 
 
-# updates = gradients - params, so the step's new parameters are the gradients
-GRADS = optax.GradientTransformation(lambda p: optax.EmptyState(),
-                                     lambda g, s, p: (jax.tree.map(lambda gi, pi: gi - pi, g, p), s))
-
-
-def _model(c):
-    with nnx.use_eager_sharding(False):
-        graphdef, st = nnx.split(models.build(c, nnx.Rngs(0)))
-    return graphdef, nnx.to_pure_dict(st)
-
-
-def _run(c, graphdef, params, batch, frozen=None):
-    step = steps.make_pretrain_step(graphdef, GRADS, lambda _: 0.0, c, patch=16)
-    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=GRADS.init(params),
-                             nonfinite=jnp.zeros((), jnp.int32))
-    new, m = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch), *([frozen] if frozen else []))
-    return jax.device_get(new.params), jax.device_get(m)
-
-
-def test_multi_target_loss_with_features_is_the_weighted_sum(teacher, pt_batch):  # noqa: F811
+def test_multi_target_loss_with_features_is_the_weighted_sum(teacher, pt_batch):
     """HOG 0.7 + features 0.3: each logged loss is its target's single-target loss (a float64
     MSE of the model's slice against the loop HOG reference and the separate teacher forward),
     the total their weighted sum."""
     batch, norm, hog_ref = pt_batch
     c = _student(teacher, **{"target.hog": 0.7, "target.features": 0.3})
-    graphdef, params = _model(c)
+    graphdef, params = init_model(c)
     assert params["head"]["kernel"].shape == (32, 108 + 32)
-    _, m = _run(c, graphdef, params, batch, {"features": features.load(c)})
+    _, m = run_step(c, graphdef, params, batch, frozen={"features": features.load(c)})
     pred = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(norm), jnp.asarray(MASK))["pred_BxNxK"], np.float64)
     feat_ref = _separate_forward(teacher, jnp.asarray(norm), 1).astype(np.float64)
     w = MASK & VALID[:, None]
@@ -182,11 +163,11 @@ def test_multi_target_loss_with_features_is_the_weighted_sum(teacher, pt_batch):
     assert abs(single["hog"] - single["features"]) > 0.1 * single["features"]   # the weights are told apart
 
 
-def test_the_step_without_the_teacher_says_what_it_needs(teacher, pt_batch):  # noqa: F811
+def test_the_step_without_the_teacher_says_what_it_needs(teacher, pt_batch):
     c = _student(teacher)
-    graphdef, params = _model(c)
+    graphdef, params = init_model(c)
     with pytest.raises(ValueError, match=r"config\.target\.features=1\.0: the step needs"):
-        _run(c, graphdef, params, pt_batch[0])
+        run_step(c, graphdef, params, pt_batch[0])
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -245,7 +226,7 @@ def test_a_video_vit_teacher_gives_each_space_time_token_of_a_video_student_its_
 
 
 def test_resuming_with_the_features_target_switched_is_refused_naming_it(teacher):
-    saved = _config().to_dict()
+    saved = step_config().to_dict()
     del saved["target"]["features"]                 # a config saved before the key existed
     diffs = config_lib.shape_differences(saved, _student(teacher))
     assert len(diffs) == 1 and diffs[0].startswith("target.features: saved 0.0, now 1.0")

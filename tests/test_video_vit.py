@@ -21,12 +21,9 @@ from maskfeat_jax import targets as targets_lib
 from maskfeat_jax.models import mae
 
 import tiny
+from references import MAE, VIDEO   # ViT-mu/16 on 4 frames of 32x32: 8 tokens of 2x16x16 pixels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# ViT-mu/16 on 4 frames of 32x32: 2 x 2 x 2 = 8 tokens of 2x16x16 pixels
-VIDEO = {"input.dataset": "video_demo", "video.num_frames": 4, "model.sep_pos_embed": True}
-MAE = {**VIDEO, "mae.enabled": True, "mae.mask_ratio": 0.5, "mae.decoder_dim": 16, "mae.decoder_depth": 1,
-       "mae.decoder_heads": 2, "target.hog": 0.0, "target.pixel": 1.0}
 
 
 _BUILT = {}

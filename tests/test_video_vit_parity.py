@@ -27,8 +27,8 @@ from flax import nnx  # noqa: E402
 
 from maskfeat_jax import convert, export, models, saved as saved_lib  # noqa: E402
 from conftest import xla_flags  # noqa: E402
-from test_convert import Block, REPO, _export_loads_strictly, _ln, _with_params  # noqa: E402
-from test_video_vit import MAE, VIDEO  # noqa: E402
+from official_torch import REPO, Block, export_loads_strictly, ln, with_params  # noqa: E402
+from references import MAE, VIDEO  # noqa: E402
 
 import tiny  # noqa: E402
 
@@ -61,7 +61,7 @@ class XformerHead(nn.Module):               # MSSeparateHead, separate_xformer, 
     def __init__(self, dim, depth, heads, out):
         super().__init__()
         self.transforms = nn.ModuleList([nn.Sequential(*[Block(dim, heads, 4 * dim) for _ in range(depth)],
-                                                       _ln(dim))])
+                                                       ln(dim))])
         self.projections = nn.ModuleList([nn.Linear(dim, out)])
 
     def forward(self, x):                   # return_all: every patch token's prediction (cls dropped)
@@ -82,7 +82,7 @@ class OfficialVideoViT(nn.Module):
         self.pos_embed_temporal = nn.Parameter(torch.zeros(1, t, WIDTH))
         self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, WIDTH))
         self.blocks = nn.ModuleList([Block(WIDTH, HEADS, MLP) for _ in range(DEPTH)])
-        self.norm = _ln(WIDTH)              # MAE: after the encoder; fine-tuning: after the mean
+        self.norm = ln(WIDTH)               # MAE: after the encoder; fine-tuning: after the mean
         if not pretrain:
             self.head = BasicHead(WIDTH, CLASSES)
             return
@@ -167,7 +167,7 @@ def _converted(tmodel, c):
     targets = {k: v.shape for k, v in saved_lib.flat_params(nnx.to_pure_dict(nnx.state(abstract))).items()}
     sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
     converted = convert.convert_state_dict(sd, targets, "vit", c.task)
-    return converted, _with_params(build, converted)
+    return converted, with_params(build, converted)
 
 
 def _exported_loads_strictly(converted, task, fresh, expected):
@@ -257,4 +257,4 @@ def test_mae_checkpoint_converts_through_the_command_and_exports_back(tmp_path):
     assert set(saved) == set(converted)
     for k, v in converted.items():
         np.testing.assert_array_equal(np.asarray(saved[k]), v, err_msg=k)
-    _export_loads_strictly(tmp_path / "out", OfficialVideoViT(True), sd, tmp_path / "back.pyth")
+    export_loads_strictly(tmp_path / "out", OfficialVideoViT(True), sd, tmp_path / "back.pyth")
