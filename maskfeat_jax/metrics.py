@@ -19,6 +19,23 @@ from absl import logging
 from maskfeat_jax import storage
 
 
+def summary_writer(logdir: str):
+    """A tensorboardX ``SummaryWriter`` on ``logdir``, imported without torch.
+
+    tensorboardX's writer imports torch where it is installed, only to accept torch tensors;
+    this package writes floats and numpy arrays, and importing torch costs 2-3 s of every
+    start-up. Where this process has not imported torch, it is hidden from that one import."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None        # `import torch` raises ImportError: tensorboardX's fallback
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
 class Writer:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
@@ -26,8 +43,7 @@ class Writer:
         if self.enabled:
             self._jsonl = storage.LineLog(storage.path(workdir) / "metrics.jsonl")
             try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))
+                self._tb = summary_writer(str(storage.path(workdir) / "tensorboard"))
             except ImportError:  # TensorBoard is optional
                 self._tb = None
             except Exception as e:  # noqa: BLE001 - gs://: google-cloud-storage without a project or credentials

@@ -359,8 +359,8 @@ def main(argv: Sequence[str]) -> list[str]:
         paths.append(str(p))
         print(p, flush=True)
     if fv.tensorboard:
-        from tensorboardX import SummaryWriter
-        with SummaryWriter(str(workdir / "tensorboard")) as w:
+        from maskfeat_jax import metrics
+        with metrics.summary_writer(str(workdir / "tensorboard")) as w:
             write_to_tensorboard(w, saved.step, figs)
     return paths
 

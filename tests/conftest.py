@@ -23,14 +23,18 @@ import urllib.request
 import uuid
 
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for ``devices`` fake CPU devices. With XLA CPU's level-1 optimisation and without
-    LLVM's expensive passes: on the suite's small shapes compiling costs far more than running;
-    level 1 compiles about a third faster, and skipping the expensive passes takes about a
-    quarter off a short training run's time (cold cache), with the same results to within
-    rounding."""
+def xla_flags(devices: int, fusion_emitters: bool = False) -> str:
+    """XLA_FLAGS for ``devices`` fake CPU devices, chosen for compile time: on the suite's small
+    shapes compiling costs far more than running. XLA CPU's level-1 optimisation compiles about
+    a third faster; skipping LLVM's expensive passes takes about a quarter off a short training
+    run's time (cold cache). XLA CPU's older fusion emitters (``fusion_emitters=False``)
+    compile MViTv2 ``mu``'s training step in about 0.6x the time (its pooling taps make a long
+    program) and run it no slower, but compile deep ViTs (Ti/16's 12 blocks) about 2x slower:
+    the suite's models are ``mu`` and ``demo``, and a ViT-B run asks for the newer emitters.
+    The results are the same to within rounding."""
     return (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1 "
-            "--xla_llvm_disable_expensive_passes=true")
+            "--xla_llvm_disable_expensive_passes=true"
+            + ("" if fusion_emitters else " --xla_cpu_use_fusion_emitters=false"))
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))

@@ -277,7 +277,8 @@ def test_video_evaluation_reads_each_hosts_rows_where_the_mesh_puts_them(tmp_pat
     from maskfeat_jax.data import make_video_demo
     from maskfeat_jax.evaluators import classification
     make_video_demo.ensure_video_demo(str(tmp_path), num_train=2, num_val=6, frames=8, size=32)
-    keys = {"task": "finetune", "model.name": "mvit", "model.variant": "mu", "model.num_classes": 10,
+    # the video ViT (its program compiles in a fraction of MViTv2's): the rows' placement is the model's
+    keys = {"task": "finetune", "model.name": "vit", "model.variant": "mu/16", "model.num_classes": 10,
             "input.dataset": "video_csv", "input.image_size": 32, "input.global_batch_size": 8,
             "input.eval_split": "validation", "evals.batch_size": 4, "video.csv_dir": str(tmp_path),
             "video.num_frames": 4, "video.sampling_rate": 2, "video.short_side": 32, "video.test_clips": 2}

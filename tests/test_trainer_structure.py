@@ -185,3 +185,25 @@ def test_one_resolver_for_workdirs_checkpoint_folders_and_steps(tmp_path):
     with pytest.raises(ValueError, match="config.init_from=.*: no checkpoint found"):
         saved_lib.resolve(str(tmp_path / "empty"), key="config.init_from")
     np.testing.assert_array_equal(saved_lib.read_params(f"{d}/3")["w"], np.full((4,), 3.0))
+
+
+def test_the_tensorboard_writer_starts_without_importing_torch(tmp_path):
+    """tensorboardX imports torch where installed; the writer hides it (seconds of every start-up).
+    A stand-in ``torch`` on the path fails any import of it; a real torch imports afterwards."""
+    import os
+    import subprocess
+    import sys
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('torch was imported')\n")
+    code = ("import sys\nfrom maskfeat_jax import metrics\n"
+            "w = metrics.Writer(sys.argv[1])\nw.write(1, {'train/loss': 0.5})\nw.close()\n"
+            "assert w._tb is not None and 'torch' not in sys.modules\n"
+            "try:\n    import torch\nexcept RuntimeError as e:\n    print(e)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), root]))
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "torch was imported"          # hidden for tensorboardX's import only
+    assert list((tmp_path / "w" / "tensorboard").glob("events.out.tfevents.*"))
