@@ -6,7 +6,7 @@ For ViT-``--variant`` at ``--batch`` it times, interleaved round by round:
 * attention's batched per-head dots one form at a time (``q.k^T``: logits and the probabilities'
   gradient; ``p.v``: output and the queries' gradient; ``p^T.g``: keys' and values' gradients),
   and its fused forward and backward (``layers.softmax_attention``: the six dots plus the softmax);
-* numpy's float32 4096x4096 matmul, the train-step benchmark's reference;
+* numpy's float32 4096x4096 matmul (``--square``), the train-step benchmark's reference;
 
 each compiled with XLA's default libraries and with every ``--options`` set (Eigen only,
 oneDNN dots, XNNPACK dots by default), and the same computation in numpy.
@@ -62,7 +62,7 @@ def numpy_attention(q, k, v, g):
     return o, ds @ k, ds.swapaxes(-1, -2) @ q, e.swapaxes(-1, -2) @ gr
 
 
-def cases(variant: str, batch: int, rng):
+def cases(variant: str, batch: int, rng, square: int = 4096):
     """(name, GFLOP, jax function, numpy function, arguments) per timed computation."""
     size, patch = vit.parse_variant(variant)
     n, d, h = (224 // patch) ** 2 + 1, size.width, size.heads
@@ -90,8 +90,8 @@ def cases(variant: str, batch: int, rng):
 
     out.append((f"attention {batch}x{h}x{n}x{d // h} fwd+bwd", 6 * dot_flops,
                 attention, numpy_attention, (q, k, v, g)))
-    a = rng.standard_normal((4096, 4096), np.float32)
-    out.append(("square 4096^3", 2 * 4096 ** 3, lambda a, b: a @ b, lambda a, b: a @ b, (a, a)))
+    a = rng.standard_normal((square, square), np.float32)
+    out.append((f"square {square}^3", 2 * square ** 3, lambda a, b: a @ b, lambda a, b: a @ b, (a, a)))
     return out
 
 
@@ -100,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="B/16")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds per computation (median reported)")
+    ap.add_argument("--square", type=int, default=4096, help="side of the square reference matmul")
+    ap.add_argument("--settle", type=float, default=SETTLE_S, help="seconds of pause before each timed call")
     ap.add_argument("--options", default=",".join(OPTION_SETS),
                     help=f"comma-separated XLA option sets to compare with the default: {sorted(OPTION_SETS)}")
     args = ap.parse_args(argv)
@@ -116,14 +118,14 @@ def main(argv=None) -> None:
     head = f"{'computation':<36}" + "".join(f"{s:>10}" for s in sets) + f"{'numpy':>10}"
     print(head + "\n" + "-" * len(head))
     rng = np.random.default_rng(0)
-    for label, flops, jfn, nfn, arrays in cases(args.variant, args.batch, rng):
+    for label, flops, jfn, nfn, arrays in cases(args.variant, args.batch, rng, args.square):
         dev = [jnp.asarray(a) for a in arrays]
         fns = {s: jax.jit(jfn).lower(*dev).compile(compiler_options=o or None) for s, o in sets.items()}
         fns["numpy"] = lambda *_: nfn(*arrays)
         times = {s: [] for s in fns}
         for r in range(args.rounds + 1):          # the first round warms up
             for s, fn in fns.items():
-                time.sleep(SETTLE_S)
+                time.sleep(args.settle)
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*dev))
                 if r:

@@ -210,7 +210,8 @@ def test_dots_benchmark_runs_and_rejects_an_unknown_option_set():
     import subprocess
     import sys
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "dots.py")
-    out = subprocess.run([sys.executable, script, "--variant", "mu/16", "--rounds", "1", "--options", "eigen"],
+    out = subprocess.run([sys.executable, script, "--variant", "mu/16", "--rounds", "1", "--options", "eigen",
+                          "--square", "256", "--settle", "0"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("qkv", "fc2", "attention", "square"))]

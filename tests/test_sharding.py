@@ -58,7 +58,7 @@ def test_strategies_match_single_device(task, meshes):
 
 def test_fsdp_holds_an_eighth_of_parameters_and_optimizer_state_per_device():
     c = _config()
-    c.model.variant = "Ti/16"   # wide enough that every 2-D weight splits 8 ways
+    c.model.variant = "demo/16"   # wide enough that every 2-D weight splits 8 ways
     c.mesh.data, c.mesh.fsdp = 1, 8
     fsdp = train.setup(c, sharding.make_mesh(c.mesh), 10, 100).init()
     c.mesh.data, c.mesh.fsdp = 8, 1
@@ -70,14 +70,14 @@ def test_fsdp_holds_an_eighth_of_parameters_and_optimizer_state_per_device():
 
 def test_parameters_are_created_sharded():
     c = _config()
-    c.model.variant = "S/16"
+    c.model.variant = "demo/16"     # width 128, MLP 512
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     state = train.setup(c, sharding.make_mesh(c.mesh), 10, 100).init()
     qkv = state.params["encoder"]["blocks"][0]["attn"]["qkv_kernel"]
     assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
     assert len(qkv.addressable_shards) == 8
     fc1 = state.params["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-    assert fc1.sharding.shard_shape(fc1.shape) == (192, 768)
+    assert fc1.sharding.shard_shape(fc1.shape) == (64, 256)
 
 
 def test_gradient_accumulation_matches_the_full_batch(task="pretrain"):
