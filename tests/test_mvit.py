@@ -465,19 +465,27 @@ def _two_block_loss_and_grads(remat):
     w = jax.random.normal(jax.random.key(5), (4, 1 + 64, 32))
     loss = jax.jit(jax.value_and_grad(lambda s, rng: (nnx.merge(gd, s)(x, rng=rng)["tokens_BxNxD"] * w).sum()))
     value, grads = loss(st, jax.random.key(6))
-    return value, loss(st, jax.random.key(7))[0], jax.tree.leaves(grads)
+    named = {jax.tree_util.keystr(k): g for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    return value, loss(st, jax.random.key(7))[0], named
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])
 def test_remat_policies_give_the_same_gradients_with_drop_path(remat):
     """Loss and gradients with drop path and an rng equal those without remat: the
-    rematerialised blocks compute the same values and see the same keys."""
+    rematerialised blocks compute the same values and see the same keys. The key norm's bias
+    adds one vector to every key of a query, which the softmax ignores: its gradient is zero,
+    and with remat or without it is rounding noise far below the other gradients."""
     want_value, other_key_value, want = _two_block_loss_and_grads("none")
     assert not np.allclose(want_value, other_key_value, rtol=1e-3)   # drop path is active
     value, _, grads = _two_block_loss_and_grads(remat)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    for a, b in zip(grads, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    assert grads.keys() == want.keys()
+    scale = max(float(jnp.abs(g).max()) for g in want.values())
+    for name, b in want.items():
+        if "['norm_k']['bias']" in name:
+            assert float(jnp.abs(grads[name]).max()) < 1e-6 * scale and float(jnp.abs(b).max()) < 1e-6 * scale, name
+        else:
+            np.testing.assert_allclose(grads[name], b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
 
 
 def test_bfloat16_forward_is_close_to_float32():
