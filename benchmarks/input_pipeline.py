@@ -27,9 +27,15 @@ sensitive to other load on the machine than wall time) and minor page faults per
 a process whose large (>= 128 KiB) allocations are returned to the OS and faulted in
 again on every image pays about 3 us per 4 KiB page on some virtual machines, over 1 ms
 per image for the floor's copies, so the fault column tells which regime a run was in.
-The summary gives, per backend, the per-core ratio of the pre-training pipeline with
-``worker_count=0`` in wall and in CPU time (goal >= 0.8, 0.9 hoped for) and the speed-up
-of 2 workers over 1 (goal >= 1.7; only an otherwise idle machine can show it).
+Every process keeps its freed memory (``host_memory``, as ``maskfeat_jax.main`` and grain's
+workers do): without it Pillow's decode alone ran at half its rate on a 2-core VM.
+``decode PIL x N procs`` runs the Pillow decode floor in N processes at once: the machine's
+own ceiling for N CPU-bound processes (N times the floor only where N cores are free and
+nothing else is shared). Rows with workers give the main process's CPU time per image (it
+only receives batches). The summary gives, per backend, the per-core ratio of the
+pre-training pipeline with ``worker_count=0`` in wall and in CPU time (goal >= 0.8, 0.9
+hoped for) and the speed-up of 2 workers over 1 (goal >= 1.7; only an otherwise idle
+machine can show it) beside the machine's own 2-process ceiling.
 
 The pipeline reads the files through a source of ``--source_size`` examples (example i is
 file i mod num_images; default 1281167, ImageNet-1k's train split). grain's index shuffle
@@ -51,6 +57,9 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # an input benchmark: keep jax off accelerators
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from maskfeat_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()   # as maskfeat_jax.main does, before numpy; grain's workers as well
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -119,6 +128,31 @@ def bench_decode(paths: list[str], repeats: int, decode=_decode_pil) -> tuple[fl
             assert decode(p).ndim == 3
         best = max(best, _rates(start, len(paths)))
     return best
+
+
+def _decode_loop(paths: list[str], repeats: int, start, out) -> None:
+    """A child of :func:`bench_parallel_decode`: once all children are up (``start``, a
+    barrier), the Pillow decode floor over ``paths``; its best (wall img/s) put on ``out``."""
+    host_memory.keep_freed_memory("on")    # as this process and grain's workers
+    start.wait()
+    out.put(bench_decode(paths, repeats)[0])
+
+
+def bench_parallel_decode(paths: list[str], repeats: int, processes: int) -> float:
+    """Images/s of ``processes`` Pillow decode loops run at once, each over all of ``paths``
+    (the sum of their best rates): what this machine gives ``processes`` independent
+    CPU-bound processes, the ceiling for as many grain workers."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out, start = ctx.Queue(), ctx.Barrier(processes)
+    procs = [ctx.Process(target=_decode_loop, args=(paths, repeats, start, out)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return float(sum(rates))
 
 
 def bench_peer(paths: list[str], args, repeats: int) -> tuple[float, float, float]:
@@ -302,7 +336,11 @@ def main(argv=None):
             sj_floors.append(bench_decode(paths, args.decode_repeats, _decode_simplejpeg))
 
         measure_floors()
+        parallel = {n: bench_parallel_decode(paths, args.decode_repeats, n)
+                    for n in sorted({w for w in workers if w > 1})}
         rows = []                        # (name, img/s, CPU img/s, faults/img (None: -), cores, 1st batch)
+        for n, ips in parallel.items():
+            rows.append((f"decode PIL x {n} procs", ips, None, None, min(n, cores), None))
         ips, cpu, faults = bench_peer(paths, args, args.decode_repeats)
         rows.append(("torchvision-style (PIL)", ips, cpu, faults, 1, None))
         for task in tasks:
@@ -321,8 +359,8 @@ def main(argv=None):
                     pipe[task, backend, w] = ips
                     if w == 0:
                         w0_cpu[task, backend] = cpu
-                    rows.append((f"pipe {task} {backend} w{w}", ips, cpu if w == 0 else None,
-                                 faults if w == 0 else None, max(1, min(w, cores)), t_first))
+                    rows.append((f"pipe {task} {backend} w{w}", ips, cpu, faults if w == 0 else None,
+                                 max(1, min(w, cores)), t_first))
                     measure_floors()
 
     floor, floor_cpu = max(f[0] for f in floors), max(f[1] for f in floors)
@@ -333,6 +371,7 @@ def main(argv=None):
     rows.insert(1, ("decode simplejpeg", max(f[0] for f in sj_floors), max(f[1] for f in sj_floors),
                     max(sj_floors)[2], 1, None))
 
+    # CPU columns: the whole work for in-process rows; with workers, the main process's share
     head = (f"{'config':<28}{'img/s':>9}{'cores':>7}{'img/s/core':>12}{'vs decode':>11}{'per core':>10}"
             f"{'CPU ms/img':>12}{'per core CPU':>14}{'faults/img':>12}{'1st batch':>11}")
     print(head)
@@ -340,8 +379,9 @@ def main(argv=None):
     for name, ips, cpu, faults, used, t_first in rows:
         per_core = ips / used
         first = f"{t_first:.2f}s" if t_first is not None else "-"
-        cpu_ms = f"{1e3 / cpu:.3f}" if cpu else "-"
-        cpu_ratio = f"{cpu / floor_cpu:.2f}x" if cpu else "-"
+        main_only = name.startswith("pipe ") and not name.endswith(" w0")
+        cpu_ms = (f"{1e3 / cpu:.3f}" + ("m" if main_only else "")) if cpu else "-"
+        cpu_ratio = f"{cpu / floor_cpu:.2f}x" if cpu and not main_only else "-"
         flt = f"{faults:.0f}" if faults is not None else "-"
         print(f"{name:<28}{ips:>9.1f}{used:>7d}{per_core:>12.1f}{ips / floor:>10.2f}x"
               f"{per_core / floor:>9.2f}x{cpu_ms:>12}{cpu_ratio:>14}{flt:>12}{first:>11}")
@@ -353,9 +393,12 @@ def main(argv=None):
         if ("pretrain", backend, 1) in pipe and ("pretrain", backend, 2) in pipe:
             summary.append(f"{backend} pretrain w2/w1 "
                            f"{pipe['pretrain', backend, 2] / pipe['pretrain', backend, 1]:.2f}x (goal >= 1.7)")
+    if 2 in parallel:
+        summary.append(f"machine: 2 decode processes at once {parallel[2] / floor:.2f}x one")
     if ("pretrain", backends[0], 0) in w0_cpu:
         summary.append(f"block mask {1e3 / mask_cpu:.3f} CPU ms/img = "
                        f"{w0_cpu['pretrain', backends[0]] / mask_cpu:.0%} of {backends[0]} pretrain w0's CPU time")
+    print("CPU ms/img marked m: the main process's own CPU time per image (the workers' is not counted)")
     print("summary: " + "; ".join(summary))
 
 

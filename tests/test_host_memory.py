@@ -1,5 +1,6 @@
 """``host_memory``: XLA CPU's per-call temporaries stop being page-faulted anew once freed host
-memory is kept; the 'auto' mode follows the platform; bad settings are named."""
+memory is kept; grain's workers keep theirs too; the 'auto' mode follows the platform; bad
+settings are named."""
 import os
 import subprocess
 import sys
@@ -64,3 +65,30 @@ def test_a_bad_setting_is_named(tmp_path):
                           f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "MASKFEAT_KEEP_HOST_MEMORY": "yes"})
     assert out.returncode == 2 and "MASKFEAT_KEEP_HOST_MEMORY='yes'" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not host_memory.is_glibc(), reason="glibc's malloc only")
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_grain_workers_keep_freed_memory_unless_turned_off(mode, monkeypatch):
+    """In a worker, a 40 MB buffer (above glibc's largest dynamic mmap threshold; a bytearray,
+    which numpy's huge-page advice does not reach) allocated and freed again is faulted in once
+    with the settings, on every allocation without them."""
+    import grain
+    import numpy as np
+    from maskfeat_jax.data import pipeline
+
+    def faults(_):
+        import resource
+        bytearray(40_000_000)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(2):
+            bytearray(40_000_000)
+        return np.int64(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    monkeypatch.setenv(host_memory.ENV, mode)
+    per_two = int(next(pipeline.read_batches(grain.MapDataset.range(1).map(faults), 1)))
+    pages = 2 * 40_000_000 // 4096
+    if mode == "off":
+        assert per_two > pages // 2, per_two       # faulted in anew each time
+    else:
+        assert per_two < pages // 20, per_two

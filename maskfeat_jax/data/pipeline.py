@@ -25,10 +25,11 @@ import jax
 import numpy as np
 from absl import flags
 
+from maskfeat_jax import host_memory
 from maskfeat_jax.data import sources, video_maps
 from maskfeat_jax.data.image_maps import EvalMap, TrainMap, decode, erase_box, open_image
 
-__all__ = ["EvalMap", "TrainMap", "decode", "erase_box", "open_image", "in_workers", "worker_count",
+__all__ = ["EvalMap", "TrainMap", "decode", "erase_box", "open_image", "init_worker", "in_workers", "worker_count",
            "read_batches", "train_map", "train_stream", "train_dataset", "padded_batches", "eval_batches"]
 
 
@@ -38,15 +39,24 @@ def _process(process_index, process_count) -> tuple[int, int]:
     return pi, pc
 
 
+def init_worker(worker_index: int = 0, worker_count: int = 1) -> bool:
+    """A grain worker's start (grain passes the worker's index and count): freed memory stays in the process (``host_memory``; on, as the
+    worker runs no JAX, unless ``MASKFEAT_KEEP_HOST_MEMORY=off``). A worker allocates and frees
+    each example's decode and resize buffers; where glibc hands them back and the kernel faults
+    them in again, Pillow's decode alone ran at half its rate on a 2-core VM."""
+    off = os.environ.get(host_memory.ENV, "auto").lower() == "off"
+    return host_memory.keep_freed_memory("off" if off else "on")
+
+
 def in_workers(ds: grain.MapDataset, workers: int, **options) -> grain.IterDataset:
-    """``ds`` read in order, in ``workers`` grain worker processes (0: in this process);
-    ``options`` go to ``grain.MultiprocessingOptions``."""
+    """``ds`` read in order, in ``workers`` grain worker processes (0: in this process), each
+    started by :func:`init_worker`; ``options`` go to ``grain.MultiprocessingOptions``."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if workers <= 0:
         return it
     if not flags.FLAGS.is_parsed():   # grain 0.2.18's workers read absl flags: outside an absl app, use defaults
         flags.FLAGS.mark_as_parsed()
-    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, **options))
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, **options), worker_init_fn=init_worker)
 
 
 def worker_count(config) -> int:
