@@ -290,7 +290,7 @@ def _run_evaluators(due, state, step: int, logger) -> None:
 
 def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_epoch, flops_per_image,
                  peak_src):
-    """The start-up summary on stdout (process 0): devices, mesh, program, batch, lr, steps, sizes."""
+    """The start-up summary on stdout (process 0): devices, mesh, program, batch, input, lr, steps, sizes."""
     if jax.process_index() != 0:
         return
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
@@ -302,6 +302,9 @@ def _log_summary(config, mesh, model, abs_params, state, total_steps, steps_per_
         f"mesh: {dict(mesh.shape)}",
         describe_program(model, config, platform_lib.target(config, mesh.devices)),
         f"batch: global {gb}, per device {gb // jax.device_count()}, per host {gb // jax.process_count()}",
+        f"input: {config.input.dataset}, "
+        + ("clips decoded by PyAV" if config_lib.is_video(config) else f"image backend {config.input.image_backend}")
+        + f", {pipeline.worker_count(config)} grain worker process(es) per host",
         f"lr: peak {lrs['peak']:.3e} = base {config.optim.base_lr:g} x {gb}/{config.optim.reference_batch}"
         f" (start {lrs['start']:.2e}, end {lrs['end']:.2e}), layer decay {config.optim.layer_decay}",
         f"steps: {total_steps} ({steps_per_epoch} per epoch), starting at {int(jax.device_get(state.step))}",

@@ -137,6 +137,7 @@ def runs(tmp_path_factory):
 def test_two_processes_see_eight_devices(runs):
     _, one, (out0, out1) = runs
     assert "devices: 8 x cpu on 1 process(es)" in one
+    assert "input: digits, image backend cv2, 0 grain worker process(es) per host" in one
     assert "devices: 8 x cpu on 2 process(es)" in out0
     assert "devices:" not in out1    # the summary is printed by process 0 only
 

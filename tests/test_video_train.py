@@ -31,6 +31,7 @@ def test_video_pretraining_end_to_end(tmp_path, video_dir):
                         "--config.log_every_steps=1"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "input: video_demo, clips decoded by PyAV, 0 grain worker process(es) per host" in p.stdout
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses))
