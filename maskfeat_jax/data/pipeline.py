@@ -39,9 +39,10 @@ def _process(process_index, process_count) -> tuple[int, int]:
     return pi, pc
 
 
-def init_worker(worker_index: int = 0, worker_count: int = 1) -> bool:
-    """A grain worker's start (grain passes the worker's index and count): freed memory stays in the process (``host_memory``; on, as the
-    worker runs no JAX, unless ``MASKFEAT_KEEP_HOST_MEMORY=off``). A worker allocates and frees
+def init_worker(*_index_and_count) -> bool:
+    """A grain worker's start (grain passes the worker's index and count): freed memory stays
+    in the process (``host_memory``; on, as the worker runs no JAX, unless
+    ``MASKFEAT_KEEP_HOST_MEMORY=off``). A worker allocates and frees
     each example's decode and resize buffers; where glibc hands them back and the kernel faults
     them in again, Pillow's decode alone ran at half its rate on a 2-core VM."""
     off = os.environ.get(host_memory.ENV, "auto").lower() == "off"
