@@ -58,7 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
     #                                     ablation without local contrast normalisation
 
     _target_groups(c)
+    _input_groups(c)
+    _training_groups(c)
+    return c
 
+
+def _input_groups(c: ml_collections.ConfigDict) -> None:
+    """The data: ``input`` (images, and what every dataset shares), ``video`` and ``ava``."""
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "imagenet2012"    # TFDS name, "digits" (embedded), "synthetic", "folder:<root>";
     #                                     video: "video_csv" (video.csv_dir) or "video_demo" (embedded);
@@ -112,9 +118,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.ava.eval_second_stride = 1        # evaluate keyframes at seconds divisible by this (PySlowFast's
     #                                     in-training val: 4; 1 = every keyframe, FULL_TEST_ON_VAL)
     c.ava.protocol = "pyslowfast"       # frame-mAP order within a frame: "pyslowfast" or "activitynet"
-
-    _training_groups(c)
-    return c
 
 
 def _target_groups(c: ml_collections.ConfigDict) -> None:
@@ -276,8 +279,7 @@ def comments() -> dict[str, str]:
     continues the key above it)."""
     import inspect
     out, key = {}, None
-    source = (inspect.getsource(base_config) + inspect.getsource(_target_groups)
-              + inspect.getsource(_training_groups))
+    source = "".join(inspect.getsource(f) for f in (base_config, _target_groups, _input_groups, _training_groups))
     for line in source.splitlines():
         m = re.match(r"\s*c\.([\w.]+)\s*=.*?(?:#\s*(.*))?$", line)
         if m and "ConfigDict()" not in line:

@@ -1,7 +1,8 @@
 """The command line around a config: a config file's argument (``--config=FILE:ARG``,
 ``parse_arg``), a config file naming one setting of another (``from_file``), ``--config`` found
 from any folder (``resolve_config_file``) and ``flags_parser``, which turns flag and config errors
-into one line. The config itself is ``config``.
+into one line; ``run`` and ``command_flags`` make any ``python -m`` command of the package an absl
+program whose ``main`` tests can also call with a list of flags. The config itself is ``config``.
 """
 from __future__ import annotations
 
@@ -125,3 +126,30 @@ def flags_parser(flag_values):
             sys.exit(2)
 
     return parse
+
+
+def command_flags(define, argv, name: str):
+    """The flags a command's ``main(argv)`` reads. Under ``absl.app.run`` (``argv[0]`` is the
+    program) they are absl's global flags, parsed already. Called with a list of flags instead
+    (``main(["--csv=x.csv"])``, as the tests do), those are parsed into flags of their own
+    (``define(FlagValues)``), leaving the global ones alone; a flag error exits 2 with one line,
+    as on the command line."""
+    from absl import flags
+    if argv and not argv[0].startswith("-"):
+        return flags.FLAGS
+    flag_values = define(flags.FlagValues())
+    flags_parser(flag_values)([name, *argv])
+    return flag_values
+
+
+def run(main, define, *, exit_code: bool = True) -> None:
+    """Runs ``main`` as an absl program with the flags ``define(FLAGS)`` defines (errors as in
+    ``flags_parser``). ``main``'s return value is the exit status where ``exit_code``, else
+    ignored (a command that returns what it wrote exits 0)."""
+    from absl import app, flags
+
+    def status(argv):
+        result = main(argv)
+        return result if exit_code else None
+
+    app.run(status, flags_parser=flags_parser(define(flags.FLAGS)))

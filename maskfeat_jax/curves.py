@@ -229,10 +229,8 @@ def main(argv: Sequence[str]) -> str:
     """``python -m maskfeat_jax.curves``: the chart of one metric, its path printed and returned.
     Under ``app.run`` ``argv`` is the program name; a list of flags (``main(["--workdir=DIR"])``)
     is parsed into flags of its own, leaving absl's global flags alone."""
-    fv = flags.FLAGS
-    if argv and argv[0].startswith("--"):
-        fv = _define_flags(flags.FlagValues())
-        fv(["curves", *argv])
+    from maskfeat_jax import config_cli
+    fv = config_cli.command_flags(_define_flags, argv, "curves")
     out = storage.path(fv.out) if fv.out else storage.path(fv.workdir) / (fv.key.replace("/", "_") + ".png")
     try:
         steps, values = read(fv.workdir, fv.key)
@@ -249,8 +247,5 @@ def main(argv: Sequence[str]) -> str:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     from maskfeat_jax import config_cli
-    # app.run exits with main's return value: the path is printed, the status is 0
-    app.run(lambda argv: main(argv) and None, flags_parser=config_cli.flags_parser(_define_flags(flags.FLAGS)))
+    config_cli.run(main, _define_flags, exit_code=False)

@@ -331,10 +331,8 @@ def main(argv: Sequence[str]) -> list[str]:
     pre-training checkpoint as PNGs, their paths printed and returned. Under ``app.run`` ``argv``
     is the program name; a list of flags (``main(["--workdir=DIR"])``) is parsed into flags of
     its own, leaving absl's global flags alone."""
-    fv = flags.FLAGS
-    if argv and argv[0].startswith("--"):
-        fv = _define_flags(flags.FlagValues())
-        fv(["visualize", *argv])
+    from maskfeat_jax import config_cli
+    fv = config_cli.command_flags(_define_flags, argv, "visualize")
     from maskfeat_jax import saved as saved_lib, storage
 
     try:
@@ -366,9 +364,8 @@ def main(argv: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from absl import app, logging
+    from absl import logging
 
     from maskfeat_jax import config_cli
     logging.set_verbosity(logging.ERROR)  # orbax's read-only notices
-    # app.run exits with main's return value: the paths are printed, the status is 0
-    app.run(lambda argv: main(argv) and None, flags_parser=config_cli.flags_parser(_define_flags(flags.FLAGS)))
+    config_cli.run(main, _define_flags, exit_code=False)

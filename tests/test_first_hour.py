@@ -102,7 +102,11 @@ def test_help_exits_0_and_starts_with_the_flags():
     for module, text in (("maskfeat_jax.curves", "the metric to plot"),
                          ("maskfeat_jax.visualize", "one figure each"),
                          ("maskfeat_jax.dry_run", "Simulate this many CPU devices"),
-                         ("maskfeat_jax.evaluators.probe", "the checkpoint step")):
+                         ("maskfeat_jax.evaluators.probe", "the checkpoint step"),
+                         ("maskfeat_jax.data.check_videos", "decodes and counts every frame"),
+                         ("maskfeat_jax.data.make_video_demo", "Frames per video"),
+                         ("maskfeat_jax.data.make_ava_demo", "Video length"),
+                         ("maskfeat_jax.data.make_ssv2_demo", "Shortest video")):
         p = _run("-m", module, "--help")
         assert p.returncode == 0 and text in p.stdout, (module, p.stdout, p.stderr[-2000:])
 

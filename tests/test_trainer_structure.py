@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from maskfeat_jax import checkpoint, config as config_lib, evaluators, metrics, saved as saved_lib, steps
-from maskfeat_jax.evaluators import classification
+from maskfeat_jax.evaluators import ava, classification
 
 
 def _config(task="pretrain", model="vit", probe=False, figures=0, every=4):
@@ -21,8 +21,9 @@ def _config(task="pretrain", model="vit", probe=False, figures=0, every=4):
 
 @pytest.fixture
 def no_eval_data(monkeypatch):
-    """The classification evaluator without its data or its compiled step."""
-    monkeypatch.setattr(classification, "Evaluator", lambda *args: types.SimpleNamespace(run=lambda p: {}))
+    """The classification and AVA evaluators without their data or their compiled steps."""
+    for module in (classification, ava):
+        monkeypatch.setattr(module, "Evaluator", lambda *args: types.SimpleNamespace(run=lambda p: {}))
 
 
 def _names(c, writer="writer"):
@@ -37,6 +38,7 @@ def test_the_evaluators_a_config_gets(no_eval_data, monkeypatch):
     assert _names(_config(model="mvit", figures=5)) == []              # figures: ViT only
     assert _names(_config(task="finetune", figures=5)) == ["classification"]
     assert _names(_config(task="finetune", probe=True)) == ["classification", "probe"]
+    assert _names(_config(task="detect", model="mvit", figures=5)) == ["ava"]
     monkeypatch.setattr(jax, "process_count", lambda: 2)               # probe and figures: one process
     assert _names(_config(task="finetune", probe=True, figures=5)) == ["classification"]
     assert _names(_config(probe=True, figures=5)) == []

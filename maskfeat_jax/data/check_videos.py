@@ -38,7 +38,6 @@ be written.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import multiprocessing
@@ -116,27 +115,31 @@ def check_csv(csv_path: str, root: str | None = None, *, decode: str = "first", 
         yield from zip(lines, paths, pool.map(check, paths, chunksize=8))   # map keeps the order
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m maskfeat_jax.data.check_videos",
-                                description="Check every video of a Kinetics-style CSV (path label lines).")
-    p.add_argument("--csv", required=True, help="the CSV to check (train.csv, val.csv)")
-    p.add_argument("--root", default=None,
-                   help="folder of relative video paths, as config.video.root (default: the CSV's folder)")
-    p.add_argument("--out", default=None,
-                   help="write the ok lines, unchanged, to this CSV (relative paths stay relative: keep it "
-                        "next to the input CSV or set config.video.root)")
-    p.add_argument("--workers", type=int, default=1, help="processes checking videos in parallel (1: this one)")
-    p.add_argument("--min_frames", type=int, default=0,
-                   help="report videos with fewer frames as too_short and leave them out of --out (0: no "
-                        "check); training would use them, repeating the last frame")
-    p.add_argument("--decode", choices=("first", "all"), default="first",
-                   help="first: decode the first frame only (fast); all: decode and count every frame")
-    a = p.parse_args(argv)
-    if a.workers < 1 or a.min_frames < 0:
-        p.error("--workers must be >= 1 and --min_frames >= 0")
-    if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
-        p.error(f"--out={a.out}: no such folder")
+def _define_flags(flag_values):
+    from absl import flags
+    fv = flag_values
+    flags.DEFINE_string("csv", None, "The CSV to check (train.csv, val.csv).", flag_values=fv)
+    flags.DEFINE_string("root", None, "Folder of relative video paths, as config.video.root (default: the "
+                        "CSV's folder).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Writes the ok lines, unchanged, to this CSV (relative paths stay relative: "
+                        "keep it next to the input CSV or set config.video.root).", flag_values=fv)
+    flags.DEFINE_integer("workers", 1, "Processes checking videos in parallel (1: this one).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("min_frames", 0, "Reports videos with fewer frames as too_short and leaves them out of "
+                         "--out (0: no check); training would use them, repeating the last frame.",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum("decode", "first", ["first", "all"], "first: decodes the first frame only (fast); all: "
+                      "decodes and counts every frame.", flag_values=fv)
+    flags.mark_flags_as_required(["csv"], flag_values=fv)
+    flags.register_validator("out", lambda out: not out or os.path.isdir(os.path.dirname(os.path.abspath(out))),
+                             "no such folder", flag_values=fv)
+    return fv
 
+
+def main(argv) -> int:
+    """``python -m maskfeat_jax.data.check_videos``: the report, and the exit status."""
+    from maskfeat_jax import config_cli
+    a = config_cli.command_flags(_define_flags, argv, "check_videos")
     counts = dict.fromkeys(CATEGORIES, 0)
     good, frames, seconds = [], 0, 0.0
     try:
@@ -178,4 +181,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskfeat_jax import config_cli
+    config_cli.run(main, _define_flags)

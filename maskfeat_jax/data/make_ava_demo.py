@@ -47,9 +47,7 @@ defaults take about a second.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image
@@ -203,19 +201,14 @@ def ensure_ava_demo(out: str, **kwargs) -> str:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num_train", type=int, default=8)
-    p.add_argument("--num_val", type=int, default=4)
-    p.add_argument("--seconds", type=int, default=10, help="video length: seconds 900 .. 900 + seconds")
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    make_ava_demo(a.out, num_train=a.num_train, num_val=a.num_val, seconds=a.seconds, size=a.size, seed=a.seed)
-    print(f"wrote {a.num_train} + {a.num_val} videos and the AVA annotation files to {a.out}")
-    return 0
+_define_flags = make_video_demo.maker_flags(make_ava_demo, {"seconds": "Video length: seconds 900 .. 900 + seconds."})
+
+
+def main(argv) -> int:
+    """``python -m maskfeat_jax.data.make_ava_demo``: writes the dataset to ``--out``."""
+    return make_video_demo.maker_main(make_ava_demo, _define_flags, argv, "the AVA annotation files")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskfeat_jax import config_cli
+    config_cli.run(main, _define_flags)

@@ -27,11 +27,9 @@ the files byte-identical from run to run. The defaults take a few seconds.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 
 import numpy as np
 from PIL import Image
@@ -145,21 +143,15 @@ def ensure_ssv2_demo(out: str, **kwargs) -> str:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num_train", type=int, default=240)
-    p.add_argument("--num_val", type=int, default=80)
-    p.add_argument("--min_frames", type=int, default=16, help="shortest video, in frames")
-    p.add_argument("--max_frames", type=int, default=32, help="longest video, in frames")
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    make_ssv2_demo(a.out, num_train=a.num_train, num_val=a.num_val, min_frames=a.min_frames,
-                   max_frames=a.max_frames, size=a.size, seed=a.seed)
-    print(f"wrote {a.num_train} + {a.num_val} videos and the SSv2 label files to {a.out}")
-    return 0
+_define_flags = make_video_demo.maker_flags(make_ssv2_demo, {"min_frames": "Shortest video, in frames.",
+                                                            "max_frames": "Longest video, in frames."})
+
+
+def main(argv) -> int:
+    """``python -m maskfeat_jax.data.make_ssv2_demo``: writes the dataset to ``--out``."""
+    return make_video_demo.maker_main(make_ssv2_demo, _define_flags, argv, "the SSv2 label files")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskfeat_jax import config_cli
+    config_cli.run(main, _define_flags)

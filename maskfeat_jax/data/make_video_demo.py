@@ -16,7 +16,7 @@ byte-identical from run to run; the defaults take a few seconds.
 """
 from __future__ import annotations
 
-import argparse
+import inspect
 import math
 import os
 import sys
@@ -133,19 +133,45 @@ def ensure_video_demo(out: str, **kwargs) -> str:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num_train", type=int, default=200)
-    p.add_argument("--num_val", type=int, default=50)
-    p.add_argument("--frames", type=int, default=32, help="frames per video")
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    make_video_demo(a.out, num_train=a.num_train, num_val=a.num_val, frames=a.frames, size=a.size, seed=a.seed)
-    print(f"wrote {a.num_train} + {a.num_val} videos and train.csv, val.csv to {a.out}")
+_FLAG_HELP = {"num_train": "Training videos.", "num_val": "Validation videos.",
+              "size": "Frame side in pixels (even).", "seed": "Seed of everything drawn."}
+
+
+def maker_flags(make, helps: dict[str, str]):
+    """``define(flag_values)`` for a demo maker's command: ``--out`` and an integer flag for each
+    keyword argument of ``make``, with its default, described by ``helps`` (or the common help)."""
+    def define(flag_values):
+        from absl import flags
+        # the flags belong to make's module (so its --help lists them), as if defined there
+        module = sys.argv[0] if make.__module__ == "__main__" else make.__module__
+        flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values, module_name=module)
+        for name, p in inspect.signature(make).parameters.items():
+            if p.kind is p.KEYWORD_ONLY:
+                flags.DEFINE_integer(name, p.default, helps.get(name) or _FLAG_HELP[name], flag_values=flag_values,
+                                     module_name=module)
+        flags.mark_flags_as_required(["out"], flag_values=flag_values)
+        return flag_values
+    return define
+
+
+def maker_main(make, define, argv, wrote: str) -> int:
+    """A demo maker's ``main``: ``make(--out, **the other flags)``, then one line of what it wrote."""
+    from maskfeat_jax import config_cli
+    a = config_cli.command_flags(define, argv, make.__name__)
+    make(a.out, **{name: a[name].value for name, p in inspect.signature(make).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY})
+    print(f"wrote {a.num_train} + {a.num_val} videos and {wrote} to {a.out}")
     return 0
 
 
+_define_flags = maker_flags(make_video_demo, {"frames": "Frames per video."})
+
+
+def main(argv) -> int:
+    """``python -m maskfeat_jax.data.make_video_demo``: writes the dataset to ``--out``."""
+    return maker_main(make_video_demo, _define_flags, argv, "train.csv, val.csv")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from maskfeat_jax import config_cli
+    config_cli.run(main, _define_flags)

@@ -19,28 +19,17 @@ from absl import logging
 # ``probe``, which ``python -m maskfeat_jax.evaluators.probe`` runs as ``__main__``.
 
 
-class Classification:
-    """Top-1/top-5 (``classification.Evaluator``). Built before any checkpoint is read, so the
-    evaluation split's errors come before anything is restored or compiled."""
-    name = "classification"
+class HeldOut:
+    """The scalars of a held-out split: ``classification.Evaluator`` (top-1/top-5, ``name``
+    ``"classification"``) or ``ava.Evaluator`` (frame-mAP, ``"ava"``). Built before any checkpoint
+    is read, so the split's errors (and AVA's ground truth) come before anything is restored or
+    compiled."""
 
-    def __init__(self, config, mesh, setup):
-        from maskfeat_jax.evaluators import classification
-        self.every_steps = config.evals.every_steps
-        self.evaluator = classification.Evaluator(config, mesh, setup.graphdef, setup.state_sharding.params)
-
-    def run(self, state) -> dict:
-        return self.evaluator.run(state.params)
-
-
-class AvaDetection:
-    """AVA frame-mAP (``ava.Evaluator``), its split and ground truth read before any checkpoint."""
-    name = "ava"
-
-    def __init__(self, config, mesh, setup):
-        from maskfeat_jax.evaluators import ava
-        self.every_steps = config.evals.every_steps
-        self.evaluator = ava.Evaluator(config, mesh, setup.graphdef, setup.state_sharding.params)
+    def __init__(self, name, config, mesh, setup):
+        import importlib
+        module = importlib.import_module(f"maskfeat_jax.evaluators.{name}")
+        self.name, self.every_steps = name, config.evals.every_steps
+        self.evaluator = module.Evaluator(config, mesh, setup.graphdef, setup.state_sharding.params)
 
     def run(self, state) -> dict:
         return self.evaluator.run(state.params)
@@ -80,10 +69,8 @@ def from_config(config, mesh, setup, writer=None) -> list:
     is where figures go; without one (``--mode=eval``) there are only those that give numbers."""
     one_process = jax.process_count() == 1
     evaluators = []
-    if config.task == "finetune":
-        evaluators.append(Classification(config, mesh, setup))
-    if config.task == "detect":
-        evaluators.append(AvaDetection(config, mesh, setup))
+    if config.task in ("finetune", "detect"):
+        evaluators.append(HeldOut("classification" if config.task == "finetune" else "ava", config, mesh, setup))
     if config.evals.probe and one_process:
         evaluators.append(Probe(config, setup))
     elif config.evals.probe:

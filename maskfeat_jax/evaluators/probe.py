@@ -116,10 +116,8 @@ def _define_flags(flag_values):
 
 def main(argv) -> dict:
     """``python -m maskfeat_jax.evaluators.probe``: prints the probe's accuracies as JSON."""
-    from absl import flags
-
-    from maskfeat_jax import saved as saved_lib
-    fv = flags.FLAGS
+    from maskfeat_jax import config_cli, saved as saved_lib
+    fv = config_cli.command_flags(_define_flags, argv, "probe")
     try:
         saved = saved_lib.load(fv.workdir, fv.step)
         result = evaluate(saved.config, saved.graphdef, saved.params, fv.split)
@@ -131,7 +129,5 @@ def main(argv) -> dict:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
     from maskfeat_jax import config_cli
-    app.run(lambda argv: main(argv) and None, flags_parser=config_cli.flags_parser(_define_flags(flags.FLAGS)))
+    config_cli.run(main, _define_flags, exit_code=False)
