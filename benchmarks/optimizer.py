@@ -4,7 +4,7 @@ Builds the trainer's state and optimizer (``train.setup``: AdamW with clipping, 
 mask and layer-wise lr decay, as configured) for ``--variant``, and times three jitted
 updates of the whole state with donated buffers, interleaved round by round:
 
-* ``cond``: ``steps._apply``, what the trainer runs: the update inside ``lax.cond`` on a
+* ``cond``: ``steps.apply_update``, what the trainer runs: the update inside ``lax.cond`` on a
   finite loss and gradient norm, so a non-finite step leaves parameters and moments as they were
   (only the lr schedule's count advances);
 * ``where``: the guard written as a ``where`` over every updated parameter and moment
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     config_lib.validate(c, jax.device_count(), jax.process_count())
     mesh = sharding.make_mesh(c.mesh)
     st = train.setup(c, mesh, steps_per_epoch=1000, total_steps=100_000)
-    variants = {"cond": lambda s, l, g: steps._apply(st.tx, s, l, g, {})[0],
+    variants = {"cond": lambda s, l, g: steps.apply_update(st.tx, s, l, g, {})[0],
                 "where": lambda s, l, g: where_guard(st.tx, s, l, g),
                 "unguarded": lambda s, l, g: unguarded(st.tx, s, l, g)}
     with jax.set_mesh(mesh):

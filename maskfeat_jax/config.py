@@ -219,7 +219,7 @@ SHAPE_KEYS = ("task", "model.name", "model.variant", "model.num_classes", "input
               "hog.nbins", "hog.cell_size", "video.num_frames", "target.pixel_all_frames",
               "head.type", "head.decoder_dim", "head.decoder_depth", "head.decoder_heads",
               "mae.enabled", "mae.decoder_dim", "mae.decoder_depth", "mae.decoder_heads",
-              "model.tubelet", "model.sep_pos_embed", "mae.decoder_sep_pos_embed")
+              "model.tubelet", "model.sep_pos_embed", "mae.decoder_sep_pos_embed", "target.teacher")
 # keys that change the train state's structure only through a threshold: clipping or layer-wise
 # decay on or off (the optimizer state), a pre-training target on or off (the head's width)
 STRUCTURE_KEYS = {"optim.name": ("the optimizer", lambda v: v, "the optimizer state"),
@@ -233,7 +233,7 @@ STRUCTURE_KEYS = {"optim.name": ("the optimizer", lambda v: v, "the optimizer st
 _SAVED_DEFAULTS = {"optim.name": "adamw", "target.hog": 1.0, "target.pixel": 0.0, "target.features": 0.0,
                    "head.depths": (-1,), "target.pixel_all_frames": False,
                    "head.type": "linear", "mae.enabled": False, "model.tubelet": 2, "model.sep_pos_embed": False,
-                   "mae.decoder_sep_pos_embed": False}
+                   "mae.decoder_sep_pos_embed": False, "target.teacher": ""}
 
 
 def shape_differences(saved: dict, config) -> list[str]:
@@ -250,6 +250,8 @@ def shape_differences(saved: dict, config) -> list[str]:
         if (key.startswith("head.decoder") and config.head.type != "transformer"
                 or key.startswith("mae.decoder") and not config.mae.enabled):
             continue                      # a decoder's size matters only when there is one
+        if key == "target.teacher" and config.target.features <= 0:
+            continue                      # the teacher's width is the features head's (its targets too)
         try:
             old = _get(saved, key) if key not in _SAVED_DEFAULTS else saved.get(key.split(".")[0], {}).get(
                 key.split(".")[1], _SAVED_DEFAULTS[key])

@@ -78,7 +78,7 @@ def value_and_grad(loss_fn, params, inputs, k: int, aux_like=None):
     return jax.lax.scan(body, zeros, micro)[0]
 
 
-def _apply(tx, state: TrainState, loss, grads, metrics):
+def apply_update(tx, state: TrainState, loss, grads, metrics):
     """One optimizer update, or none when the loss or the gradient norm is not finite.
 
     A skipped update leaves the parameters and Adam's moments and bias-correction count as
@@ -170,7 +170,7 @@ def make_pretrain_step(graphdef, tx, schedule, config, patch: int, temporal_stri
         metrics = {"opt/lr": schedule(state.step), "train/mask_ratio": mask_BxN.mean(),
                    "data/invalid_examples": (~batch["valid"]).sum(),
                    **{f"train/loss_{name}": v for name, v in losses.items()}}
-        return _apply(tx, state, loss, grads, metrics)
+        return apply_update(tx, state, loss, grads, metrics)
 
     return step
 
@@ -217,7 +217,7 @@ def make_finetune_step(graphdef, tx, schedule, config):
 
         loss, grads = value_and_grad(loss_fn, state.params, inputs, accum)
         metrics = {"opt/lr": schedule(state.step), "data/invalid_examples": (~batch["valid"]).sum()}
-        return _apply(tx, state, loss, grads, metrics)
+        return apply_update(tx, state, loss, grads, metrics)
 
     return step
 

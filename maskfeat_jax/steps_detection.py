@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from maskfeat_jax import sharding
-from maskfeat_jax.steps import TrainState, _apply, normalize, value_and_grad
+from maskfeat_jax.steps import TrainState, apply_update, normalize, value_and_grad
 
 
 def box_bce(logits_BxRxK, labels_BxRxK, weight_BxR):
@@ -55,7 +55,7 @@ def make_train_step(graphdef, tx, schedule, config):
         loss, grads = value_and_grad(loss_fn, state.params, inputs, accum)
         metrics = {"opt/lr": schedule(state.step), "data/invalid_examples": (~batch["valid"]).sum(),
                    "data/boxes": weight_BxR.sum(), "data/boxes_truncated": batch["boxes_truncated"].sum()}
-        return _apply(tx, state, loss, grads, metrics)
+        return apply_update(tx, state, loss, grads, metrics)
 
     return step
 

@@ -278,7 +278,7 @@ def old_pretrain_step(graphdef, tx, schedule, config, patch, temporal_stride=Non
             return (jnp.square(out["pred_BxNxK"] - x["targets"]).mean(-1) * x["weight"]).sum() / denom
 
         loss, grads = steps.value_and_grad(loss_fn, state.params, inputs, config.optim.grad_accum_steps)
-        return steps._apply(tx, state, loss, grads, {})
+        return steps.apply_update(tx, state, loss, grads, {})
 
     return step
 

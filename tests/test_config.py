@@ -256,6 +256,25 @@ def test_turning_a_pretraining_target_on_or_off_is_a_shape_change():
     assert not any(d.startswith("target.") for d in config_lib.shape_differences(dict(saved, task="finetune"), c))
 
 
+def test_another_teacher_is_a_shape_change_where_the_features_target_is_on():
+    """The features head is as wide as its teacher's tokens: a resume that names another teacher
+    is refused up front, naming the key, rather than failing to restore every checkpoint."""
+    saved = config_lib.base_config()
+    saved.target.features, saved.target.teacher = 1.0, "/runs/teacher_b"
+    c = config_lib.base_config()
+    c.target.features, c.target.teacher = 1.0, "/runs/teacher_l"
+    diffs = config_lib.shape_differences(saved.to_dict(), c)
+    assert diffs == ["target.teacher: saved '/runs/teacher_b', now '/runs/teacher_l'"], diffs
+    c.target.teacher = "/runs/teacher_b"
+    assert config_lib.shape_differences(saved.to_dict(), c) == []
+    old = saved.to_dict()
+    del old["target"]["teacher"]                       # saved before the key existed: no teacher
+    assert any(d.startswith("target.teacher: saved ''") for d in config_lib.shape_differences(old, c))
+    c.target.features = 0.0                            # no features target: the teacher is unused
+    saved.target.features = 0.0
+    assert config_lib.shape_differences(saved.to_dict(), c) == []
+
+
 def test_decoder_sizes_matter_only_when_there_is_a_decoder():
     saved = config_lib.base_config().to_dict()
     c = config_lib.base_config()

@@ -82,13 +82,13 @@ def _toy_state():
 @pytest.mark.parametrize("loss,grad", [(np.nan, 1.0), (1.0, np.inf), (np.inf, np.nan)])
 def test_nonfinite_update_is_skipped_and_counted(loss, grad):
     tx, state = _toy_state()
-    new, m = steps._apply(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
+    new, m = steps.apply_update(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
     for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)          # parameters and moments untouched
-    jitted, _ = jax.jit(steps._apply, static_argnums=0)(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
+    jitted, _ = jax.jit(steps.apply_update, static_argnums=0)(tx, state, jnp.float32(loss), {"w": jnp.full((3,), grad)}, {})
     np.testing.assert_array_equal(jitted.params["w"], state.params["w"])
     assert int(new.nonfinite) == 1 and int(m["train/nonfinite_steps"]) == 1 and int(new.step) == 1
-    ok, _ = steps._apply(tx, new, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
+    ok, _ = steps.apply_update(tx, new, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
     assert int(ok.nonfinite) == 1 and not np.array_equal(ok.params["w"], state.params["w"])
 
 
@@ -97,7 +97,7 @@ def test_a_skipped_update_advances_the_lr_schedule_but_not_adams_count():
     tx = optax.adamw(sched, weight_decay=0.0)
     params = {"w": jnp.ones((3,))}
     state = steps.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params), nonfinite=jnp.array(0))
-    skipped, _ = steps._apply(tx, state, jnp.float32(np.nan), {"w": jnp.ones((3,))}, {})
+    skipped, _ = steps.apply_update(tx, state, jnp.float32(np.nan), {"w": jnp.ones((3,))}, {})
     np.testing.assert_array_equal(skipped.params["w"], params["w"])
     kinds = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
     counts = {type(s).__name__: int(s.count) for s in jax.tree.leaves(
@@ -105,7 +105,7 @@ def test_a_skipped_update_advances_the_lr_schedule_but_not_adams_count():
     assert counts == {"ScaleByAdamState": 0, "ScaleByScheduleState": 1}
     # step 1 applies the schedule's lr at step 1 (0.5), not its lr at step 0 (0.0); Adam's first
     # bias-corrected step moves each weight by lr
-    good, _ = steps._apply(tx, skipped, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
+    good, _ = steps.apply_update(tx, skipped, jnp.float32(1.0), {"w": jnp.ones((3,))}, {})
     np.testing.assert_allclose(good.params["w"], 0.5, rtol=1e-5)
 
 
