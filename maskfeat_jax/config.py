@@ -250,8 +250,9 @@ def shape_differences(saved: dict, config) -> list[str]:
         if (key.startswith("head.decoder") and config.head.type != "transformer"
                 or key.startswith("mae.decoder") and not config.mae.enabled):
             continue                      # a decoder's size matters only when there is one
-        if key == "target.teacher" and config.target.features <= 0:
-            continue                      # the teacher's width is the features head's (its targets too)
+        if key == "target.teacher" and (config.target.features <= 0
+                                        or saved.get("target", {}).get("features", 0.0) <= 0):
+            continue                      # with the features target on in both, the head is the teacher's width
         try:
             old = _get(saved, key) if key not in _SAVED_DEFAULTS else saved.get(key.split(".")[0], {}).get(
                 key.split(".")[1], _SAVED_DEFAULTS[key])

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import tiny
 from maskfeat_jax import augment, saved as saved_lib
 from maskfeat_jax.evaluators import probe
 
@@ -98,7 +99,8 @@ def _main(*args, check=True):
 def pretrained(tmp_path_factory):
     """A 4-step tiny pre-training workdir, shared by the tests that start from one."""
     pt = tmp_path_factory.mktemp("pt")
-    _main("--config=configs/demo.py", f"--workdir={pt}", "--config.total_steps=4", "--config.evals.probe=False", *TINY)
+    tiny.train(tiny.from_flags(["--config=configs/demo.py", "--config.total_steps=4", "--config.evals.probe=False",
+                                *TINY]), pt)
     return pt
 
 
@@ -106,10 +108,9 @@ def pretrained(tmp_path_factory):
 def test_pretrain_then_finetune_from_it_then_eval(tmp_path, pretrained):
     pt, ft = pretrained, tmp_path / "ft"
     frozen = ["--config.optim.base_lr=0", "--config.optim.warmup_start_lr=0", "--config.optim.end_lr=0"]
-    p = _main("--config=configs/demo_ft.py", f"--workdir={ft}", f"--config.init_from={pt}",
-              "--config.total_steps=4", "--config.evals.every_steps=4", "--config.evals.batch_size=40", *TINY,
-              *frozen)
-    out = p.stdout
+    out = tiny.train(tiny.from_flags(["--config=configs/demo_ft.py", f"--config.init_from={pt}",
+                                      "--config.total_steps=4", "--config.evals.every_steps=4",
+                                      "--config.evals.batch_size=40", *TINY, *frozen]), ft)
     assert "loaded" in out and "mask_token" in out and "head/kernel" in out   # ignored / new reported
     rows = [json.loads(line) for line in open(ft / "metrics.jsonl")]
     ev = [r for r in rows if "eval/top1" in r]

@@ -1,11 +1,8 @@
 """A checkpoint saved under one mesh restores onto another: the values are bit-equal
 and the shardings are the ones the new mesh's setup asks for. This covers restoring in a
-test process and resuming a workdir through ``python -m maskfeat_jax.main``."""
+test process and resuming a workdir with the trainer (``train_and_evaluate``) on another mesh."""
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import grain
 import jax
@@ -15,8 +12,6 @@ import pytest
 from maskfeat_jax import checkpoint, saved as saved_lib, sharding, train
 
 import tiny
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _batch(mesh, seed):
@@ -102,7 +97,7 @@ def test_restored_state_trains_on_the_new_mesh(saved):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
 
 
-# ---- through the entry point: the mesh is not a shape-changing key, so a workdir resumes on another mesh
+# ---- a workdir's config: the mesh is not a shape-changing key, so a workdir resumes on another mesh
 
 # A constant learning rate, so that a run stopped at step 2 and resumed to step 4 follows the
 # same schedule as a straight 4-step run (the cosine otherwise depends on total_steps).
@@ -113,12 +108,8 @@ SMALL = ["--config=configs/demo.py", "--config.model.variant=mu/16", "--config.i
 
 
 def _main(workdir, *extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "maskfeat_jax.main", f"--workdir={workdir}", *SMALL, *extra],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout + p.stderr
+    """The trainer in this process, as ``python -m maskfeat_jax.main`` with ``SMALL`` and ``extra``."""
+    return tiny.train(tiny.from_flags([*SMALL, *extra]), workdir)
 
 
 def _losses(workdir):
@@ -126,7 +117,7 @@ def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_main_resumes_a_workdir_on_another_mesh(tmp_path):
+def test_a_workdir_resumes_on_another_mesh(tmp_path):
     _main(tmp_path / "straight", "--config.total_steps=4")
     _main(tmp_path / "moved", "--config.total_steps=2")
     out = _main(tmp_path / "moved", "--config.total_steps=4", "--config.mesh.data=1", "--config.mesh.fsdp=4",

@@ -11,15 +11,28 @@ A test states only what differs from the baseline, as dotted keys (the names of
 ``--config.KEY`` and ``--print_config``). A key that ``base_config()`` does not have, or
 that names a group rather than a value, is a ``KeyError`` naming it (a typo fails instead
 of testing the baseline); a value of the wrong type fails as ``ConfigDict`` makes it fail.
+
+``from_flags`` builds the config a command line names, and ``train`` runs the trainer on it in
+this process (no interpreter start, no imports again), for tests of what the trainer does
+rather than of the command itself::
+
+    out = tiny.train(tiny.from_flags(["--config=configs/demo.py", "--config.total_steps=3"]), workdir)
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import difflib
-from collections.abc import Mapping
+import io
+import logging
+import pathlib
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from maskfeat_jax import config as config_lib
+from maskfeat_jax import config as config_lib, config_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # what each family's tiny model is, on top of base_config(); both: batch 8, 10 classes
 BASELINES = {
@@ -38,11 +51,12 @@ def config(task: str = "pretrain", model: str = "vit",
     c = config_lib.base_config()
     c.task, c.model.name = task, model
     for key, value in {**BASELINES[model], **COMMON, **(overrides or {})}.items():
-        _set(c, key, value)
+        set_key(c, key, value)
     return c
 
 
-def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
+def set_key(c: ml_collections.ConfigDict, key: str, value) -> None:
+    """``c.<key> = value`` for a dotted ``key`` that ``c`` has (a ``KeyError`` naming it otherwise)."""
     *groups, leaf = key.split(".")
     group = c
     for name in groups:
@@ -54,3 +68,34 @@ def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
     if isinstance(group[leaf], ml_collections.ConfigDict):
         raise KeyError(f"tiny.config: {key!r} is a group of base_config(); name one of its keys")
     group[leaf] = value
+
+
+def from_flags(args: Sequence[str]) -> ml_collections.ConfigDict:
+    """The config of ``python -m maskfeat_jax.main ARGS``: ``--config=FILE[:ARG]`` (relative to the
+    repository), then each ``--config.KEY=VALUE``, the value read as a Python literal or else
+    kept as a string, as the flag would read it."""
+    (spec,) = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    c = config_cli.from_file(str(ROOT / "configs" / "_"), spec.removeprefix("configs/"))
+    for arg in args:
+        if arg.startswith("--config."):
+            key, value = arg[len("--config."):].split("=", 1)
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+            set_key(c, key, value)
+    return c
+
+
+def train(c: ml_collections.ConfigDict, workdir) -> str:
+    """``train.train_and_evaluate(c, workdir)`` in this process; returns what it printed and logged."""
+    from maskfeat_jax import train as train_lib
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out):
+            train_lib.train_and_evaluate(c, str(workdir))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return out.getvalue()
