@@ -111,6 +111,17 @@ def test_help_exits_0_and_starts_with_the_flags():
         assert p.returncode == 0 and text in p.stdout, (module, p.stdout, p.stderr[-2000:])
 
 
+@pytest.mark.e2e
+def test_a_command_exits_with_mains_status_or_0_when_it_returns_what_it_wrote():
+    """``config_cli.run``: an exit status from ``main``, or (``exit_code=False``) 0 whatever ``main``
+    returns, an empty list of written files included (``sys.exit([])`` would exit 1)."""
+    run = "from maskfeat_jax import config_cli; config_cli.run(lambda argv: {}, lambda fv: fv{})"
+    assert _run("-c", run.format("[]", ", exit_code=False")).returncode == 0
+    assert _run("-c", run.format("3", "")).returncode == 3
+    p = _run("-c", run.format("0", ""), "--no_such_flag")
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+
+
 # ---- the workdir
 
 
