@@ -20,19 +20,15 @@ rather than of the command itself::
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import difflib
 import io
 import logging
-import pathlib
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 
 from maskfeat_jax import config as config_lib, config_cli
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # what each family's tiny model is, on top of base_config(); both: batch 8, 10 classes
 BASELINES = {
@@ -51,12 +47,11 @@ def config(task: str = "pretrain", model: str = "vit",
     c = config_lib.base_config()
     c.task, c.model.name = task, model
     for key, value in {**BASELINES[model], **COMMON, **(overrides or {})}.items():
-        set_key(c, key, value)
+        _set(c, key, value)
     return c
 
 
-def set_key(c: ml_collections.ConfigDict, key: str, value) -> None:
-    """``c.<key> = value`` for a dotted ``key`` that ``c`` has (a ``KeyError`` naming it otherwise)."""
+def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
     *groups, leaf = key.split(".")
     group = c
     for name in groups:
@@ -71,20 +66,16 @@ def set_key(c: ml_collections.ConfigDict, key: str, value) -> None:
 
 
 def from_flags(args: Sequence[str]) -> ml_collections.ConfigDict:
-    """The config of ``python -m maskfeat_jax.main ARGS``: ``--config=FILE[:ARG]`` (relative to the
-    repository), then each ``--config.KEY=VALUE``, the value read as a Python literal or else
-    kept as a string, as the flag would read it."""
-    (spec,) = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    c = config_cli.from_file(str(ROOT / "configs" / "_"), spec.removeprefix("configs/"))
-    for arg in args:
-        if arg.startswith("--config."):
-            key, value = arg[len("--config."):].split("=", 1)
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass
-            set_key(c, key, value)
-    return c
+    """The config of ``python -m maskfeat_jax.main ARGS`` (``--config=FILE[:ARG]`` and
+    ``--config.KEY=VALUE``), parsed as that command parses it: ml_collections' config-file flag
+    under ``config_cli.flags_parser``."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["main", *args]
+    flag_values = flags.FlagValues()       # the override flags are found in the given argv
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    config_cli.flags_parser(flag_values)(argv)
+    return flag_values.config
 
 
 def train(c: ml_collections.ConfigDict, workdir) -> str:
